@@ -1,0 +1,30 @@
+"""grpo-kernels: fused Triton kernels for GRPO-family RL post-training.
+
+Public API::
+
+    token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
+                   return_entropy=False)                    # [..., D] -> [...] float32
+    group_advantages(rewards, group_size, *, scale="group", eps=1e-4, reward_weights=None,
+                     keep_mask=None)                        # -> GroupAdvantages
+    gfpo_keep_mask(scores, group_size, k)                   # GFPO: top-k per group
+    grpo_loss(logprobs, completion_mask, advantages, ...)   # loss from [B, T] log-probs
+    fused_linear_grpo_loss(hidden, lm_head_weight, completion_ids, completion_mask, advantages, ...)
+    FusedLinearGRPOLoss(...)                                # drop-in for LigerFusedLinearGRPOLoss
+"""
+
+from grpo_kernels.ops.logprobs import token_logprobs
+from grpo_kernels.ops.advantages import GroupAdvantages, gfpo_keep_mask, group_advantages
+from grpo_kernels.ops.grpo_loss import grpo_loss
+from grpo_kernels.ops.fused_linear_grpo import fused_linear_grpo_loss
+from grpo_kernels.nn import FusedLinearGRPOLoss
+
+__all__ = [
+    "token_logprobs",
+    "GroupAdvantages",
+    "group_advantages",
+    "gfpo_keep_mask",
+    "grpo_loss",
+    "fused_linear_grpo_loss",
+    "FusedLinearGRPOLoss",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,235 @@
+"""token_logprobs against the float64 reference: values, every gradient, odd shapes, bad input.
+
+On a CPU machine the Triton kernels run under TRITON_INTERPRET=1 (set by conftest); on a GPU
+they run compiled. The chunked PyTorch path is tested on the same cases.
+"""
+
+import math
+
+import pytest
+import torch
+
+import grpo_kernels as gk
+from grpo_kernels.ops import logprobs as logprobs_module
+from grpo_kernels.reference import token_logprobs_reference
+
+BACKENDS = ["triton", "torch"]
+# (relative error bound on log-probs/entropy, on gradients) per input dtype: the issue's contract
+TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-3, 2e-2)}
+
+
+def rel_err(actual, expected):
+    actual, expected = actual.double(), expected.double()
+    assert torch.isfinite(actual).all(), "non-finite values"
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(lead_shape, dim, vocab, dtype, device, *, bias=False, masked=0, logit_scale=1.0):
+    hidden = torch.randn(*lead_shape, dim, device=device).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, dim, device=device) * logit_scale / math.sqrt(dim)).to(dtype).requires_grad_()
+    bias_t = (torch.randn(vocab, device=device)).to(dtype).requires_grad_() if bias else None
+    targets = torch.randint(0, vocab, lead_shape, device=device)
+    flat = targets.view(-1)
+    if masked:
+        flat[torch.randperm(flat.numel(), device=device)[:masked]] = -100
+    return hidden, weight, bias_t, targets
+
+
+def run(fn, hidden, weight, bias, targets, grad_logp, grad_ent, **kwargs):
+    """Forward, then backward of <grad_logp, logp> + <grad_ent, entropy>; returns values and grads."""
+    for t in (hidden, weight, bias):
+        if t is not None:
+            t.grad = None
+    out = fn(hidden, weight, targets, bias=bias, **kwargs)
+    logp, entropy = out if kwargs.get("return_entropy") else (out, None)
+    objective = (logp * grad_logp).sum()
+    if entropy is not None:
+        objective = objective + (entropy * grad_ent).sum()
+    objective.backward()
+    grads = [t.grad.clone() if t is not None else None for t in (hidden, weight, bias)]
+    return logp.detach(), (entropy.detach() if entropy is not None else None), grads
+
+
+def check_against_reference(hidden, weight, bias, targets, *, backend, dtype, **kwargs):
+    grad_logp = torch.randn(targets.shape, device=targets.device)
+    grad_ent = torch.randn(targets.shape, device=targets.device)
+    got = run(gk.token_logprobs, hidden, weight, bias, targets, grad_logp, grad_ent, backend=backend, **kwargs)
+    want = run(token_logprobs_reference, hidden, weight, bias, targets, grad_logp, grad_ent, **kwargs)
+    value_tol, grad_tol = TOLERANCE[dtype]
+    assert got[0].dtype == torch.float32 and got[0].shape == targets.shape
+    assert rel_err(got[0], want[0]) < value_tol
+    if kwargs.get("return_entropy"):
+        assert got[1].dtype == torch.float32
+        assert rel_err(got[1], want[1]) < value_tol
+    for name, g, w, t in zip(("hidden", "weight", "bias"), got[2], want[2], (hidden, weight, bias)):
+        if t is None:
+            continue
+        assert g.dtype == t.dtype, f"grad {name} dtype"
+        assert rel_err(g, w) < grad_tol, f"grad {name}"
+    return got, want
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "lead_shape,dim,vocab,bias,masked,temperature",
+    [
+        ((1,), 7, 13, False, 0, 1.0),  # N = 1
+        ((37,), 29, 101, True, 5, 0.7),  # D odd, V prime, masked rows, bias, T != 1
+        ((3, 11), 33, 67, False, 4, 1.3),  # [B, T, D] input
+        ((50,), 64, 257, True, 0, 1.0),  # several tiles in every direction
+    ],
+)
+def test_matches_reference(device, backend, dtype, lead_shape, dim, vocab, bias, masked, temperature):
+    hidden, weight, bias_t, targets = make_inputs(lead_shape, dim, vocab, dtype, device, bias=bias, masked=masked)
+    (logp, entropy, _), _ = check_against_reference(
+        hidden, weight, bias_t, targets, backend=backend, dtype=dtype, temperature=temperature,
+        return_entropy=True)
+    ignored = targets == -100
+    assert (logp[ignored] == 0).all() and (entropy[ignored] == 0).all()
+    assert (logp[~ignored] < 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logprobs_only_and_ignored_rows_get_no_gradient(device, backend):
+    hidden, weight, _, targets = make_inputs((19,), 21, 53, torch.float32, device, masked=6)
+    (_, _, grads), _ = check_against_reference(hidden, weight, None, targets, backend=backend, dtype=torch.float32)
+    assert (grads[0][targets == -100] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_logits_do_not_overflow(device, backend):
+    # Spread |z| ~ 1e4: a naive exp overflows; the distributions are (nearly) one-hot.
+    hidden, weight, _, targets = make_inputs((9,), 16, 41, torch.float32, device, logit_scale=1e4 / 4)
+    logp, entropy = gk.token_logprobs(hidden, weight, targets, return_entropy=True, backend=backend)
+    ref_logp, ref_entropy = token_logprobs_reference(hidden, weight, targets, return_entropy=True)
+    assert (hidden.detach() @ weight.detach().t()).abs().max() > 1e3
+    assert torch.isfinite(logp).all() and torch.isfinite(entropy).all()
+    assert rel_err(logp, ref_logp) < 1e-5
+    # Entropies ~ 0, and float32 logits of size 1e4 carry ~1e-3 absolute rounding: absolute bound.
+    assert (entropy - ref_entropy).abs().max() < 1e-3
+    check_against_reference(hidden, weight, None, targets, backend=backend, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uniform_head_entropy_is_log_vocab(device, backend):
+    vocab = 97
+    hidden = torch.randn(5, 12, device=device)
+    weight = torch.zeros(vocab, 12, device=device)
+    targets = torch.randint(0, vocab, (5,), device=device)
+    logp, entropy = gk.token_logprobs(hidden, weight, targets, return_entropy=True, backend=backend)
+    torch.testing.assert_close(entropy, torch.full_like(entropy, math.log(vocab)), rtol=1e-6, atol=0)
+    torch.testing.assert_close(logp, torch.full_like(logp, -math.log(vocab)), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_entropy_only_gradient_and_frozen_head(device, backend):
+    hidden, weight, _, targets = make_inputs((13,), 18, 31, torch.float32, device)
+    weight.requires_grad_(False)
+    _, entropy = gk.token_logprobs(hidden, weight, targets, temperature=0.5, return_entropy=True, backend=backend)
+    entropy.sum().backward()
+    got = hidden.grad.clone()
+    hidden.grad = None
+    _, ref_entropy = token_logprobs_reference(hidden, weight, targets, temperature=0.5, return_entropy=True)
+    ref_entropy.sum().backward()
+    assert weight.grad is None
+    assert rel_err(got, hidden.grad) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_rows_ignored(device, backend):
+    hidden, weight, bias, _ = make_inputs((6,), 8, 17, torch.float32, device, bias=True)
+    targets = torch.full((6,), -100, device=device)
+    logp, entropy = gk.token_logprobs(hidden, weight, targets, bias=bias, return_entropy=True, backend=backend)
+    (logp.sum() + entropy.sum()).backward()
+    assert (logp == 0).all() and (entropy == 0).all()
+    for t in (hidden, weight, bias):
+        assert (t.grad == 0).all()
+
+
+def test_no_grad_runs_forward_only(device):
+    hidden, weight, _, targets = make_inputs((7,), 16, 29, torch.float32, device)
+    with torch.no_grad():
+        logp = gk.token_logprobs(hidden, weight, targets)
+    assert logp.grad_fn is None and not logp.requires_grad
+    assert rel_err(logp, token_logprobs_reference(hidden, weight, targets)) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chunked_paths(device, backend, monkeypatch):
+    # Force several row chunks in the torch path and several backward launches in the Triton path.
+    monkeypatch.setattr(logprobs_module, "_TORCH_CHUNK_BYTES", 4 * 47 * 5)
+    monkeypatch.setattr(logprobs_module, "_GRAD_HIDDEN_CHUNK_BYTES", 4 * 24 * 16)
+    hidden, weight, bias, targets = make_inputs((45,), 24, 47, torch.float32, device, bias=True, masked=3)
+    check_against_reference(hidden, weight, bias, targets, backend=backend, dtype=torch.float32,
+                            return_entropy=True, temperature=0.9)
+
+
+def test_gradient_filtering(device):
+    hidden, weight, _, targets = make_inputs((33,), 16, 61, torch.float32, device)
+    grad_logp = torch.randn(33, device=device)
+    # A small eps keeps the gradient within tolerance...
+    got = run(gk.token_logprobs, hidden, weight, None, targets, grad_logp, None, filter_eps=2.0**-20,
+              backend="triton")
+    want = run(token_logprobs_reference, hidden, weight, None, targets, grad_logp, None)
+    assert rel_err(got[2][0], want[2][0]) < 1e-5 and rel_err(got[2][1], want[2][1]) < 1e-5
+    # ...and a huge one filters every tile: the filter really skips work.
+    skipped = run(gk.token_logprobs, hidden, weight, None, targets, grad_logp, None, filter_eps=1e9,
+                  backend="triton")
+    assert (skipped[2][0] == 0).all() and (skipped[2][1] == 0).all()
+
+
+def test_int32_targets_and_noncontiguous_hidden(device):
+    base = torch.randn(12, 2 * 20, device=device)
+    hidden = base[:, ::2].requires_grad_()  # stride 2 in the last dim
+    weight = torch.randn(23, 20, device=device, requires_grad=True)
+    targets = torch.randint(0, 23, (12,), device=device, dtype=torch.int32)
+    check_against_reference(hidden, weight, None, targets, backend="triton", dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a clear Python error before any kernel launch
+# ---------------------------------------------------------------------------------------------
+
+
+def _ok(device):
+    return torch.randn(4, 8, device=device), torch.randn(11, 8, device=device), torch.randint(0, 11, (4,), device=device)
+
+
+@pytest.mark.parametrize(
+    "mutate,error,match",
+    [
+        (lambda h, w, t: (h, w, torch.tensor([0, 1, 11, 2])), ValueError, "out-of-range"),
+        (lambda h, w, t: (h, w, torch.tensor([0, -1, 3, 2])), ValueError, "out-of-range"),
+        (lambda h, w, t: (h, w, t[:3]), ValueError, "targets shape"),
+        (lambda h, w, t: (h[:, :7], w, t), ValueError, "last dim"),
+        (lambda h, w, t: (h, w.double(), t), TypeError, "dtype"),
+        (lambda h, w, t: (h, w.half(), t), TypeError, "weight dtype"),
+        (lambda h, w, t: (h, w, t.float()), TypeError, "targets"),
+        (lambda h, w, t: (h[:0], w, t[:0]), ValueError, "empty"),
+        (lambda h, w, t: (h, w[0], t), ValueError, "2-D"),
+        (lambda h, w, t: (h, w.to("meta"), t), ValueError, "is on meta"),
+    ],
+)
+def test_bad_input(device, mutate, error, match):
+    hidden, weight, targets = mutate(*_ok(device))
+    with pytest.raises(error, match=match):
+        gk.token_logprobs(hidden, weight, targets.to(device) if targets.device.type != "meta" else targets)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_temperature(device, temperature):
+    hidden, weight, targets = _ok(device)
+    with pytest.raises(ValueError, match="temperature"):
+        gk.token_logprobs(hidden, weight, targets, temperature=temperature)
+
+
+def test_bad_bias(device):
+    hidden, weight, targets = _ok(device)
+    with pytest.raises(ValueError, match="bias"):
+        gk.token_logprobs(hidden, weight, targets, bias=torch.zeros(10, device=device))
+
+
+def test_unknown_backend(device):
+    with pytest.raises(ValueError, match="backend"):
+        gk.token_logprobs(*_ok(device), backend="cuda")
