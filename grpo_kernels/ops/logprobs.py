@@ -45,8 +45,8 @@ from grpo_kernels.ops.utils import (
     triton_interpreter_enabled,
 )
 
-# float32 d-hidden accumulator per backward launch; rows are processed in chunks that fit it.
-_GRAD_HIDDEN_CHUNK_BYTES = 32 * 2**20
+# float32 gradient accumulator per backward launch (rows, or vocabulary ids, in chunks that fit).
+_GRAD_CHUNK_BYTES = 32 * 2**20
 # logits held at once by the PyTorch path (one row chunk x V, float32).
 _TORCH_CHUNK_BYTES = 32 * 2**20
 
@@ -144,20 +144,22 @@ def _logprobs_fwd_kernel(
 def _logprobs_bwd_kernel(
     Hidden, Weight, Bias, Targets, RowIdx, Lse, MeanLogit, GradLogp, GradEnt,
     GradHidden, GradWeight, GradBias,
-    M, V, D, stride_h, stride_w, stride_gh, stride_gw, inv_temp, filter_eps,
+    M, v_begin, v_end, D, stride_h, stride_w, stride_gh, stride_gw, inv_temp, filter_eps,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ENTROPY_GRAD: tl.constexpr, WEIGHT_GRAD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ENTROPY_GRAD: tl.constexpr, HIDDEN_GRAD: tl.constexpr,
+    WEIGHT_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
 ):
-    """One program: a [BLOCK_N, BLOCK_V] tile of d logits, scattered into d hidden / d weight.
+    """One program: a [BLOCK_N, BLOCK_V] tile of d logits, scattered into d hidden and/or d weight.
 
-    Row-block index varies fastest inside groups of GROUP_N row blocks, so that programs running
-    together share weight tiles in L2. Row-local quantities (lse, grads) are indexed by the
-    compacted row position ``offs_m``; hidden/targets by the original row ``rows``.
+    Covers the M compacted rows x vocabulary ids [v_begin, v_end). GradHidden is indexed by the
+    compacted row position ``offs_m``; GradWeight by ``offs_v - v_begin`` (so that it can be a
+    chunk buffer); hidden/targets by the original row ``rows``. With HIDDEN_GRAD the bias
+    gradient is added too. The row-block index varies fastest inside groups of GROUP_N row
+    blocks, so that programs running together share weight tiles in L2.
     """
     pid = tl.program_id(0)
     num_n_blocks = tl.cdiv(M, BLOCK_N)
-    num_v_blocks = tl.cdiv(V, BLOCK_V)
+    num_v_blocks = tl.cdiv(v_end - v_begin, BLOCK_V)
     per_group = GROUP_N * num_v_blocks
     first_n = (pid // per_group) * GROUP_N
     group_rows = tl.minimum(num_n_blocks - first_n, GROUP_N)
@@ -167,8 +169,8 @@ def _logprobs_bwd_kernel(
     offs_m = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = offs_m < M
     rows = tl.load(RowIdx + offs_m, mask=row_ok, other=0)
-    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    v_ok = offs_v < V
+    offs_v = v_begin + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    v_ok = offs_v < v_end
 
     z = _logit_tile(Hidden, Weight, Bias, rows, offs_v, row_ok, v_ok, D, stride_h, stride_w,
                     inv_temp, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_PRECISION, INTERPRETER)
@@ -186,26 +188,28 @@ def _logprobs_bwd_kernel(
     grad_z = tl.where(row_ok[:, None] & v_ok[None, :], grad_z * inv_temp, 0.0)
 
     # Optional Cut-Cross-Entropy-style filtering: a tile whose every |d z| is below filter_eps
-    # contributes less than rounding to both products; skip its two matmuls.
+    # contributes less than rounding to both products; skip its matmuls.
     if tl.max(tl.max(tl.abs(grad_z), axis=1), axis=0) < filter_eps:
         return
 
-    if HAS_BIAS:
+    # Relaxed atomics throughout: the adds commute and nothing in this launch reads them back.
+    if HAS_BIAS and HIDDEN_GRAD:
         tl.atomic_add(GradBias + offs_v, tl.sum(grad_z, axis=0), mask=v_ok, sem="relaxed")
 
     grad_z_op = grad_z.to(Hidden.dtype.element_ty)
     gh_ptrs = GradHidden + offs_m.to(tl.int64)[:, None] * stride_gh
     w_ptrs = Weight + offs_v.to(tl.int64)[:, None] * stride_w
     h_ptrs = Hidden + rows.to(tl.int64)[:, None] * stride_h
-    gw_ptrs = GradWeight + offs_v.to(tl.int64)[:, None] * stride_gw
+    gw_ptrs = GradWeight + (offs_v - v_begin).to(tl.int64)[:, None] * stride_gw
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
-        w = tl.load(w_ptrs + offs_d[None, :], mask=v_ok[:, None] & d_ok[None, :], other=0.0)
-        grad_h = _dot(grad_z_op, w, tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32), DOT_PRECISION,
-                      INTERPRETER)
-        # Relaxed: the adds commute and nothing in this launch reads them back.
-        tl.atomic_add(gh_ptrs + offs_d[None, :], grad_h, mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
+        if HIDDEN_GRAD:
+            w = tl.load(w_ptrs + offs_d[None, :], mask=v_ok[:, None] & d_ok[None, :], other=0.0)
+            grad_h = _dot(grad_z_op, w, tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32), DOT_PRECISION,
+                          INTERPRETER)
+            tl.atomic_add(gh_ptrs + offs_d[None, :], grad_h, mask=row_ok[:, None] & d_ok[None, :],
+                          sem="relaxed")
         if WEIGHT_GRAD:
             h = tl.load(h_ptrs + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             grad_w = _dot(tl.trans(grad_z_op), h, tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32),
@@ -218,8 +222,8 @@ def _logprobs_bwd_kernel(
                 tl.store(gw_ptrs + offs_d[None, :], (acc_w + grad_w).to(GradWeight.dtype.element_ty),
                          mask=gw_mask)
             else:
-                tl.atomic_add(gw_ptrs + offs_d[None, :], grad_w.to(GradWeight.dtype.element_ty), mask=gw_mask,
-                              sem="relaxed")
+                tl.atomic_add(gw_ptrs + offs_d[None, :], grad_w.to(GradWeight.dtype.element_ty),
+                              mask=gw_mask, sem="relaxed")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,34 +311,66 @@ def _triton_forward(hidden, weight, bias, targets, rows, temperature, compute_en
     return logp, lse, entropy
 
 
-def _triton_backward(hidden, weight, bias, targets, rows, lse, mean_logit, grad_logp, grad_ent,
-                     temperature, filter_eps, grad_hidden, grad_weight, grad_bias):
-    """Adds the gradients of the compacted rows into grad_hidden / grad_weight / grad_bias."""
-    vocab, dim = weight.shape
+def _launch_backward(hidden, weight, bias, targets, rows, lse, mean_logit, grad_logp, grad_ent,
+                     temperature, filter_eps, v_begin, v_end, grad_hidden_acc, grad_weight_acc, grad_bias):
+    """One backward launch over the compacted ``rows`` x vocabulary ids ``[v_begin, v_end)``."""
+    dim = weight.shape[1]
     block_n, block_v, block_d, num_warps, num_stages = _config("bwd", hidden.dtype, hidden.device)
-    chunk = max(block_n, (_GRAD_HIDDEN_CHUNK_BYTES // (4 * dim)) // block_n * block_n)
-    for start in range(0, rows.numel(), chunk):
-        sl = slice(start, start + chunk)
-        chunk_rows = rows[sl]
-        num_rows = chunk_rows.numel()
-        grad_hidden_acc = torch.zeros((num_rows, dim), device=hidden.device, dtype=torch.float32)
-        grid = (triton.cdiv(num_rows, block_n) * triton.cdiv(vocab, block_v),)
-        _logprobs_bwd_kernel[grid](
-            hidden, weight, bias if bias is not None else hidden, targets, chunk_rows,
-            lse[sl], mean_logit[sl] if mean_logit is not None else lse, grad_logp[sl],
-            grad_ent[sl] if grad_ent is not None else grad_logp,
-            grad_hidden_acc, grad_weight if grad_weight is not None else weight,
-            grad_bias if grad_bias is not None else grad_hidden_acc,
-            num_rows, vocab, dim, hidden.stride(0), weight.stride(0), grad_hidden_acc.stride(0),
-            grad_weight.stride(0) if grad_weight is not None else 0, 1.0 / temperature,
-            float(filter_eps or 0.0),
-            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, GROUP_N=_GROUP_N,
-            HAS_BIAS=grad_bias is not None, ENTROPY_GRAD=grad_ent is not None,
-            WEIGHT_GRAD=grad_weight is not None, DOT_PRECISION=_dot_precision(hidden.dtype),
-            INTERPRETER=_interpreted(hidden),
-            num_warps=num_warps, num_stages=num_stages,
-        )
-        grad_hidden.index_copy_(0, chunk_rows.long(), grad_hidden_acc.to(grad_hidden.dtype))
+    grid = (triton.cdiv(rows.numel(), block_n) * triton.cdiv(v_end - v_begin, block_v),)
+    fp32_placeholder = lse
+    _logprobs_bwd_kernel[grid](
+        hidden, weight, bias if bias is not None else hidden, targets, rows,
+        lse, mean_logit if mean_logit is not None else fp32_placeholder, grad_logp,
+        grad_ent if grad_ent is not None else fp32_placeholder,
+        grad_hidden_acc if grad_hidden_acc is not None else fp32_placeholder,
+        grad_weight_acc if grad_weight_acc is not None else weight,
+        grad_bias if grad_bias is not None else fp32_placeholder,
+        rows.numel(), v_begin, v_end, dim, hidden.stride(0), weight.stride(0),
+        grad_hidden_acc.stride(0) if grad_hidden_acc is not None else 0,
+        grad_weight_acc.stride(0) if grad_weight_acc is not None else 0,
+        1.0 / temperature, float(filter_eps or 0.0),
+        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, GROUP_N=_GROUP_N,
+        HAS_BIAS=bias is not None, ENTROPY_GRAD=grad_ent is not None,
+        HIDDEN_GRAD=grad_hidden_acc is not None, WEIGHT_GRAD=grad_weight_acc is not None,
+        DOT_PRECISION=_dot_precision(hidden.dtype), INTERPRETER=_interpreted(hidden),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+
+
+def _triton_backward(hidden, weight, bias, targets, rows, lse, mean_logit, grad_logp, grad_ent,
+                     temperature, filter_eps, exact, grad_hidden, grad_weight, grad_bias):
+    """Writes the gradients of the compacted rows into grad_hidden / grad_weight / grad_bias.
+
+    Pass 1, over row chunks: d hidden into a float32 chunk buffer (and d bias). When the weight
+    is float32, or ``exact`` is off, d weight is scattered in the same pass, straight into the
+    weight-dtype gradient: 4 matmuls in all, but 16-bit d weight then sums N / BLOCK_N partial
+    products in 16-bit arithmetic. Exact mode instead runs pass 2, over vocabulary chunks, which
+    recomputes the logits (a 5th matmul) and accumulates d weight in a float32 chunk buffer.
+    Extra memory either way: the chunk buffers (_GRAD_CHUNK_BYTES each).
+    """
+    vocab, dim = weight.shape
+    block_n, block_v = _config("bwd", hidden.dtype, hidden.device)[:2]
+    args = (hidden, weight, bias, targets)
+    weight_in_pass_1 = grad_weight is not None and (grad_weight.dtype == torch.float32 or not exact)
+
+    row_chunk = max(block_n, (_GRAD_CHUNK_BYTES // (4 * dim)) // block_n * block_n)
+    for start in range(0, rows.numel(), row_chunk):
+        sl = slice(start, start + row_chunk)
+        grad_hidden_acc = torch.zeros((rows[sl].numel(), dim), device=hidden.device, dtype=torch.float32)
+        _launch_backward(
+            *args, rows[sl], lse[sl], mean_logit[sl] if mean_logit is not None else None, grad_logp[sl],
+            grad_ent[sl] if grad_ent is not None else None, temperature, filter_eps, 0, vocab,
+            grad_hidden_acc, grad_weight if weight_in_pass_1 else None, grad_bias)
+        grad_hidden.index_copy_(0, rows[sl].long(), grad_hidden_acc.to(grad_hidden.dtype))
+
+    if grad_weight is not None and not weight_in_pass_1:
+        vocab_chunk = max(block_v, (_GRAD_CHUNK_BYTES // (4 * dim)) // block_v * block_v)
+        for v_begin in range(0, vocab, vocab_chunk):
+            v_end = min(v_begin + vocab_chunk, vocab)
+            grad_weight_acc = torch.zeros((v_end - v_begin, dim), device=weight.device, dtype=torch.float32)
+            _launch_backward(*args, rows, lse, mean_logit, grad_logp, grad_ent, temperature, filter_eps,
+                             v_begin, v_end, None, grad_weight_acc, None)
+            grad_weight[v_begin:v_end] = grad_weight_acc
 
 
 def _torch_logits(hidden_chunk, weight32, bias32, temperature):
@@ -363,7 +399,8 @@ def _torch_forward(hidden, weight, bias, targets, rows, temperature, compute_ent
 
 
 def _torch_backward(hidden, weight, bias, targets, rows, lse, mean_logit, grad_logp, grad_ent,
-                    temperature, filter_eps, grad_hidden, grad_weight, grad_bias):
+                    temperature, filter_eps, exact, grad_hidden, grad_weight, grad_bias):
+    """Chunked PyTorch backward: float32 throughout (``filter_eps`` and ``exact`` do not apply)."""
     weight32 = weight.float()
     bias32 = bias.float() if bias is not None else None
     grad_weight32 = torch.zeros_like(weight32) if grad_weight is not None else None
@@ -395,7 +432,7 @@ _BACKENDS = {"triton": (_triton_forward, _triton_backward), "torch": (_torch_for
 class _TokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, return_entropy,
-                filter_eps, backend):
+                filter_eps, exact, backend):
         forward_fn, _ = _BACKENDS[backend]
         num_rows = hidden.shape[0]
         valid = targets != ignore_index
@@ -412,7 +449,7 @@ class _TokenLogprobsFunction(torch.autograd.Function):
                 entropy[rows.long()] = entropy_rows
 
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
-        ctx.config = (temperature, ignore_index, filter_eps, backend)
+        ctx.config = (temperature, ignore_index, filter_eps, exact, backend)
         ctx.set_materialize_grads(False)
         if return_entropy:
             return logp, entropy
@@ -421,11 +458,11 @@ class _TokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy=None):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
-        temperature, ignore_index, filter_eps, backend = ctx.config
+        temperature, ignore_index, filter_eps, exact, backend = ctx.config
         _, backward_fn = _BACKENDS[backend]
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         if grad_logp is None and grad_entropy is None:
-            return (None,) * 9
+            return (None,) * 10
 
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse)
@@ -450,13 +487,13 @@ class _TokenLogprobsFunction(torch.autograd.Function):
                 hidden, weight, bias, targets, rows, lse[idx].contiguous(), mean_logit,
                 grad_logp[idx].contiguous(),
                 grad_entropy[idx].contiguous() if grad_entropy is not None else None,
-                temperature, filter_eps, grad_hidden, grad_weight, grad_bias,
+                temperature, filter_eps, exact, grad_hidden, grad_weight, grad_bias,
             )
         return (
             grad_hidden if need_hidden else None,
             grad_weight,
             grad_bias.to(bias.dtype) if grad_bias is not None else None,
-            None, None, None, None, None, None,
+            None, None, None, None, None, None, None,
         )
 
 
@@ -507,6 +544,7 @@ def token_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     filter_eps: float | None = None,
+    exact: bool = True,
     backend: str = "auto",
 ):
     """Log-prob of each target token (and the entropy of its distribution), logits never stored.
@@ -522,6 +560,11 @@ def token_logprobs(
         filter_eps: backward only: skip ``[BLOCK_N, BLOCK_V]`` tiles whose every ``|d logit|`` is
             below this (Cut Cross-Entropy's gradient filtering, e.g. ``2**-12`` for bf16). ``None``
             (default) is exact.
+        exact: backward only, 16-bit weights only. ``True`` (default): every gradient is
+            accumulated in float32; d weight takes a second pass that recomputes the logits
+            (5 matmuls in all instead of 4). ``False``: d weight is accumulated in the weight's
+            dtype within the single pass (Cut Cross-Entropy's scheme): faster, but its 16-bit
+            rounding error grows with the number of rows.
         backend: ``"auto"`` (Triton on CUDA or under ``TRITON_INTERPRET=1``, else chunked torch),
             ``"triton"`` or ``"torch"``.
 
@@ -541,7 +584,7 @@ def token_logprobs(
     bias_c = bias.contiguous() if bias is not None else None
     out = _TokenLogprobsFunction.apply(
         hidden_2d, weight_c, bias_c, targets_1d, temperature, ignore_index, bool(return_entropy),
-        filter_eps, backend)
+        filter_eps, bool(exact), backend)
     if return_entropy:
         logp, entropy = out
         return logp.view(lead_shape), entropy.view(lead_shape)
@@ -579,26 +622,30 @@ def sm90_compile_specs() -> list[CompileSpec]:
                     num_warps=num_warps, num_stages=num_stages,
                 ))
         block_n, block_v, block_d, num_warps, num_stages = _GPU_CONFIG["bwd"][dtype]
+        # (d hidden, d weight, d weight accumulator dtype): pass 1 without / with d weight, and
+        # the exact d-weight pass into a float32 chunk buffer (16-bit weights only).
+        passes = [(True, False, ty), (True, True, ty)] + ([(False, True, "fp32")] if ty != "fp32" else [])
         for has_bias in (False, True):
             for entropy_grad in (False, True):
-                for weight_grad in (False, True):
+                for hidden_grad, weight_grad, grad_weight_ty in passes:
                     specs.append(CompileSpec(
-                        name=f"logprobs_bwd[{ty},bias={has_bias},entropy={entropy_grad},dW={weight_grad}]",
+                        name=(f"logprobs_bwd[{ty},bias={has_bias},entropy={entropy_grad},dH={hidden_grad},"
+                              f"dW={weight_grad and grad_weight_ty}]"),
                         kernel=_logprobs_bwd_kernel,
                         signature={
                             "Hidden": f"*{ty}", "Weight": f"*{ty}", "Bias": f"*{ty}", "Targets": "*i32",
                             "RowIdx": "*i32", "Lse": "*fp32", "MeanLogit": "*fp32", "GradLogp": "*fp32",
-                            "GradEnt": "*fp32", "GradHidden": "*fp32", "GradWeight": f"*{ty}",
-                            "GradBias": "*fp32", "M": "i32", "V": "i32", "D": "i32", "stride_h": "i32",
-                            "stride_w": "i32", "stride_gh": "i32", "stride_gw": "i32", "inv_temp": "fp32",
-                            "filter_eps": "fp32", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr",
-                            "BLOCK_D": "constexpr", "GROUP_N": "constexpr", "HAS_BIAS": "constexpr",
-                            "ENTROPY_GRAD": "constexpr", "WEIGHT_GRAD": "constexpr",
-                            "DOT_PRECISION": "constexpr", "INTERPRETER": "constexpr",
+                            "GradEnt": "*fp32", "GradHidden": "*fp32", "GradWeight": f"*{grad_weight_ty}",
+                            "GradBias": "*fp32", "M": "i32", "v_begin": "i32", "v_end": "i32", "D": "i32",
+                            "stride_h": "i32", "stride_w": "i32", "stride_gh": "i32", "stride_gw": "i32",
+                            "inv_temp": "fp32", "filter_eps": "fp32", "BLOCK_N": "constexpr",
+                            "BLOCK_V": "constexpr", "BLOCK_D": "constexpr", "GROUP_N": "constexpr",
+                            "HAS_BIAS": "constexpr", "ENTROPY_GRAD": "constexpr", "HIDDEN_GRAD": "constexpr",
+                            "WEIGHT_GRAD": "constexpr", "DOT_PRECISION": "constexpr", "INTERPRETER": "constexpr",
                         },
                         constexprs={"BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_D": block_d,
-                                    "GROUP_N": _GROUP_N, "HAS_BIAS": has_bias,
-                                    "ENTROPY_GRAD": entropy_grad, "WEIGHT_GRAD": weight_grad,
+                                    "GROUP_N": _GROUP_N, "HAS_BIAS": has_bias, "ENTROPY_GRAD": entropy_grad,
+                                    "HIDDEN_GRAD": hidden_grad, "WEIGHT_GRAD": weight_grad,
                                     "DOT_PRECISION": precision, "INTERPRETER": False},
                         num_warps=num_warps, num_stages=num_stages,
                     ))
