@@ -109,7 +109,13 @@ def test_extreme_logits_do_not_overflow(device, backend):
     assert rel_err(logp, ref_logp) < 1e-5
     # Entropies ~ 0, and float32 logits of size 1e4 carry ~1e-3 absolute rounding: absolute bound.
     assert (entropy - ref_entropy).abs().max() < 1e-3
-    check_against_reference(hidden, weight, None, targets, backend=backend, dtype=torch.float32)
+    # Gradients (onehot - p) hinge on near-ties whose float32 logits are off by ~1e-3: compare
+    # them at the precision the inputs carry, not at the 1e-5 of well-scaled logits.
+    grad_logp = torch.randn(targets.shape, device=device)
+    got = run(gk.token_logprobs, hidden, weight, None, targets, grad_logp, None, backend=backend)
+    want = run(token_logprobs_reference, hidden, weight, None, targets, grad_logp, None)
+    for g, w in zip(got[2][:2], want[2][:2]):
+        assert rel_err(g, w) < 1e-3
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

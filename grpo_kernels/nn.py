@@ -1,0 +1,182 @@
+"""``torch.nn`` modules: drop-in replacements for Liger-Kernel's GRPO loss module."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from grpo_kernels.ops.fused_linear_grpo import fused_linear_grpo_loss
+from grpo_kernels.ops.logprobs import token_logprobs
+
+_IGNORE_INDEX = -100
+
+
+class FusedLinearGRPOLoss(torch.nn.Module):
+    """Fused LM head + GRPO loss with the interface of Liger-Kernel 0.8.5's ``LigerFusedLinearGRPOLoss``.
+
+    ``from grpo_kernels import FusedLinearGRPOLoss as LigerFusedLinearGRPOLoss`` works: same
+    constructor arguments and defaults, same ``forward`` arguments, same return value
+    ``(loss, (kl, clip_ratio))`` (``kl`` only when ``beta != 0``; ``clip_ratio`` is the token mean of
+    ``clip_ratio/region_mean``). The loss is computed by :func:`grpo_kernels.fused_linear_grpo_loss`
+    (TRL 1.16 semantics) without ever storing logits.
+
+    Args:
+        beta: weight of the k3 KL penalty. Without a reference (``use_ref_model=False``) the KL is
+            taken against the policy itself, i.e. it is 0 and has no gradient, as in Liger.
+        compiled: accepted for compatibility, no effect (the kernels are compiled Triton already).
+        use_ref_model: take reference log-probs from ``ref_per_token_logps`` or, when absent, compute
+            them from ``ref_input``/``ref_weight``/``ref_bias`` under ``no_grad``.
+        chunk_size: accepted for compatibility, no effect (memory is O(B*T) at any batch size).
+        epsilon_low, epsilon_high: clip range ``[1 - epsilon_low, 1 + epsilon_high]`` (cispo: the cap).
+        loss_type: ``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``cispo``, ``sapo`` or ``luspo``.
+            ``vespo`` raises ``ValueError`` (not implemented here).
+        max_completion_length: required by ``dr_grpo``.
+        importance_sampling_level: ``"token"`` or ``"sequence"`` (GSPO).
+        sapo_temperature_pos, sapo_temperature_neg: SAPO temperatures (> 0).
+        temperature: logits are divided by it before the softmax.
+        delta: two-sided clipping bound (> 0), or ``None``.
+        use_bias_correction_kl: multiply the KL by the importance ratio.
+        vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: accepted for signature
+            compatibility; only used by ``vespo``, which is rejected.
+
+    Differences from Liger 0.8.5, all in favour of TRL 1.16's math: ``luspo`` at token level (or with
+    a KL term) aggregates ``sum_t m L / B`` as TRL does (Liger sums unmasked tokens), and with
+    ``delta < 1 + epsilon_high`` the clip metric uses the delta-clamped ratio as TRL does.
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.04,
+        compiled: bool = True,
+        use_ref_model: bool = True,
+        chunk_size: int = 1,
+        epsilon_low: float = 0.2,
+        epsilon_high: float = 0.2,
+        loss_type: str = "dapo",
+        max_completion_length: int | None = None,
+        importance_sampling_level: str = "token",
+        sapo_temperature_pos: float = 1.0,
+        sapo_temperature_neg: float = 1.05,
+        temperature: float = 1.0,
+        delta: float | None = None,
+        use_bias_correction_kl: bool = False,
+        vespo_k_pos: float = 2.0,
+        vespo_lambda_pos: float = 3.0,
+        vespo_k_neg: float = 3.0,
+        vespo_lambda_neg: float = 2.0,
+    ):
+        super().__init__()
+        if sapo_temperature_pos <= 0:
+            raise ValueError(f"sapo_temperature_pos must be positive, got {sapo_temperature_pos}")
+        if sapo_temperature_neg <= 0:
+            raise ValueError(f"sapo_temperature_neg must be positive, got {sapo_temperature_neg}")
+        if delta is not None and delta <= 0:
+            raise ValueError(f"delta must be positive, got {delta}")
+        if loss_type == "vespo":
+            raise ValueError(
+                "loss_type='vespo' is not supported by grpo_kernels.FusedLinearGRPOLoss; use "
+                "liger_kernel's LigerFusedLinearGRPOLoss for VESPO")
+        self.beta = beta
+        self.compiled = compiled
+        self.use_ref_model = use_ref_model
+        self.chunk_size = chunk_size
+        self.epsilon_low = epsilon_low
+        self.epsilon_high = epsilon_high
+        self.loss_type = loss_type
+        self.max_completion_length = max_completion_length
+        self.importance_sampling_level = importance_sampling_level
+        self.sapo_temperature_pos = sapo_temperature_pos
+        self.sapo_temperature_neg = sapo_temperature_neg
+        self.temperature = temperature
+        self.delta = delta
+        self.use_bias_correction_kl = use_bias_correction_kl
+        self.vespo_k_pos = vespo_k_pos
+        self.vespo_lambda_pos = vespo_lambda_pos
+        self.vespo_k_neg = vespo_k_neg
+        self.vespo_lambda_neg = vespo_lambda_neg
+
+    def forward(
+        self,
+        _input,
+        lin_weight,
+        selected_token_ids,
+        attention_mask,
+        advantages,
+        bias=None,
+        ref_per_token_logps=None,
+        old_per_token_logps=None,
+        ref_input=None,
+        ref_weight=None,
+        ref_bias=None,
+        vllm_is_ratio=None,
+        num_items_in_batch=None,
+    ):
+        """Args (Liger's names): ``_input`` ``[B, T, H]`` (or ``[B*T, H]``) hidden states,
+        ``lin_weight`` ``[V, H]``, ``selected_token_ids`` / ``attention_mask`` ``[B, T]``,
+        ``advantages`` ``[B]``, ``bias`` ``[V]``, ``ref_per_token_logps`` / ``old_per_token_logps``
+        ``[B, T]``, ``ref_input`` / ``ref_weight`` / ``ref_bias`` (reference model's hidden states and
+        head, used when ``use_ref_model`` and no ``ref_per_token_logps``), ``vllm_is_ratio`` ``[B, T]``,
+        ``[B, 1]`` or ``[B]`` (applied as given), ``num_items_in_batch`` (dapo/cispo normalizer).
+
+        Returns ``(loss, metrics)`` with ``metrics = (kl, clip_ratio)`` when ``beta != 0`` else
+        ``(clip_ratio,)``.
+        """
+        if attention_mask.dim() != 2:
+            raise ValueError(f"attention_mask must be [B, T], got shape {tuple(attention_mask.shape)}")
+        batch, seq_len = attention_mask.shape
+        hidden = self._as_batch_time(_input, "_input", batch, seq_len)
+
+        ref_logprobs = None
+        if self.use_ref_model:
+            if ref_per_token_logps is None and ref_input is None:
+                raise ValueError("use_ref_model=True needs ref_per_token_logps or ref_input (with ref_weight)")
+            if ref_per_token_logps is not None:
+                if ref_input is not None:
+                    warnings.warn("Both ref_per_token_logps and ref_input are provided. Using ref_per_token_logps.")
+                ref_logprobs = ref_per_token_logps
+            else:
+                if ref_weight is None:
+                    raise ValueError("ref_input needs ref_weight (the reference model's LM head)")
+                ref_hidden = self._as_batch_time(ref_input, "ref_input", batch, seq_len)
+                with torch.no_grad():
+                    targets = selected_token_ids.masked_fill(attention_mask == 0, _IGNORE_INDEX)
+                    ref_logprobs = token_logprobs(ref_hidden, ref_weight, targets, bias=ref_bias,
+                                                  temperature=self.temperature, ignore_index=_IGNORE_INDEX)
+
+        loss, metrics = fused_linear_grpo_loss(
+            hidden, lin_weight, selected_token_ids, attention_mask, advantages,
+            bias=bias,
+            old_logprobs=old_per_token_logps,
+            ref_logprobs=ref_logprobs,
+            temperature=self.temperature,
+            # No reference: Liger takes KL against the policy itself, which is 0 with 0 gradient.
+            beta=self.beta if ref_logprobs is not None else 0.0,
+            loss_type=self.loss_type,
+            epsilon_low=self.epsilon_low,
+            epsilon_high=self.epsilon_high,
+            delta=self.delta,
+            importance_sampling_level=self.importance_sampling_level,
+            max_completion_length=self.max_completion_length,
+            num_items_in_batch=num_items_in_batch,
+            rollout_is_ratio=vllm_is_ratio,
+            sapo_temperature_pos=self.sapo_temperature_pos,
+            sapo_temperature_neg=self.sapo_temperature_neg,
+            use_bias_correction_kl=self.use_bias_correction_kl,
+        )
+        outputs = []
+        if self.beta != 0.0:
+            outputs.append(metrics["kl"] if ref_logprobs is not None else torch.zeros_like(loss).detach())
+        outputs.append(metrics["clip_ratio/region_mean"])
+        return loss, tuple(outputs)
+
+    @staticmethod
+    def _as_batch_time(hidden, name, batch, seq_len):
+        if not isinstance(hidden, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(hidden).__name__}")
+        if hidden.dim() == 2 and hidden.shape[0] == batch * seq_len:
+            return hidden.reshape(batch, seq_len, hidden.shape[1])
+        if hidden.dim() == 3 and tuple(hidden.shape[:2]) == (batch, seq_len):
+            return hidden
+        raise ValueError(f"{name} must be [B, T, H] or [B*T, H] with [B, T] = [{batch}, {seq_len}] "
+                         f"(attention_mask's shape), got {tuple(hidden.shape)}")

@@ -1,0 +1,82 @@
+"""GRPO loss straight from the last hidden states: ``token_logprobs`` chained with ``grpo_loss``.
+
+The log-prob kernel streams the vocabulary and keeps O(B*T) state; the loss kernel turns the
+``[B, T]`` log-probs into the loss and d loss / d logp in one pass; autograd feeds that gradient
+(and d loss / d entropy when an entropy bonus is on) to the log-prob kernel's backward, which
+recomputes logit tiles on chip. Nothing of size vocabulary is ever stored. Completion tokens with
+mask 0 are passed as ``ignore_index``, so padding costs neither forward nor backward work.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from grpo_kernels.ops.grpo_loss import grpo_loss_prepared, prepare_loss_inputs
+from grpo_kernels.ops.logprobs import token_logprobs
+from grpo_kernels.ops.utils import INDEX_DTYPES, check_tensor, resolve_backend
+
+_IGNORE_INDEX = -100
+
+
+def fused_linear_grpo_loss(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    old_logprobs: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    filter_eps: float | None = None,
+    backend: str = "auto",
+    **options,
+):
+    """GRPO-family loss of TRL 1.16 from hidden states, without materializing logits.
+
+    Args:
+        hidden: ``[B, T, D]`` last hidden states at the positions that predict the completion tokens.
+        lm_head_weight: ``[V, D]`` LM head (same dtype as ``hidden``); ``bias``: optional ``[V]``.
+        completion_ids: ``[B, T]`` sampled token ids (int32/int64); ids under mask 0 are not read.
+        completion_mask: ``[B, T]``, 0 for padding.
+        advantages: ``[B]`` (or ``[B, T]``).
+        old_logprobs, ref_logprobs: ``[B, T]`` log-probs of the sampling / reference policy.
+        temperature: the logits are divided by it before the softmax (as TRL does for the policy).
+        filter_eps: passed to ``token_logprobs`` (backward gradient filtering; ``None`` is exact).
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``, for both kernels.
+        **options: every option of :func:`grpo_kernels.grpo_loss` (``beta``, ``loss_type``,
+            ``epsilon_low``, ``epsilon_high``, ``delta``, ``importance_sampling_level``,
+            ``max_completion_length``, ``num_items_in_batch``, ``rollout_is_ratio``,
+            ``rollout_is_mode``, ``sapo_temperature_pos/neg``, ``use_bias_correction_kl``,
+            ``entropy_coef``, ``top_entropy_quantile``, ``sampling_logprobs``,
+            ``off_policy_mask_threshold``).
+
+    Returns:
+        ``(loss, metrics)`` as :func:`grpo_kernels.grpo_loss`; the loss is differentiable w.r.t.
+        ``hidden``, ``lm_head_weight`` and ``bias``. The entropy is always computed in the
+        log-prob kernel's forward for the ``entropy`` metric (a few flops per logit, no extra pass);
+        its backward only runs when ``entropy_coef != 0``.
+    """
+    check_tensor("hidden", hidden, ndim=3)
+    check_tensor("completion_ids", completion_ids, dtypes=INDEX_DTYPES, ndim=2)
+    if tuple(completion_ids.shape) != tuple(hidden.shape[:2]):
+        raise ValueError(f"completion_ids shape {tuple(completion_ids.shape)} must be hidden's [B, T] = "
+                         f"{tuple(hidden.shape[:2])}")
+    if completion_ids.device != hidden.device:
+        raise ValueError(f"completion_ids is on {completion_ids.device} but hidden is on {hidden.device}")
+    if "entropy" in options:
+        raise TypeError("fused_linear_grpo_loss computes the entropy itself: do not pass entropy")
+    # The loss inputs are checked before the log-prob kernel runs; token_logprobs checks the rest.
+    cfg, tensors = prepare_loss_inputs(
+        completion_ids.shape, hidden.device, completion_mask, advantages, old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs, will_have_entropy=True, **options)
+    loss_backend = resolve_backend(hidden.device, backend)
+
+    targets = completion_ids.masked_fill(completion_mask == 0, _IGNORE_INDEX)
+    logprobs, entropy = token_logprobs(
+        hidden, lm_head_weight, targets, bias=bias, temperature=temperature, ignore_index=_IGNORE_INDEX,
+        return_entropy=True, filter_eps=filter_eps, backend=backend)
+    if cfg.entropy_coef == 0:
+        entropy = entropy.detach()  # metric and entropy mask only: no entropy backward
+    return grpo_loss_prepared(logprobs, entropy, cfg, tensors, loss_backend)

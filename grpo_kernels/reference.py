@@ -1,0 +1,274 @@
+"""Plain-PyTorch references: the oracle for every kernel in ``grpo_kernels.ops``.
+
+Everything here materializes every intermediate (the full ``[N, V]`` logits included) and
+computes in float64. It is slow and memory hungry on purpose: it is the formula of
+``shared/grpo-semantics.md`` written as directly as possible, so that the tests can compare
+the fused kernels against something obviously right. Never call it on a production shape.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# ---------------------------------------------------------------------------------------------
+# Per-token log-probs and entropy
+# ---------------------------------------------------------------------------------------------
+
+
+def token_logprobs_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+):
+    """Per-token log-prob (and entropy) of ``targets`` under ``softmax((hidden @ weight.T + bias) / T)``.
+
+    hidden ``[..., D]``, weight ``[V, D]``, bias ``[V]``, targets ``[...]``. Computes in float64
+    and returns float32 tensors of the shape of ``targets``; autograd flows to hidden, weight and
+    bias (their gradients come back in their own dtype).
+    """
+    lead_shape = targets.shape
+    hidden64 = hidden.reshape(-1, hidden.shape[-1]).double()
+    logits = hidden64 @ weight.double().t()
+    if bias is not None:
+        logits = logits + bias.double()
+    logits = logits / temperature
+    flat_targets = targets.reshape(-1)
+    valid = flat_targets != ignore_index
+    log_probs = torch.log_softmax(logits, dim=-1)
+    safe_targets = torch.where(valid, flat_targets, torch.zeros_like(flat_targets)).long()
+    logp = log_probs.gather(-1, safe_targets[:, None]).squeeze(-1)
+    logp = torch.where(valid, logp, torch.zeros_like(logp))
+    logp = logp.float().reshape(lead_shape)
+    if not return_entropy:
+        return logp
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
+    return logp, entropy.float().reshape(lead_shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Group advantages
+# ---------------------------------------------------------------------------------------------
+
+
+def group_advantages_reference(
+    rewards: torch.Tensor,
+    group_size: int,
+    *,
+    scale: str = "group",
+    eps: float = 1e-4,
+    reward_weights=None,
+    keep_mask: torch.Tensor | None = None,
+):
+    """Group-relative advantages, one group at a time, in float64, from the contract.
+
+    rewards ``[B]`` or ``[B, K]`` (NaN = could not score), keep_mask ``[B]`` bool. Returns
+    ``(advantages [B], group_mean [B/G], group_std [B/G], zero_std [B/G])``, float64 and bool.
+    Conventions (also those of ``grpo_kernels.ops.advantages``): a completion with every component
+    NaN, or not kept, is *excluded*: out of every statistic, advantage 0; the std of fewer than
+    two rewards is 0; a group with no included reward has mean 0; zero_std is std <= 1e-8
+    (TRL's ``torch.isclose(std, 0)``); group_std is the group's own std for every scale.
+    """
+    per_function = rewards.detach().double().cpu()
+    if per_function.dim() == 1:
+        per_function = per_function[:, None]
+    batch, num_functions = per_function.shape
+    weights = torch.ones(num_functions, dtype=torch.float64)
+    if reward_weights is not None:
+        weights = torch.as_tensor(reward_weights, dtype=torch.float64).cpu().reshape(num_functions)
+
+    # r_i = sum_k w_k r_ik over the components that scored.
+    reward = torch.zeros(batch, dtype=torch.float64)
+    included = torch.zeros(batch, dtype=torch.bool)
+    for i in range(batch):
+        for k in range(num_functions):
+            if not torch.isnan(per_function[i, k]):
+                reward[i] += weights[k] * per_function[i, k]
+                included[i] = True
+    if keep_mask is not None:
+        included &= keep_mask.detach().cpu().bool()
+
+    def mean_and_std(values: torch.Tensor) -> tuple[float, float]:
+        mean = values.mean().item() if values.numel() > 0 else 0.0
+        std = values.std(correction=1).item() if values.numel() > 1 else 0.0
+        return mean, std
+
+    num_groups = batch // group_size
+    group_mean = torch.zeros(num_groups, dtype=torch.float64)
+    group_std = torch.zeros(num_groups, dtype=torch.float64)
+    for g in range(num_groups):
+        members = slice(g * group_size, (g + 1) * group_size)
+        group_mean[g], group_std[g] = mean_and_std(reward[members][included[members]])
+    _, batch_std = mean_and_std(reward[included])
+
+    advantages = torch.zeros(batch, dtype=torch.float64)
+    for i in range(batch):
+        if not included[i]:
+            continue
+        g = i // group_size
+        centered = reward[i] - group_mean[g]
+        if scale == "group":
+            advantages[i] = centered / (group_std[g] + eps)
+        elif scale == "batch":
+            advantages[i] = centered / (batch_std + eps)
+        elif scale == "none":
+            advantages[i] = centered
+        else:
+            raise ValueError(f"unknown scale {scale!r}")
+    return advantages, group_mean, group_std, group_std <= 1e-8
+
+
+# ---------------------------------------------------------------------------------------------
+# GRPO-family policy loss
+# ---------------------------------------------------------------------------------------------
+
+
+def grpo_loss_reference(
+    logprobs,
+    completion_mask,
+    advantages,
+    *,
+    old_logprobs=None,
+    ref_logprobs=None,
+    entropy=None,
+    beta=0.0,
+    loss_type="dapo",
+    epsilon_low=0.2,
+    epsilon_high=None,
+    delta=None,
+    importance_sampling_level="token",
+    max_completion_length=None,
+    num_items_in_batch=None,
+    rollout_is_ratio=None,
+    rollout_is_mode=None,
+    rollout_is_clip_min=None,
+    rollout_is_clip_max=3.0,
+    sapo_temperature_pos=1.0,
+    sapo_temperature_neg=1.05,
+    use_bias_correction_kl=False,
+    entropy_coef=0.0,
+    top_entropy_quantile=1.0,
+    sampling_logprobs=None,
+    off_policy_mask_threshold=None,
+    world_size=1,
+):
+    """TRL 1.16 ``GRPOTrainer._compute_loss`` in float64, every intermediate materialized.
+
+    Same arguments as ``grpo_kernels.grpo_loss`` (``world_size`` stands in for the process count).
+    Returns ``(loss, metrics)``: a float64 loss differentiable w.r.t. ``logprobs`` and ``entropy``
+    and a dict of float64 metrics (token-weighted means over the mask; NaN when not computable).
+    """
+    import math
+
+    logp = logprobs.double()
+    mask = completion_mask.double()
+    B, T = logp.shape
+    adv = advantages.detach().double()
+    adv = adv.reshape(B, -1)  # [B, 1] or [B, T]
+    eps_high = epsilon_low if epsilon_high is None else epsilon_high
+    old = logp.detach() if old_logprobs is None else old_logprobs.detach().double()
+    entropy64 = None if entropy is None else entropy.double()
+
+    entropy_mask = None
+    if top_entropy_quantile < 1.0:
+        # TRL's get_high_entropy_mask: threshold from the float32 entropies of the masked tokens
+        local = entropy.detach()[completion_mask.bool()].float()
+        if local.numel() == 0:
+            entropy_mask = torch.zeros_like(mask, dtype=torch.bool)
+        else:
+            threshold = torch.quantile(local, 1 - top_entropy_quantile)
+            entropy_mask = ((entropy.detach().float() * completion_mask.float()) >= threshold) & completion_mask.bool()
+
+    log_ratio = logp - old
+    if importance_sampling_level == "token":
+        log_weights = log_ratio
+    else:
+        log_weights = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    coef_1 = torch.exp(log_weights)
+
+    if ref_logprobs is not None:
+        ref = ref_logprobs.detach().double()
+        per_token_kl = torch.exp(ref - logp) - (ref - logp) - 1
+        if use_bias_correction_kl:
+            per_token_kl = per_token_kl * coef_1
+
+    if loss_type == "cispo":
+        clamped = torch.clamp(coef_1, max=eps_high).detach()
+        per_token_loss = -clamped * adv * logp
+    elif loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+        coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + eps_high)
+        if delta is not None:
+            coef_1 = torch.clamp(coef_1, max=delta)
+        per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
+    elif loss_type == "sapo":
+        tau = torch.where(adv > 0, sapo_temperature_pos, sapo_temperature_neg).double()
+        per_token_loss = -torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau * adv
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+
+    if off_policy_mask_threshold is not None:
+        sampling = old if sampling_logprobs is None else sampling_logprobs.detach().double()
+        kl_div = torch.nan_to_num(sampling - logp.detach(), nan=0.0)
+        avg_seq_kl = (kl_div * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1.0)
+        per_token_loss = per_token_loss * ((adv >= 0) | (avg_seq_kl <= off_policy_mask_threshold)).double()
+    if entropy_mask is not None:
+        per_token_loss = per_token_loss * entropy_mask.double()
+    if rollout_is_ratio is not None:
+        is_ratio = rollout_is_ratio.detach().double().reshape(B, -1)
+        if rollout_is_mode == "truncate":
+            is_ratio = torch.clamp(is_ratio, min=rollout_is_clip_min, max=rollout_is_clip_max)
+        elif rollout_is_mode == "mask":
+            lo = -math.inf if rollout_is_clip_min is None else rollout_is_clip_min
+            hi = math.inf if rollout_is_clip_max is None else rollout_is_clip_max
+            is_ratio = is_ratio.masked_fill((is_ratio < lo) | (is_ratio > hi), 0.0)
+        per_token_loss = per_token_loss * is_ratio
+    if beta != 0.0:
+        per_token_loss = per_token_loss + beta * per_token_kl
+    per_token_loss = per_token_loss.expand(B, T)
+
+    if loss_type in ("grpo", "sapo"):
+        loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        loss = (per_token_loss * mask).sum() / (B * max_completion_length)
+    elif loss_type in ("dapo", "cispo"):
+        if num_items_in_batch is not None:
+            normalizer = torch.as_tensor(num_items_in_batch, dtype=torch.float64).clamp(min=1.0) / world_size
+        else:
+            normalizer = mask.sum().clamp(min=1.0)  # one process: its own tokens
+        loss = (per_token_loss * mask).sum() / normalizer
+    else:  # luspo
+        loss = (per_token_loss * mask).sum(-1).mean()
+
+    if entropy_coef != 0.0:
+        effective = mask if entropy_mask is None else mask * entropy_mask.double()
+        loss = loss - entropy_coef * (entropy64 * effective).sum() / effective.sum().clamp(min=1.0)
+
+    def masked_mean(x):
+        x = x.double().expand(B, T)
+        return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+    adv_bt = adv.expand(B, T)
+    if loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+        is_low = (coef_1 < 1 - epsilon_low).expand(B, T) & (adv_bt < 0)
+        is_high = (coef_1 > 1 + eps_high).expand(B, T) & (adv_bt > 0)
+    elif loss_type == "cispo":
+        is_low = torch.zeros(B, T, dtype=torch.bool)
+        is_high = (coef_1 > eps_high) & (adv_bt > 0)
+    else:
+        is_low = is_high = torch.zeros(B, T, dtype=torch.bool)
+    metrics = {
+        "kl": masked_mean(per_token_kl.detach()) if ref_logprobs is not None else nan,
+        "clip_ratio/low_mean": masked_mean(is_low),
+        "clip_ratio/high_mean": masked_mean(is_high),
+        "clip_ratio/region_mean": masked_mean(is_low | is_high),
+        "entropy": masked_mean(entropy64.detach()) if entropy is not None else nan,
+    }
+    return loss, metrics
