@@ -30,6 +30,7 @@ def fused_linear_grpo_loss(
     ref_logprobs: torch.Tensor | None = None,
     temperature: float = 1.0,
     filter_eps: float | None = None,
+    exact: bool = True,
     backend: str = "auto",
     **options,
 ):
@@ -43,7 +44,8 @@ def fused_linear_grpo_loss(
         advantages: ``[B]`` (or ``[B, T]``).
         old_logprobs, ref_logprobs: ``[B, T]`` log-probs of the sampling / reference policy.
         temperature: the logits are divided by it before the softmax (as TRL does for the policy).
-        filter_eps: passed to ``token_logprobs`` (backward gradient filtering; ``None`` is exact).
+        filter_eps, exact: passed to ``token_logprobs`` (backward gradient filtering, ``None`` is
+            exact; ``exact=False``: single-pass backward with d weight accumulated in its dtype).
         backend: ``"auto"``, ``"triton"`` or ``"torch"``, for both kernels.
         **options: every option of :func:`grpo_kernels.grpo_loss` (``beta``, ``loss_type``,
             ``epsilon_low``, ``epsilon_high``, ``delta``, ``importance_sampling_level``,
@@ -76,7 +78,7 @@ def fused_linear_grpo_loss(
     targets = completion_ids.masked_fill(completion_mask == 0, _IGNORE_INDEX)
     logprobs, entropy = token_logprobs(
         hidden, lm_head_weight, targets, bias=bias, temperature=temperature, ignore_index=_IGNORE_INDEX,
-        return_entropy=True, filter_eps=filter_eps, backend=backend)
+        return_entropy=True, filter_eps=filter_eps, exact=exact, backend=backend)
     if cfg.entropy_coef == 0:
         entropy = entropy.detach()  # metric and entropy mask only: no entropy backward
     return grpo_loss_prepared(logprobs, entropy, cfg, tensors, loss_backend)
