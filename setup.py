@@ -12,7 +12,7 @@ setup(
     packages=find_packages(include=["grpo_kernels", "grpo_kernels.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.6",
         "triton>=3.1",
         # triton's CPU interpreter (TRITON_INTERPRET=1) breaks with numpy >= 2.3
         "numpy<2.3",

@@ -1,0 +1,180 @@
+"""Single device, DDP or FSDP2: process group set-up, model wrapping, and the collectives the loop needs.
+
+Everything runs unchanged under ``torchrun`` (one or many nodes): the process group comes from
+the environment variables torchrun sets. The policy is wrapped in :class:`PolicyHead`, a module
+whose forward returns the backbone's last hidden states and the LM-head weight, not logits, so
+that DDP's gradient hooks and FSDP2's unshard/reshard hooks see every use of every parameter.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class DistInfo:
+    mode: str  # single | ddp | fsdp2
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(mode: str = "auto", device: str = "auto") -> DistInfo:
+    """Join the process group torchrun describes (gloo on CPU, NCCL on CUDA) and pick the device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if mode == "auto":
+        mode = "ddp" if world_size > 1 else "single"
+    if mode == "single" and world_size > 1:
+        raise ValueError(f"mode='single' but WORLD_SIZE={world_size}: use mode ddp or fsdp2 under torchrun")
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        torch_device = torch.device("cuda", local_rank)
+    else:
+        torch_device = torch.device("cpu")
+    if mode != "single" and not dist.is_initialized():
+        # a one-process ddp/fsdp2 run outside torchrun still needs a rendezvous address
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29511")
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    return DistInfo(mode, rank, world_size, torch_device)
+
+
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The causal LM inside a peft model (LoRA layers stay injected in it), else the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def enable_activation_checkpointing(causal_lm: nn.Module) -> None:
+    """Non-reentrant activation (gradient) checkpointing of the decoder layers; transformers 5 renamed
+    ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable``."""
+    options = {"use_reentrant": False}
+    if hasattr(causal_lm, "activation_checkpointing_enable"):
+        causal_lm.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+
+
+class PolicyHead(nn.Module):
+    """A causal LM whose forward returns ``(hidden [B, T, D], lm_head_weight [V, D], lm_head_bias [V] | None)``.
+
+    The hidden states are the backbone's last (final-norm) output; hidden[:, t] predicts token
+    t + 1. The LM-head weight is returned from inside forward, where FSDP2 has unsharded it: the
+    fused loss gets the full weight (the embedding matrix when tied) and its gradient lands on the
+    unsharded parameter, which FSDP2 reduce-scatters back into the shards after backward.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        causal_lm = unwrap_peft(self.model)
+        output = causal_lm.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        )
+        head = causal_lm.get_output_embeddings()
+        return output.last_hidden_state, head.weight, head.bias
+
+    def generate(self, **kwargs):
+        return self.model.generate(**kwargs)
+
+
+def wrap(policy: PolicyHead, info: DistInfo, *, trainable: bool = True) -> nn.Module:
+    """DDP or FSDP2 around ``policy`` (already on ``info.device``); a frozen model is never DDP-wrapped."""
+    if info.mode == "ddp" and trainable:
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(policy, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    if info.mode == "fsdp2":
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        layer_classes = set(getattr(unwrap_peft(policy.model), "_no_split_modules", None) or [])
+        layers = [m for m in policy.modules() if type(m).__name__ in layer_classes]
+        if not layers:
+            raise ValueError("fsdp2: the model names no decoder layer classes in _no_split_modules")
+        for layer in layers:
+            fully_shard(layer)
+        # The root keeps embeddings, final norm and LM head gathered after forward: the weight it
+        # returns is read again by the loss's backward.
+        fully_shard(policy, reshard_after_forward=False)
+        register_fsdp_forward_method(policy, "generate")
+    return policy
+
+
+def generator_of(module: nn.Module):
+    """What to call ``.generate`` on: DDP's inner module (plain replicated weights), else the module."""
+    return module.module if hasattr(module, "no_sync") else module
+
+
+@contextmanager
+def gathered_for_generation(module: nn.Module):
+    """FSDP2: keep every layer unsharded across the decoding steps (one all-gather per layer, not
+    one per generated token), and shard again afterwards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(module, FSDPModule):
+        yield
+        return
+    layers = [m for m in module.modules() if isinstance(m, FSDPModule) and m is not module]
+    for layer in layers:
+        layer.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.set_reshard_after_forward(True, recurse=False)
+            layer.reshard()
+
+
+def gradient_sync(module: nn.Module, enabled: bool):
+    """Context for one micro-batch's backward: skip the cross-rank gradient reduction unless enabled."""
+    if hasattr(module, "no_sync"):  # DDP
+        return nullcontext() if enabled else module.no_sync()
+    if hasattr(module, "set_requires_gradient_sync"):  # FSDP2
+        module.set_requires_gradient_sync(enabled)
+    return nullcontext()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def all_reduce_min(value: int, device) -> int:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    tensor = torch.tensor(value, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor)
+
+
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's ``tensor`` (same shape on all ranks) along dim 0, in rank order."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,517 @@
+"""The GRPO loop, readable top to bottom.
+
+One step (one generation batch):
+
+1. take ``prompts_per_step`` prompts (this rank's share), generate G completions each;
+2. score them with the reward functions, gather the rewards from every rank, and turn them into
+   group advantages (optionally GFPO-filtered; with DAPO dynamic sampling, groups whose rewards
+   are all equal are dropped and more prompts are generated to refill the batch);
+3. old log-probs (only when mu > 1) and reference log-probs (only when beta != 0) with the
+   fused kernel's no-grad forward;
+4. mu policy updates: micro-batches with gradient accumulation, the loss from the backbone's last
+   hidden states and the LM-head weight through ``fused_linear_grpo_loss`` (the [B, T, V] logits
+   never exist), the global token count as ``num_items_in_batch``, clipping, AdamW, LR schedule.
+   A step whose loss or gradient norm is not finite is skipped and logged.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import math
+import os
+import random
+import time
+from collections import defaultdict
+from functools import partial
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from tqdm.auto import tqdm
+
+import grpo_kernels as gk
+from grpo_kernels.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from grpo_kernels.train.config import GRPOConfig
+from grpo_kernels.train.data import PromptSampler, load_rows
+from grpo_kernels.train.distributed import (
+    PolicyHead,
+    all_gather_rows,
+    all_reduce_min,
+    all_reduce_sum,
+    barrier,
+    enable_activation_checkpointing,
+    gathered_for_generation,
+    generator_of,
+    gradient_sync,
+    init_distributed,
+    unwrap_peft,
+    wrap,
+)
+from grpo_kernels.train.rewards import build_reward_funcs, score
+from grpo_kernels.train.rollout import Rollout, eos_token_ids, generate
+
+# loss types normalized by the token count of the whole generation batch (on all ranks)
+TOKEN_NORMALIZED = ("dapo", "cispo")
+
+
+def resolve_attn_implementation(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    has_flash = importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+    return "flash_attention_2" if has_flash else "sdpa"
+
+
+def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Linear warm-up over ``warmup`` optimizer steps, then constant / linear / cosine decay."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+    return min_ratio + (1.0 - min_ratio) * decay
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class GRPOTrainer:
+    """GRPO on any Hugging Face causal LM with the fused loss; see the module docstring.
+
+    ``model``, ``tokenizer``, ``dataset`` (rows, a ``datasets.Dataset`` or a path) and
+    ``reward_funcs`` (callables) override what ``config`` would load by name.
+    """
+
+    def __init__(self, config: GRPOConfig, *, model=None, tokenizer=None, dataset=None, reward_funcs=None):
+        self.config = cfg = config
+        self.dist = init_distributed(cfg.mode, cfg.device)
+        self.device, self.rank, self.world_size = self.dist.device, self.dist.rank, self.dist.world_size
+        if cfg.prompts_per_step % self.world_size:
+            raise ValueError(f"prompts_per_step={cfg.prompts_per_step} is not divisible by world size {self.world_size}")
+        seed_everything(cfg.seed)  # the same initial weights on every rank
+
+        # --- model, tokenizer, reference ---------------------------------------------------------
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
+        tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.tokenizer = tokenizer
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(
+                cfg.model, dtype=getattr(torch, cfg.dtype), attn_implementation=resolve_attn_implementation(cfg.attn_implementation)
+            )
+        elif cfg.attn_implementation != "auto":
+            model.set_attn_implementation(cfg.attn_implementation)
+        for module in model.modules():  # RL needs the sampling policy and the trained one to agree
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        model.to(self.device)
+        self.eos_token_ids = eos_token_ids(model, tokenizer)
+        attn = model.config._attn_implementation
+        self.packing = attn == "flash_attention_2" if cfg.packing == "auto" else cfg.packing in (True, "true")
+        self.reference = None
+        if cfg.beta != 0 and cfg.lora_r == 0:
+            frozen = copy.deepcopy(model).eval().requires_grad_(False)
+            self.reference = wrap(PolicyHead(frozen), self.dist, trainable=False)
+        if cfg.lora_r > 0:
+            from peft import LoraConfig, get_peft_model
+
+            lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM")
+            model = get_peft_model(model, lora)
+        if cfg.gradient_checkpointing:
+            enable_activation_checkpointing(unwrap_peft(model))
+        self.model = model  # the unwrapped model: generation config, saving
+        self.policy = wrap(PolicyHead(model), self.dist)
+        self.policy.train()
+
+        # --- optimization ------------------------------------------------------------------------
+        self.trainable_parameters = [p for p in self.policy.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.trainable_parameters, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay
+        )
+        schedule = partial(
+            lr_factor,
+            warmup=cfg.warmup_steps,
+            total=cfg.max_steps * cfg.num_iterations,
+            schedule=cfg.lr_schedule,
+            min_ratio=cfg.min_lr_ratio,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.loss_options = dict(
+            temperature=cfg.temperature,
+            beta=cfg.beta,
+            loss_type=cfg.loss_type,
+            epsilon_low=cfg.epsilon_low,
+            epsilon_high=cfg.epsilon_high,
+            delta=cfg.delta,
+            importance_sampling_level=cfg.importance_sampling_level,
+            max_completion_length=cfg.max_new_tokens,
+            entropy_coef=cfg.entropy_coef,
+            top_entropy_quantile=cfg.top_entropy_quantile,
+        )
+
+        # --- data and rewards --------------------------------------------------------------------
+        self.rows = load_rows(cfg.dataset if dataset is None else dataset, cfg.prompt_column, cfg.dataset_split,
+                              cfg.dataset_config)
+        self.sampler = PromptSampler(len(self.rows), cfg.seed)
+        self.reward_funcs = build_reward_funcs(cfg) if reward_funcs is None else list(reward_funcs)
+        if cfg.reward_weights is not None and len(cfg.reward_weights) != len(self.reward_funcs):
+            raise ValueError(f"{len(cfg.reward_weights)} reward_weights for {len(self.reward_funcs)} reward functions")
+        self.reward_names = (
+            [name.rpartition(":")[2] for name in cfg.reward_funcs]  # the names the config used
+            if reward_funcs is None
+            else [getattr(f, "__name__", f"reward_{k}") for k, f in enumerate(self.reward_funcs)]
+        )
+        self.reward_weights = torch.tensor(cfg.reward_weights or [1.0] * len(self.reward_funcs), device=self.device)
+
+        # --- bookkeeping -------------------------------------------------------------------------
+        self.step, self.history = 0, []
+        self.metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+        if self.dist.is_main:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+        checkpoint = latest_checkpoint(cfg.output_dir) if cfg.resume else None
+        if cfg.resume and checkpoint is None and self.dist.is_main:
+            print(f"resume: no checkpoint in {cfg.output_dir}, starting from scratch")
+        if checkpoint is not None:
+            self._resume(checkpoint)
+        else:
+            seed_everything(cfg.seed + 1 + self.rank)  # each rank samples its own completions
+            if self.dist.is_main and os.path.exists(self.metrics_path):
+                os.remove(self.metrics_path)
+        self.tensorboard = self._tensorboard() if cfg.tensorboard and self.dist.is_main else None
+
+    # =============================================================================================
+    # The loop
+    # =============================================================================================
+
+    def train(self) -> list[dict]:
+        cfg = self.config
+        progress = tqdm(
+            total=cfg.max_steps, initial=self.step, desc="GRPO", dynamic_ncols=True,
+            disable=not (cfg.progress_bar and self.dist.is_main),
+        )
+        while self.step < cfg.max_steps:
+            started = time.perf_counter()
+            batch, metrics = self.make_batch()
+            metrics.update(self.update(batch))
+            self.step += 1
+            metrics.update(step=self.step, lr=self.scheduler.get_last_lr()[0], step_time=time.perf_counter() - started)
+            self.log(metrics)
+            progress.set_postfix_str(
+                f"reward={metrics['reward']:.3f} kl={metrics.get('kl', 0.0):.4f} "
+                f"clip={metrics.get('clip_ratio/region_mean', 0.0):.3f} entropy={metrics.get('entropy', 0.0):.3f} "
+                f"len={metrics['completion_length']:.1f}"
+            )
+            progress.update()
+            if metrics["skipped_updates"]:
+                progress.write(f"step {self.step}: non-finite loss or gradient norm, update skipped")
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                self.save_checkpoint()
+        progress.close()
+        self.save_checkpoint()
+        if cfg.save_final_model:
+            self.save_model(os.path.join(cfg.output_dir, "final"))
+        if self.dist.is_main:
+            plot_metrics(self.history, os.path.join(cfg.output_dir, "metrics.png"))
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        return self.history
+
+    # =============================================================================================
+    # 1-2. Rollouts, rewards, advantages
+    # =============================================================================================
+
+    def rollout(self, rows: list[dict]) -> Rollout:
+        """G sampled completions per row (one ``generate`` call for this rank's prompts)."""
+        self.policy.eval()  # lets generation use the KV cache under gradient checkpointing
+        with gathered_for_generation(self.policy):
+            rollout = generate(
+                generator_of(self.policy), self.tokenizer, rows, self.config, self.eos_token_ids, self.device
+            )
+        self.policy.train()
+        return rollout
+
+    def score(self, rollout: Rollout) -> torch.Tensor:
+        columns = {key: [row.get(key) for row in rollout.rows] for key in rollout.rows[0] if key != self.config.prompt_column}
+        columns["completion_ids"] = [ids[: int(n)] for ids, n in zip(rollout.completion_ids.tolist(), rollout.completion_lengths.tolist())]
+        columns["completion_lengths"] = rollout.completion_lengths.tolist()
+        return score(self.reward_funcs, rollout.prompts, rollout.completions, columns)
+
+    def make_batch(self) -> tuple[Rollout, dict]:
+        """This rank's scored rollout with advantages, and the batch's metrics (over all ranks)."""
+        cfg, G = self.config, self.config.num_generations
+        prompts_per_rank = cfg.prompts_per_step // self.world_size
+        groups, zero_std_groups, rounds = [], [], 0
+        while True:
+            rounds += 1
+            indices = self.sampler.next_batch(cfg.prompts_per_step)
+            indices = indices[self.rank * prompts_per_rank : (self.rank + 1) * prompts_per_rank]
+            rollout = self.rollout([self.rows[i] for i in indices])
+            rollout.rewards = self.score(rollout)
+            if not cfg.dynamic_sampling:
+                groups = [rollout]
+                break
+            # DAPO dynamic sampling: a group whose rewards are all equal has no gradient signal
+            zero_std = gk.group_advantages(rollout.rewards.to(self.device), G, reward_weights=self.reward_weights).zero_std
+            for p, flat in enumerate(zero_std.tolist()):
+                (zero_std_groups if flat else groups).append(rollout.select(list(range(p * G, (p + 1) * G))))
+            enough = all_reduce_min(len(groups), self.device) >= prompts_per_rank
+            if enough or rounds == cfg.max_sampling_rounds:
+                break
+        # when refilling gave up, flat groups make up the rest (advantage 0, KL still counts)
+        batch = Rollout.concat((groups + zero_std_groups)[:prompts_per_rank])
+
+        lengths = batch.completion_lengths.float()
+        gathered = all_gather_rows(torch.cat([batch.rewards.to(self.device), lengths[:, None]], 1))
+        rewards, all_lengths = gathered[:, :-1], gathered[:, -1]
+        total_reward = torch.nansum(rewards * self.reward_weights, 1)
+        keep_mask = None
+        if cfg.gfpo_keep is not None:
+            gfpo_score = -all_lengths if cfg.gfpo_metric == "length" else total_reward / all_lengths.clamp(min=1)
+            keep_mask = gk.gfpo_keep_mask(gfpo_score, G, cfg.gfpo_keep)
+        advantages = gk.group_advantages(
+            rewards, G, scale=cfg.scale_rewards, reward_weights=self.reward_weights, keep_mask=keep_mask
+        )
+        local = slice(self.rank * len(batch), (self.rank + 1) * len(batch))
+        batch.advantages = advantages.advantages[local].float()
+
+        scored = ~rewards.isnan().all(1)
+        metrics = {
+            "reward": total_reward[scored].mean().item() if scored.any() else math.nan,
+            "reward_std": total_reward[scored].std().item() if scored.sum() > 1 else 0.0,
+            "completion_length": all_lengths.mean().item(),
+            "frac_reward_zero_std": advantages.zero_std.float().mean().item(),
+            "sampling_rounds": rounds,
+        }
+        for name, column in zip(self.reward_names, rewards.T):
+            metrics[f"rewards/{name}"] = column.nanmean().item()
+        return batch, metrics
+
+    # =============================================================================================
+    # 3. Hidden states and no-grad log-probs
+    # =============================================================================================
+
+    def hidden_states(self, module, batch: Rollout, rows: slice):
+        """Hidden states aligned with the completion tokens of ``rows``: ``hidden[:, j]`` predicts
+        ``completion_ids[:, j]``. Padding columns that no row of the slice needs are cut off.
+
+        Returns (hidden [b, C, D], lm_head_weight [V, D], bias, completion_ids [b, C], completion_mask [b, C]).
+        """
+        prompt_mask, completion_mask = batch.prompt_mask[rows], batch.completion_mask[rows]
+        P, C = int(prompt_mask.sum(1).max()), int(completion_mask.sum(1).max())
+        prompt_ids, prompt_mask = batch.prompt_ids[rows, -P:], prompt_mask[:, -P:]
+        completion_ids, completion_mask = batch.completion_ids[rows, :C], completion_mask[:, :C]
+        if self.packing:
+            hidden, weight, bias = self._packed_forward(module, prompt_ids, prompt_mask, completion_ids, completion_mask)
+        else:
+            input_ids = torch.cat([prompt_ids, completion_ids], 1)[:, :-1]  # the last token predicts nothing
+            attention_mask = torch.cat([prompt_mask, completion_mask], 1)[:, :-1]
+            position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # as generate numbers left-padded rows
+            hidden, weight, bias = module(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+            hidden = hidden[:, P - 1 :]  # position P-1+j holds the state that predicts completion token j
+        return hidden, weight, bias, completion_ids, completion_mask
+
+    @staticmethod
+    def _packed_forward(module, prompt_ids, prompt_mask, completion_ids, completion_mask):
+        """All sequences of the micro-batch back to back in one row, no padding; positions restart at
+        0 per sequence, which is how flash-attention's varlen path (and the SDPA/eager block-causal
+        masks of transformers) tell them apart."""
+        prompt_lengths, completion_lengths = prompt_mask.sum(1), completion_mask.sum(1)
+        P = prompt_ids.shape[1]
+        sequences = [
+            torch.cat([ids[P - n_prompt :], completion[:n_completion]])
+            for ids, completion, n_prompt, n_completion in zip(
+                prompt_ids, completion_ids, prompt_lengths.tolist(), completion_lengths.tolist()
+            )
+        ]
+        lengths = prompt_lengths + completion_lengths
+        position_ids = torch.cat([torch.arange(len(s), device=prompt_ids.device) for s in sequences])
+        hidden, weight, bias = module(input_ids=torch.cat(sequences)[None], position_ids=position_ids[None])
+        starts = lengths.cumsum(0) - lengths
+        index = starts[:, None] + prompt_lengths[:, None] - 1 + torch.arange(completion_ids.shape[1], device=starts.device)
+        index = torch.where(completion_mask.bool(), index, starts[:, None])  # masked slots: any valid row
+        return hidden[0, index], weight, bias
+
+    def micro_batches(self, batch: Rollout) -> list[slice]:
+        size = self.config.micro_batch_size
+        return [slice(i, min(i + size, len(batch))) for i in range(0, len(batch), size)]
+
+    @torch.no_grad()
+    def logprobs(self, module, batch: Rollout) -> torch.Tensor:
+        """Per-token log-probs ``[B, C]`` of the completions under ``module``, fused, no gradient."""
+        out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32, device=self.device)
+        for rows in self.micro_batches(batch):
+            hidden, weight, bias, ids, mask = self.hidden_states(module, batch, rows)
+            targets = ids.masked_fill(mask == 0, -100)
+            out[rows, : ids.shape[1]] = gk.token_logprobs(
+                hidden, weight, targets, bias=bias, temperature=self.config.temperature
+            )
+        return out
+
+    def reference_logprobs(self, batch: Rollout) -> torch.Tensor:
+        if self.reference is not None:
+            return self.logprobs(self.reference, batch)
+        with self.model.disable_adapter():  # LoRA: the base model is the reference
+            return self.logprobs(self.policy, batch)
+
+    # =============================================================================================
+    # 4. Policy updates
+    # =============================================================================================
+
+    def update(self, batch: Rollout) -> dict:
+        cfg = self.config
+        token_normalized = cfg.loss_type in TOKEN_NORMALIZED
+        global_tokens = int(all_reduce_sum(batch.completion_mask.sum()))
+        old = self.logprobs(self.policy, batch) if cfg.num_iterations > 1 else None
+        ref = self.reference_logprobs(batch) if cfg.beta != 0 else None
+        micro_batches = self.micro_batches(batch)
+        sums, skipped, grad_norms, losses = defaultdict(float), 0, [], []
+        for _ in range(cfg.num_iterations):
+            loss_sum = torch.zeros((), device=self.device)
+            metric_sums = defaultdict(lambda: torch.zeros((), device=self.device))
+            for j, rows in enumerate(micro_batches):
+                with gradient_sync(self.policy, enabled=j == len(micro_batches) - 1):
+                    hidden, weight, bias, ids, mask = self.hidden_states(self.policy, batch, rows)
+                    C = ids.shape[1]
+                    loss, metrics = gk.fused_linear_grpo_loss(
+                        hidden, weight, ids, mask, batch.advantages[rows],
+                        bias=bias,
+                        old_logprobs=None if old is None else old[rows, :C],
+                        ref_logprobs=None if ref is None else ref[rows, :C],
+                        num_items_in_batch=global_tokens if token_normalized else None,
+                        **self.loss_options,
+                    )
+                    # dapo/cispo divide by num_items_in_batch / world_size already (TRL), so that
+                    # DDP/FSDP's gradient average over ranks yields sum / num_items_in_batch. Per-row
+                    # means are weighted by the micro-batch's share of the rank's rows (1/GA for
+                    # even splits) and then averaged over ranks the same way.
+                    share = 1.0 if token_normalized else (rows.stop - rows.start) / len(batch)
+                    (loss * share).backward()
+                loss_sum += loss.detach() * share
+                tokens = mask.sum()
+                for key, value in metrics.items():
+                    if key != "kl" or ref is not None:  # no reference, no KL (the kernel reports NaN)
+                        metric_sums[key] += value.detach().float() * tokens
+                metric_sums["tokens"] += tokens
+            # every rank reaches the same verdict: the loss is all-reduced, the grad norm is global
+            loss_global = all_reduce_sum(loss_sum) / self.world_size
+            grad_norm = self._clip_gradients()
+            if torch.isfinite(loss_global) and torch.isfinite(grad_norm):
+                self.optimizer.step()
+                self.scheduler.step()
+            else:
+                skipped += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            losses.append(loss_global.item())
+            grad_norms.append(grad_norm.item())
+            for key, value in metric_sums.items():
+                sums[key] += value
+        names = [k for k in sums if k != "tokens"]
+        totals = all_reduce_sum(torch.stack([sums[k] for k in names] + [sums["tokens"]]))
+        metrics = {name: (totals[i] / totals[-1].clamp(min=1)).item() for i, name in enumerate(names)}
+        metrics.update(loss=losses[0], grad_norm=grad_norms[0], skipped_updates=skipped)
+        if len(losses) > 1:
+            metrics["loss_last_iteration"] = losses[-1]
+        return metrics
+
+    def _clip_gradients(self) -> torch.Tensor:
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else math.inf  # inf: measure only
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters, max_norm)
+        if isinstance(norm, DTensor):  # FSDP2: a partial norm per rank until reduced
+            norm = norm.full_tensor()
+        return norm.detach().float()
+
+    # =============================================================================================
+    # Logging, checkpoints, saving
+    # =============================================================================================
+
+    def log(self, metrics: dict) -> None:
+        self.history.append(metrics)
+        if not self.dist.is_main:
+            return
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.tensorboard is not None:
+            for key, value in metrics.items():
+                if key != "step":
+                    self.tensorboard.add_scalar(key, value, metrics["step"])
+
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            print("tensorboard=true but the tensorboard package is not installed: logging to metrics.jsonl only")
+            return None
+        return SummaryWriter(os.path.join(self.config.output_dir, "tensorboard"))
+
+    def save_checkpoint(self) -> str:
+        trainer_state = {
+            "step": self.step,
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "world_size": self.world_size,
+        }
+        return save_checkpoint(
+            self.config.output_dir, self.step, model=self.policy, optimizer=self.optimizer,
+            trainer_state=trainer_state, rank=self.rank, keep=self.config.keep_checkpoints,
+        )
+
+    def _resume(self, path: str) -> None:
+        state = load_checkpoint(path, model=self.policy, optimizer=self.optimizer, rank=self.rank)
+        if state["world_size"] != self.world_size:
+            raise ValueError(f"{path} was written by {state['world_size']} processes, this run has {self.world_size}")
+        self.step = state["step"]
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        if os.path.exists(self.metrics_path):
+            with open(self.metrics_path, encoding="utf-8") as f:
+                self.history = [r for r in map(json.loads, f) if r["step"] <= self.step]
+        barrier()
+        if self.dist.is_main:  # drop what a crashed run logged past its last checkpoint
+            with open(self.metrics_path, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.history)
+        if self.dist.is_main:
+            print(f"resumed from {path} at step {self.step}")
+
+    def save_model(self, path: str) -> None:
+        """A Hugging Face directory (``from_pretrained``-loadable; LoRA: the adapter) plus tokenizer."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.dist.is_main:
+            state = {key.removeprefix("model."): value for key, value in state.items()}
+            self.model.save_pretrained(path, state_dict=state)
+            self.tokenizer.save_pretrained(path)
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def plot_metrics(history: list[dict], path: str) -> None:
+    """A PNG with the mean reward and the KL to the reference over the steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in history]
+    fig, (ax_reward, ax_kl) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax_reward.plot(steps, [r["reward"] for r in history], color="tab:blue")
+    ax_reward.set(xlabel="step", ylabel="mean reward", title="reward")
+    ax_kl.plot(steps, [r.get("kl", math.nan) for r in history], color="tab:red")
+    ax_kl.set(xlabel="step", ylabel="KL(policy || reference)", title="KL to the reference (k3; none when beta = 0)")
+    for ax in (ax_reward, ax_kl):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,292 @@
+"""The GRPO trainer on one process with a tiny Qwen2: token alignment, attention paths, skipped
+non-finite steps, exact resume, dynamic sampling, GFPO, LoRA reference, the CLI and the demo."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import grpo_kernels as gk
+from grpo_kernels.demo import addition_reward, build_model, build_tokenizer
+from grpo_kernels.train import GRPOConfig, GRPOTrainer
+from grpo_kernels.train.distributed import PolicyHead
+from grpo_kernels.train.rollout import Rollout, completion_mask_from_eos
+
+ROWS = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(5) for b in range(5)] + [
+    {"prompt": "12+3=", "answer": "15"},
+    {"prompt": "4=", "answer": "4"},
+]
+
+
+def tiny_trainer(output_dir, *, model=None, tokenizer=None, reward_funcs=(addition_reward,), rows=ROWS, **overrides):
+    tokenizer = tokenizer or build_tokenizer()
+    model = model or build_model(tokenizer, hidden_size=32, seed=0)
+    options = dict(
+        prompts_per_step=3, num_generations=4, max_new_tokens=4, micro_batch_size=5, learning_rate=3e-3,
+        max_steps=2, mode="single", seed=0, output_dir=str(output_dir), progress_bar=False, save_final_model=False,
+    )
+    options.update(overrides)
+    return GRPOTrainer(GRPOConfig(**options), model=model, tokenizer=tokenizer, dataset=rows, reward_funcs=list(reward_funcs))
+
+
+def params_of(trainer):
+    return {name: p.detach().clone() for name, p in trainer.policy.named_parameters()}
+
+
+# --- token alignment ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_logprobs_match_what_generate_sampled_from(tmp_path, packing):
+    """hidden[t] predicts token t+1: the trainer's fused log-probs of the sampled completion tokens
+    equal log_softmax(logits / T) of the very logits ``generate`` sampled them from, with
+    left-padded prompts of different lengths and completions cut at EOS."""
+    temperature = 0.7
+    trainer = tiny_trainer(tmp_path, temperature=temperature, packing=packing)
+    tokenizer, model = trainer.tokenizer, trainer.model
+    prompts = ["12+3=", "1+2=", "4=", "3+3+3="]
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    assert (encoded["attention_mask"] == 0).any(), "the test needs left padding"
+    out = model.generate(
+        **encoded, do_sample=True, temperature=temperature, top_k=0, max_new_tokens=6, output_logits=True,
+        return_dict_in_generate=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    completion_ids = out.sequences[:, encoded["input_ids"].shape[1]:]
+    mask = completion_mask_from_eos(completion_ids, [tokenizer.eos_token_id])
+    logits = torch.stack(out.logits, 1).float() / temperature
+    expected = torch.log_softmax(logits, -1).gather(-1, completion_ids[..., None]).squeeze(-1) * mask
+    batch = Rollout(encoded["input_ids"], encoded["attention_mask"], completion_ids * mask, mask, prompts, [""] * 4, [{}] * 4)
+    got = trainer.logprobs(trainer.policy, batch)
+    torch.testing.assert_close(got * mask, expected, atol=2e-5, rtol=1e-4)
+    # a wrong alignment (hidden[t] scored against token t) is far off: the test can fail
+    assert (got * mask - torch.roll(expected, 1, dims=1) * mask).abs().max() > 1e-2
+
+
+# --- attention paths, packing, gradient checkpointing ---------------------------------------
+
+
+def _fixed_batch(trainer):
+    batch, _ = trainer.make_batch()
+    batch.advantages = torch.linspace(-1.5, 1.5, len(batch))  # every row carries signal
+    return batch
+
+
+def test_sdpa_eager_packed_and_checkpointed_paths_agree(tmp_path):
+    """Same batch, same weights: SDPA, eager, packed sequences (the flash-attention layout, here with
+    transformers' block-causal masks) and gradient checkpointing give the same loss, metrics and
+    updated parameters (mu=2 with old and reference log-probs)."""
+    options = dict(num_iterations=2, beta=0.05, micro_batch_size=5, temperature=0.9)
+    tokenizer = build_tokenizer()
+    batch = _fixed_batch(tiny_trainer(tmp_path / "gen", tokenizer=tokenizer, **options))
+    assert batch.prompt_mask.min() == 0 and batch.completion_mask.min() == 0, "want padding on both sides"
+    results = {}
+    for attn, packing, checkpointing in [("sdpa", False, False), ("eager", False, False), ("sdpa", True, False),
+                                         ("eager", True, False), ("sdpa", False, True)]:
+        model = build_model(tokenizer, hidden_size=32, attn_implementation=attn, seed=0)
+        trainer = tiny_trainer(tmp_path / attn, model=model, tokenizer=tokenizer, packing=packing,
+                               gradient_checkpointing=checkpointing, **options)
+        assert trainer.packing is packing
+        metrics = trainer.update(batch)
+        results[(attn, packing, checkpointing)] = (metrics, params_of(trainer))
+    (reference_metrics, reference_params), *others = results.values()
+    for metrics, params in others:
+        for key in ("loss", "loss_last_iteration", "kl", "entropy", "grad_norm"):
+            assert metrics[key] == pytest.approx(reference_metrics[key], rel=1e-4, abs=1e-6), key
+        for name, value in params.items():
+            torch.testing.assert_close(value, reference_params[name], atol=1e-5, rtol=1e-4)
+    assert reference_metrics["skipped_updates"] == 0 and reference_metrics["kl"] > 0
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available(),
+    reason="flash-attn is not installed (it needs CUDA): the flash_attention_2 + packing path cannot run here; "
+    "the packing logic itself is covered by test_sdpa_eager_packed_and_checkpointed_paths_agree",
+)
+def test_flash_attention_packed_matches_sdpa(tmp_path):
+    tokenizer = build_tokenizer()
+    options = dict(device="cuda", dtype="bfloat16", beta=0.05)
+    batch = _fixed_batch(tiny_trainer(tmp_path / "gen", tokenizer=tokenizer, **options))
+    losses = {}
+    for attn in ("sdpa", "flash_attention_2"):
+        model = build_model(tokenizer, hidden_size=64, attn_implementation=attn, seed=0).to(torch.bfloat16)
+        trainer = tiny_trainer(tmp_path / attn, model=model, tokenizer=tokenizer, **options)
+        assert trainer.packing is (attn == "flash_attention_2")
+        losses[attn] = trainer.update(batch)["loss"]
+    assert losses["flash_attention_2"] == pytest.approx(losses["sdpa"], rel=2e-2, abs=1e-3)
+
+
+# --- robustness and bookkeeping -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("poison", ["loss", "gradient"])
+def test_non_finite_step_is_skipped_and_logged(tmp_path, monkeypatch, poison):
+    trainer = tiny_trainer(tmp_path, max_steps=3)
+    real_loss = gk.fused_linear_grpo_loss
+
+    def poisoned(hidden, *args, **kwargs):
+        if trainer.step == 1 and poison == "gradient":
+            hidden.register_hook(lambda grad: grad * float("inf"))
+        loss, metrics = real_loss(hidden, *args, **kwargs)
+        return (loss * float("nan") if trainer.step == 1 and poison == "loss" else loss), metrics
+
+    monkeypatch.setattr(gk, "fused_linear_grpo_loss", poisoned)
+    snapshots, log = [], trainer.log
+    monkeypatch.setattr(trainer, "log", lambda metrics: (snapshots.append(params_of(trainer)), log(metrics)))
+    history = trainer.train()
+    assert [r["skipped_updates"] for r in history] == [0, 1, 0]
+    assert history[1]["lr"] == history[0]["lr"]
+    for name, value in snapshots[1].items():  # step 2 applied nothing, step 3 did
+        assert torch.equal(value, snapshots[0][name]), name
+    assert any(not torch.equal(v, snapshots[1][k]) for k, v in snapshots[2].items())
+    assert all(torch.isfinite(v).all() for v in snapshots[2].values())
+    logged = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["skipped_updates"] for r in logged] == [0, 1, 0]
+
+
+class _Preempted(RuntimeError):
+    pass
+
+
+def _reward_failing_on_call(n):
+    calls = []
+
+    def addition(prompts, completions, answer, **columns):
+        calls.append(1)
+        if len(calls) == n:
+            raise _Preempted("simulated crash")
+        return addition_reward(prompts, completions, answer)
+
+    return addition
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    options = dict(max_steps=4, save_every=2, num_iterations=2, beta=0.05, lr_schedule="cosine", warmup_steps=1,
+                   micro_batch_size=4)
+    full = tiny_trainer(tmp_path / "full", reward_funcs=[_reward_failing_on_call(-1)], **options)
+    full_history = full.train()
+    cut = tiny_trainer(tmp_path / "cut", reward_funcs=[_reward_failing_on_call(3)], **options)
+    with pytest.raises(_Preempted):
+        cut.train()  # dies while scoring step 3, after checkpoint-2 was written
+    assert open(tmp_path / "cut" / "latest").read() == "checkpoint-2"
+    assert not any(p.endswith(".tmp") for p in os.listdir(tmp_path / "cut"))
+    resumed = tiny_trainer(tmp_path / "cut", reward_funcs=[_reward_failing_on_call(-1)], resume=True, **options)
+    assert resumed.step == 2
+    resumed_history = resumed.train()
+    keys = ("loss", "loss_last_iteration", "reward", "kl", "grad_norm", "lr")
+    assert [[r[k] for k in keys] for r in resumed_history] == [[r[k] for k in keys] for r in full_history]
+    for name, value in params_of(resumed).items():
+        assert torch.equal(value, params_of(full)[name]), name
+    logged = [json.loads(line)["step"] for line in open(tmp_path / "cut" / "metrics.jsonl")]
+    assert logged == [1, 2, 3, 4]
+
+
+def _parity_reward(prompts, completions, answer, **columns):
+    """Flat (0.5) for even answers; for odd ones, the parity of the completion length."""
+    return [0.5 if int(a) % 2 == 0 else float(len(c) % 2) for c, a in zip(completions, answer)]
+
+
+def test_dynamic_sampling_refills_with_informative_groups(tmp_path):
+    rows = [{"prompt": f"{a}+0=", "answer": str(a)} for a in range(9)]
+    trainer = tiny_trainer(tmp_path, rows=rows, reward_funcs=[_parity_reward], dynamic_sampling=True,
+                           max_sampling_rounds=8, prompts_per_step=2, max_new_tokens=6)
+    for _ in range(3):
+        batch, metrics = trainer.make_batch()
+        assert len(batch) == 2 * 4
+        if metrics["sampling_rounds"] < 8:
+            assert metrics["frac_reward_zero_std"] == 0.0
+            assert all(int(row["answer"]) % 2 == 1 for row in batch.rows)
+            assert batch.rewards.view(2, 4).std(1).min() > 0
+    assert trainer.sampler.state_dict()["position"] + 9 * trainer.sampler.state_dict()["epoch"] > 6
+
+
+def test_gfpo_keeps_the_shortest_completions(tmp_path):
+    trainer = tiny_trainer(tmp_path, reward_funcs=[lambda prompts, completions, **c: [float(len(x)) for x in completions]],
+                           gfpo_keep=2, num_generations=4, prompts_per_step=4, max_new_tokens=6, temperature=1.5)
+    batch, _ = trainer.make_batch()
+    lengths = batch.completion_lengths.view(4, 4)
+    kept = (batch.advantages != 0).view(4, 4)
+    assert kept.sum(1).max() <= 2 and kept.any()
+    for group_lengths, group_kept in zip(lengths, kept):
+        if group_kept.any() and (~group_kept).any():
+            assert group_lengths[group_kept].max() <= group_lengths[~group_kept].min()
+
+
+def test_lora_reference_is_the_base_model_with_adapters_off(tmp_path):
+    pytest.importorskip("peft")
+    tokenizer = build_tokenizer()
+    trainer = tiny_trainer(tmp_path, tokenizer=tokenizer, lora_r=4, lora_target_modules=["q_proj", "v_proj"],
+                           beta=0.1, learning_rate=0.05)
+    assert trainer.reference is None
+    batch = _fixed_batch(trainer)
+    trainer.update(batch)
+    base = PolicyHead(build_model(tokenizer, hidden_size=32, seed=0))
+    base_logprobs = trainer.logprobs(base, batch)
+    torch.testing.assert_close(trainer.reference_logprobs(batch), base_logprobs)
+    assert (trainer.logprobs(trainer.policy, batch) - base_logprobs).abs().max() > 1e-4  # LoRA trained
+    trainer.save_model(str(tmp_path / "final"))  # the adapter, loadable onto the base model
+    from peft import PeftModel
+
+    reloaded = PeftModel.from_pretrained(build_model(tokenizer, hidden_size=32, seed=0), tmp_path / "final")
+    torch.testing.assert_close(trainer.logprobs(PolicyHead(reloaded), batch), trainer.logprobs(trainer.policy, batch))
+
+
+# --- the command line and the demo ------------------------------------------------------------
+
+
+def test_command_line_run_from_a_saved_model_and_jsonl(tmp_path):
+    tokenizer = build_tokenizer()
+    build_model(tokenizer, hidden_size=32).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    with open(tmp_path / "data.jsonl", "w") as f:
+        for row in ROWS[:8]:
+            f.write(json.dumps(row) + "\n")
+    (tmp_path / "cfg.yaml").write_text(
+        f"model: {tmp_path / 'model'}\ndataset: {tmp_path / 'data.jsonl'}\n"
+        "reward_funcs: [gsm8k_answer, gsm8k_format, overlong_penalty, length]\nreward_weights: [1.0, 1.0, 0.5, 0.1]\n"
+        "prompts_per_step: 2\nnum_generations: 3\nmax_new_tokens: 5\noverlong_buffer: 2\nmicro_batch_size: 4\n"
+        "gradient_checkpointing: true\nbeta: 0.02\nattn_implementation: eager\nsave_every: 1\ntensorboard: true\n"
+    )
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "grpo_kernels.train", "--config", str(tmp_path / "cfg.yaml"), "--max_steps", "2",
+         "--output_dir", str(out), "--learning_rate", "1e-3"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [1, 2]
+    for key in ("loss", "reward", "kl", "entropy", "clip_ratio/region_mean", "completion_length",
+                "rewards/overlong_penalty", "rewards/gsm8k_answer", "frac_reward_zero_std", "grad_norm", "lr"):
+        assert key in records[-1], key
+    assert (out / "metrics.png").stat().st_size > 0
+    assert open(out / "latest").read() == "checkpoint-2" and (out / "checkpoint-2" / "trainer_state.pt").exists()
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "final")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "1+1="}\n{"prompt": "2+2=", }\n')
+    bad = subprocess.run([sys.executable, "-m", "grpo_kernels.train", "--config", str(tmp_path / "cfg.yaml"),
+                          "--dataset", str(tmp_path / "bad.jsonl")], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "bad.jsonl, line 2: not valid JSON" in bad.stderr
+
+
+def test_demo_smoke(tmp_path):
+    from grpo_kernels import demo
+
+    summary = demo.main(["--steps", "2", "--output_dir", str(tmp_path), "--no_progress_bar"])
+    assert summary["steps"] == 2 and 0.0 <= summary["reward_first"] <= 1.0
+    assert (tmp_path / "metrics.png").stat().st_size > 0
+
+
+def test_end_to_end_benchmark_smoke(tmp_path):
+    """benchmarks/bench_e2e_step.py runs (tiny model, CPU) and writes its report."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-m", "benchmarks.bench_e2e_step", "--smoke", "--cpu", "--out", str(tmp_path)],
+                            cwd=repo, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "e2e_step.json").read_text())
+    assert [r["impl"] for r in report["records"]] == ["fused", "materialized"]
+    assert all(r["status"] == "ok" for r in report["records"])
