@@ -46,7 +46,7 @@ def run(fn, hidden, weight, bias, targets, grad_logp, grad_ent, **kwargs):
     if entropy is not None:
         objective = objective + (entropy * grad_ent).sum()
     objective.backward()
-    grads = [t.grad.clone() if t is not None else None for t in (hidden, weight, bias)]
+    grads = [t.grad.clone() if t is not None and t.grad is not None else None for t in (hidden, weight, bias)]
     return logp.detach(), (entropy.detach() if entropy is not None else None), grads
 
 
@@ -63,7 +63,7 @@ def check_against_reference(hidden, weight, bias, targets, *, backend, dtype, **
         assert got[1].dtype == torch.float32
         assert rel_err(got[1], want[1]) < value_tol
     for name, g, w, t in zip(("hidden", "weight", "bias"), got[2], want[2], (hidden, weight, bias)):
-        if t is None:
+        if t is None or not t.requires_grad:
             continue
         assert g.dtype == t.dtype, f"grad {name} dtype"
         assert rel_err(g, w) < grad_tol, f"grad {name}"
@@ -141,6 +141,26 @@ def test_entropy_only_gradient_and_frozen_head(device, backend):
     ref_entropy.sum().backward()
     assert weight.grad is None
     assert rel_err(got, hidden.grad) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_bias(device, backend):
+    # A bias that needs no gradient still enters the logits; the kernel must not scatter a
+    # d bias into a buffer that is not there (it once wrote V floats into an M-float buffer).
+    hidden, weight, bias, targets = make_inputs((40,), 24, 70, torch.float32, device, bias=True)
+    bias.requires_grad_(False)
+    (_, _, grads), _ = check_against_reference(hidden, weight, bias, targets, backend=backend,
+                                               dtype=torch.float32, return_entropy=True)
+    assert bias.grad is None
+
+
+def test_double_backward_is_refused(device):
+    hidden, weight, _, targets = make_inputs((5,), 16, 19, torch.float32, device)
+    (grad_hidden,) = torch.autograd.grad(gk.token_logprobs(hidden, weight, targets).sum(), hidden,
+                                         create_graph=True)
+    # The kernels' gradients are not themselves differentiable: a clear error, not a silent 0.
+    with pytest.raises(RuntimeError, match="does not require grad|once_differentiable"):
+        grad_hidden.sum().backward()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

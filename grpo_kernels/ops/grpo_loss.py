@@ -479,6 +479,7 @@ class _GRPOLossFunction(torch.autograd.Function):
         return loss, metrics
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_metrics):
         grad_logp, policy_scale, grad_entropy, entropy_scale = ctx.saved_tensors
         if grad_loss is None:

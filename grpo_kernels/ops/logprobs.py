@@ -456,6 +456,7 @@ class _TokenLogprobsFunction(torch.autograd.Function):
         return logp
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp, grad_entropy=None):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         temperature, ignore_index, filter_eps, exact, backend = ctx.config
@@ -476,7 +477,9 @@ class _TokenLogprobsFunction(torch.autograd.Function):
 
         grad_hidden = torch.zeros_like(hidden)
         grad_weight = torch.zeros_like(weight) if need_weight else None
-        grad_bias = torch.zeros(weight.shape[0], device=weight.device, dtype=torch.float32) if need_bias else None
+        # Whenever there is a bias the kernel adds into d bias ([V] float32, small), needed or not.
+        has_bias = bias is not None
+        grad_bias = torch.zeros(weight.shape[0], device=weight.device, dtype=torch.float32) if has_bias else None
         if rows.numel() > 0:
             idx = rows.long()
             mean_logit = None
@@ -492,7 +495,7 @@ class _TokenLogprobsFunction(torch.autograd.Function):
         return (
             grad_hidden if need_hidden else None,
             grad_weight,
-            grad_bias.to(bias.dtype) if grad_bias is not None else None,
+            grad_bias.to(bias.dtype) if need_bias else None,
             None, None, None, None, None, None, None,
         )
 
