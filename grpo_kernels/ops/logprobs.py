@@ -403,7 +403,10 @@ def _torch_backward(hidden, weight, bias, targets, rows, lse, mean_logit, grad_l
     """Chunked PyTorch backward: float32 throughout (``filter_eps`` and ``exact`` do not apply)."""
     weight32 = weight.float()
     bias32 = bias.float() if bias is not None else None
-    grad_weight32 = torch.zeros_like(weight32) if grad_weight is not None else None
+    # float32 weights (the usual CPU case) accumulate straight into their gradient: no extra copy.
+    grad_weight32 = grad_weight
+    if grad_weight is not None and grad_weight.dtype != torch.float32:
+        grad_weight32 = torch.zeros_like(weight32)
     chunk = max(1, _TORCH_CHUNK_BYTES // (4 * weight.shape[0]))
     for start in range(0, rows.numel(), chunk):
         sl = slice(start, start + chunk)
@@ -422,7 +425,7 @@ def _torch_backward(hidden, weight, bias, targets, rows, lse, mean_logit, grad_l
             grad_weight32 += grad_z.t() @ hidden_chunk
         if grad_bias is not None:
             grad_bias += grad_z.sum(0)
-    if grad_weight is not None:
+    if grad_weight is not None and grad_weight32 is not grad_weight:
         grad_weight.copy_(grad_weight32)
 
 
