@@ -516,7 +516,8 @@ def _validate(hidden, weight, targets, bias, temperature, ignore_index, filter_e
         check_tensor("bias", bias, dtypes=FLOAT_DTYPES, ndim=1)
     check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
     if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+        raise TypeError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}: cast one "
+                        f"(e.g. weight.to(hidden.dtype); the gradient flows back to the original)")
     if bias is not None and bias.dtype != hidden.dtype:
         raise TypeError(f"bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
     vocab, dim = weight.shape
