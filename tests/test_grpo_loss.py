@@ -11,15 +11,24 @@ import pytest
 import torch
 
 import grpo_kernels as gk
+from conftest import DEVICE
 from grpo_kernels.ops import grpo_loss as grpo_loss_module
 from grpo_kernels.reference import grpo_loss_reference, token_logprobs_reference
+
+
+@pytest.fixture(autouse=True)
+def _on_test_device():
+    # Every tensor these tests create lands on the GPU when there is one, so that the Triton
+    # kernels run compiled there (and under the interpreter on CPU).
+    with torch.device(DEVICE):
+        yield
 
 BACKENDS = ["triton", "torch"]
 CLIP_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "luspo"]
 MAX_LEN = 11
 
 
-def make_batch(B=4, T=7, device="cpu", *, advantage_per_token=False):
+def make_batch(B=4, T=7, device=None, *, advantage_per_token=False):
     """Log-probs with ratios that straddle both clip bounds, a fully masked row, a full row, a
     zero advantage and entropies; everything float32."""
     logp = -torch.rand(B, T, device=device) * 3 - 0.05
