@@ -42,7 +42,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import grpo_kernels as gk  # noqa: E402
-from benchmarks.measure import is_out_of_memory, measure, release_memory  # noqa: E402
+from benchmarks.measure import device_slug, is_out_of_memory, measure, release_memory  # noqa: E402
 from grpo_kernels.train.distributed import PolicyHead, enable_activation_checkpointing  # noqa: E402
 
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
@@ -266,18 +266,12 @@ def main(argv=None) -> dict:
     args.argv = argv
     result = run(args)
     on_gpu = result["device"] != "cpu" and not args.smoke
-    out_dir = args.out or (RESULTS_ROOT / _slug(result["device"]) if on_gpu else Path(tempfile.mkdtemp(prefix="e2e-")))
+    out_dir = args.out or (RESULTS_ROOT / device_slug(torch.device("cuda")) if on_gpu else Path(tempfile.mkdtemp(prefix="e2e-")))
     if not on_gpu and out_dir.resolve().is_relative_to(RESULTS_ROOT.resolve()):
         raise SystemExit(f"refusing to write smoke/CPU numbers under {RESULTS_ROOT} (GPU results only)")
     write(result, out_dir)
     print(f"[e2e] wrote {out_dir}/e2e_step.json and e2e_step.md; summary: {result['summary']}")
     return result
-
-
-def _slug(name: str) -> str:
-    import re
-
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Benchmark of the fused log-prob kernel alone (issue: foundation), on a CUDA GPU.
 
-    python benchmarks/bench_logprobs.py [--N 16384 --D 4096 --V 151936 --dtype bf16]
+    python -m benchmarks.bench_logprobs [--N 16384 --D 4096 --V 151936 --dtype bf16]
 
 Measures, in one run and on the same inputs, forward+backward of
   - ours:   grpo_kernels.token_logprobs: exact (default), single-pass (exact=False), and
@@ -25,6 +25,8 @@ import os
 import sys
 
 import torch
+
+from benchmarks.measure import device_slug
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MIB = 2**20
@@ -143,14 +145,14 @@ def main(argv=None) -> int:
     meta = {
         "device": gpu,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
+        "command": "python -m benchmarks.bench_logprobs " + " ".join(argv or sys.argv[1:]),
         "torch": torch.__version__,
         "matmul_ms": round(matmul_ms, 3),
         "matmul_tflops": round(matmul_tflops, 1),
         "floor_ms_4_matmuls": round(floor_ms, 3),
         "memory_budget_mib (grad(hidden)+grad(weight)+64MiB)": round(memory_budget_mib, 1),
     }
-    out_dir = args.out or os.path.join(os.path.dirname(__file__), "results", gpu.replace(" ", "_"))
+    out_dir = args.out or os.path.join(os.path.dirname(__file__), "results", device_slug(torch.device("cuda")))
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "logprobs.json"), "w") as f:
         json.dump({"meta": meta, "records": records}, f, indent=2)

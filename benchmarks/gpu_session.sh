@@ -36,7 +36,7 @@ run() {  # name, command...
     [ $rc -eq 0 ] || status=1
 }
 case $what in tests|all) run tests python3 -m pytest tests -q -p no:cacheprovider -x ;; esac
-case $what in logprobs|all) run logprobs python3 benchmarks/bench_logprobs.py ;; esac
+case $what in logprobs|all) run logprobs python3 -m benchmarks.bench_logprobs ;; esac
 case $what in suite-quick|all) run suite python3 -m benchmarks.suite --quick ;; esac
 case $what in e2e|all) run e2e python3 -m benchmarks.bench_e2e_step ;; esac
 tar -czf "$OUT/results.tgz" benchmarks/results 2>/dev/null

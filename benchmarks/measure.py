@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -131,3 +132,9 @@ def measure(step: Callable[[int], object], num_sets: int, device: torch.device, 
     if failure is not None:
         return failure
     return Measurement("ok", median, p20, p80, runs, peak)
+
+
+def device_slug(device: torch.device) -> str:
+    """Folder name of a device's results, e.g. ``nvidia-h100-80gb-hbm3``."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"

@@ -15,7 +15,6 @@ import argparse
 import datetime
 import os
 import platform
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -28,7 +27,7 @@ if not torch.cuda.is_available():
 
 from benchmarks import impls as impls_module  # noqa: E402
 from benchmarks import report, shapes  # noqa: E402
-from benchmarks.measure import Measurement, measure, release_memory  # noqa: E402
+from benchmarks.measure import Measurement, device_slug, measure, release_memory  # noqa: E402
 
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 OPS = ("loss_fwd_bwd", "logprobs_nograd", "logprobs_fwd_bwd", "advantages")
@@ -37,11 +36,6 @@ OPS = ("loss_fwd_bwd", "logprobs_nograd", "logprobs_fwd_bwd", "advantages")
 MATMULS_PER_OP = {"loss_fwd_bwd": 4, "logprobs_fwd_bwd": 4, "logprobs_nograd": 1}
 ROTATIONS = 3  # input sets the timed runs cycle through
 SHARED_WEIGHT_BYTES = 64 * 2**20  # beyond this (> H100's 50 MB L2) one LM head serves every input set
-
-
-def device_slug(device: torch.device) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
 
 
 def _record(shape_fields: dict, impl: str, op: str, m, **extra) -> dict:
