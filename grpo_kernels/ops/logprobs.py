@@ -317,14 +317,14 @@ def _launch_backward(hidden, weight, bias, targets, rows, lse, mean_logit, grad_
     dim = weight.shape[1]
     block_n, block_v, block_d, num_warps, num_stages = _config("bwd", hidden.dtype, hidden.device)
     grid = (triton.cdiv(rows.numel(), block_n) * triton.cdiv(v_end - v_begin, block_v),)
-    fp32_placeholder = lse
+    unused_fp32 = lse  # stands for pointer arguments that a constexpr switch leaves unread
     _logprobs_bwd_kernel[grid](
         hidden, weight, bias if bias is not None else hidden, targets, rows,
-        lse, mean_logit if mean_logit is not None else fp32_placeholder, grad_logp,
-        grad_ent if grad_ent is not None else fp32_placeholder,
-        grad_hidden_acc if grad_hidden_acc is not None else fp32_placeholder,
+        lse, mean_logit if mean_logit is not None else unused_fp32, grad_logp,
+        grad_ent if grad_ent is not None else unused_fp32,
+        grad_hidden_acc if grad_hidden_acc is not None else unused_fp32,
         grad_weight_acc if grad_weight_acc is not None else weight,
-        grad_bias if grad_bias is not None else fp32_placeholder,
+        grad_bias if grad_bias is not None else unused_fp32,
         rows.numel(), v_begin, v_end, dim, hidden.stride(0), weight.stride(0),
         grad_hidden_acc.stride(0) if grad_hidden_acc is not None else 0,
         grad_weight_acc.stride(0) if grad_weight_acc is not None else 0,
