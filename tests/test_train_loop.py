@@ -4,6 +4,7 @@ non-finite steps, exact resume, dynamic sampling, GFPO, LoRA reference, the CLI 
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -30,7 +31,8 @@ def tiny_trainer(output_dir, *, model=None, tokenizer=None, reward_funcs=(additi
         max_steps=2, mode="single", seed=0, output_dir=str(output_dir), progress_bar=False, save_final_model=False,
     )
     options.update(overrides)
-    return GRPOTrainer(GRPOConfig(**options), model=model, tokenizer=tokenizer, dataset=rows, reward_funcs=list(reward_funcs))
+    reward_funcs = None if reward_funcs is None else list(reward_funcs)  # None: the config's reward_funcs
+    return GRPOTrainer(GRPOConfig(**options), model=model, tokenizer=tokenizer, dataset=rows, reward_funcs=reward_funcs)
 
 
 def params_of(trainer):
@@ -119,6 +121,110 @@ def test_flash_attention_packed_matches_sdpa(tmp_path):
     assert losses["flash_attention_2"] == pytest.approx(losses["sdpa"], rel=2e-2, abs=1e-3)
 
 
+# --- mixed precision, entropy bonus --------------------------------------------------------
+
+
+def _output_dtypes(module):
+    seen = []
+    module.register_forward_hook(lambda _module, _inputs, output: seen.append(output.dtype))
+    return seen
+
+
+def _changed_fraction(before, after):
+    changed = sum(int((after[k] != before[k]).sum()) for k in before)
+    return changed / sum(v.numel() for v in before.values())
+
+
+def test_bfloat16_compute_keeps_float32_master_weights(tmp_path):
+    """dtype=bfloat16: forward and generation in bfloat16 (autocast), trainable weights and AdamW state
+    in float32, so that an lr=1e-6 step changes the weights (bfloat16 weights would round most of it
+    away); the frozen reference is stored in bfloat16."""
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, hidden_size=32, seed=0).to(torch.bfloat16)  # as from_pretrained(dtype=bf16)
+    trainer = tiny_trainer(tmp_path, model=model, tokenizer=tokenizer, dtype="bfloat16", beta=0.05, learning_rate=1e-6)
+    assert {p.dtype for p in trainer.policy.parameters()} == {torch.float32}
+    assert {p.dtype for p in trainer.reference.parameters()} == {torch.bfloat16}
+    projection_dtypes = _output_dtypes(trainer.model.model.layers[0].self_attn.q_proj)
+    batch = _fixed_batch(trainer)  # generation
+    assert set(projection_dtypes) == {torch.bfloat16}
+    hidden, weight, *_ = trainer.hidden_states(trainer.policy, batch, slice(0, 5))
+    assert hidden.dtype == weight.dtype == torch.bfloat16
+    before = params_of(trainer)
+    metrics = trainer.update(batch)
+    assert metrics["skipped_updates"] == 0 and 0 <= metrics["kl"] < 1e-2
+    assert {p.dtype for p in trainer.policy.parameters()} == {torch.float32}
+    assert {v.dtype for state in trainer.optimizer.state.values() for v in state.values() if v.ndim} == {torch.float32}
+    assert _changed_fraction(before, params_of(trainer)) > 0.9
+
+
+def test_fsdp2_mixed_precision_and_resharded_reference(tmp_path, monkeypatch):
+    """One-process FSDP2 with dtype=bfloat16: parameters gathered in bfloat16, float32 shards and AdamW
+    state; the frozen reference's root is resharded after its log-prob pass (no backward does it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    environment = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    for key, value in environment.items():
+        monkeypatch.setenv(key, value)
+    trainer = tiny_trainer(tmp_path, mode="fsdp2", dtype="bfloat16", beta=0.05, learning_rate=1e-6)
+    try:
+        full = lambda: {k: v.clone() for k, v in get_model_state_dict(
+            trainer.policy, options=StateDictOptions(full_state_dict=True)).items()}
+        assert {p.to_local().dtype for p in trainer.policy.parameters()} == {torch.float32}
+        projection_dtypes = _output_dtypes(trainer.model.model.layers[0].self_attn.q_proj)
+        batch = _fixed_batch(trainer)
+        reference_embedding = lambda: trainer.reference.model.model.embed_tokens.weight
+        trainer.reference_logprobs(batch)
+        assert isinstance(reference_embedding(), DTensor), "the reference's gathered root weights stay resident"
+        before = full()
+        metrics = trainer.update(batch)
+        assert set(projection_dtypes) == {torch.bfloat16}
+        assert metrics["skipped_updates"] == 0 and isinstance(reference_embedding(), DTensor)
+        optimizer_state = [v for state in trainer.optimizer.state.values() for v in state.values() if v.ndim]
+        assert {v.to_local().dtype for v in optimizer_state} == {torch.float32}
+        assert _changed_fraction(before, full()) > 0.9
+    finally:
+        trainer.close()
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_entropy_bonus_does_not_depend_on_micro_batching(tmp_path, loss_type):
+    """Zero advantages: the loss is the entropy bonus alone, -entropy_coef x the mean entropy over the
+    batch's tokens, and so are the loss and gradient for 1, 2 or 4 micro-batches."""
+    tokenizer = build_tokenizer()
+    batch, results = None, []
+    for micro_batch_size in (12, 6, 3):
+        trainer = tiny_trainer(tmp_path / str(micro_batch_size), tokenizer=tokenizer, loss_type=loss_type,
+                               entropy_coef=0.1, max_grad_norm=0, micro_batch_size=micro_batch_size)
+        if batch is None:
+            batch, _ = trainer.make_batch()
+            batch.advantages = torch.zeros(len(batch))
+            assert len(batch) == 12
+            assert batch.completion_mask[:6].sum() != batch.completion_mask[6:].sum(), "want uneven micro-batches"
+        results.append(trainer.update(batch))
+    first, *others = results
+    assert first["loss"] == pytest.approx(-0.1 * first["entropy"], rel=1e-5) and first["grad_norm"] > 0
+    for metrics in others:
+        assert metrics["loss"] == pytest.approx(first["loss"], rel=1e-5)
+        assert metrics["grad_norm"] == pytest.approx(first["grad_norm"], rel=1e-4)
+
+
+# --- rewards from the config -----------------------------------------------------------------
+
+
+def test_answer_column_is_the_answer_the_builtin_rewards_read(tmp_path):
+    rows = [{"question": f"{a}+{a}=", "solution": f"so #### {2 * a}"} for a in range(5)]
+    trainer = tiny_trainer(tmp_path, rows=rows, reward_funcs=None, prompt_column="question", answer_column="solution")
+    ids = torch.tensor([[5, 1]])
+    rollout = Rollout(ids, torch.ones_like(ids), ids, torch.ones_like(ids), ["1+1="], ["<answer>2</answer>"], [rows[1]])
+    assert trainer.score(rollout)[0].tolist() == pytest.approx([2.0, 0.4])  # gsm8k_answer, gsm8k_format (the defaults)
+    with pytest.raises(ValueError, match=r"answer_column='answer', but row 0 of the dataset has no such column"):
+        tiny_trainer(tmp_path, rows=rows, reward_funcs=None, prompt_column="question")
+
+
 # --- robustness and bookkeeping -------------------------------------------------------------
 
 
@@ -182,6 +288,15 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
         assert torch.equal(value, params_of(full)[name]), name
     logged = [json.loads(line)["step"] for line in open(tmp_path / "cut" / "metrics.jsonl")]
     assert logged == [1, 2, 3, 4]
+
+
+def test_resume_with_a_dangling_latest_is_an_error(tmp_path):
+    """--resume never silently starts over (and deletes the metrics) when `latest` names a missing checkpoint."""
+    (tmp_path / "latest").write_text("checkpoint-7")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(FileNotFoundError, match="checkpoint-7, which is no complete checkpoint"):
+        tiny_trainer(tmp_path, resume=True)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
 
 
 def _parity_reward(prompts, completions, answer, **columns):

@@ -1,15 +1,19 @@
-"""The trainer's plain-Python parts: config loading, data loading, the sampler, reward functions."""
+"""The trainer's plain-Python parts: config loading, data loading, the sampler, reward functions,
+checkpoint files."""
 
 import json
 import math
+import os
 
 import pytest
 import torch
 
+from grpo_kernels.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from grpo_kernels.train.config import GRPOConfig, load_config, parse_args
 from grpo_kernels.train.data import PromptSampler, load_rows
 from grpo_kernels.train.rewards import (
     build_reward_funcs,
+    check_answer_column,
     gsm8k_answer_reward,
     gsm8k_format_reward,
     length_reward,
@@ -54,6 +58,26 @@ def test_bad_config_is_a_clear_error(overrides, message):
         load_config(None, overrides)
 
 
+def test_command_line_values_of_string_fields_stay_strings(tmp_path):
+    """Only non-string fields are parsed as YAML: a prompt with a colon, `no`, a number-like model name."""
+    config = parse_args(
+        ["--system_prompt", "Format: <think> then <answer>", "--dataset_split", "no", "--model", "1234",
+         "--tokenizer", "null", "--dataset_config=on", "--packing", "true", "--reward_weights", "[1, 0.5]",
+         "--epsilon_high", "null", "--resume", "no"]
+    )
+    assert config.system_prompt == "Format: <think> then <answer>"
+    assert config.dataset_split == "no" and config.model == "1234" and config.dataset_config == "on"
+    assert config.tokenizer is None and config.epsilon_high is None  # null: None where the field allows it
+    assert config.packing is True and config.reward_weights == [1, 0.5] and config.resume is False
+    # in a YAML file an unquoted `no` is a boolean: a clear error instead of a config that reads False
+    path = tmp_path / "cfg.yaml"
+    path.write_text("dataset_split: no\n")
+    with pytest.raises(ValueError, match=r"dataset_split must be a string, got False \(quote it in YAML\)"):
+        load_config(str(path))
+    path.write_text("dataset_split: 'no'\nsystem_prompt: null\n")
+    assert load_config(str(path)).dataset_split == "no"
+
+
 def test_command_line_errors():
     with pytest.raises(ValueError, match="--model needs a value"):
         parse_args(["--model"])
@@ -95,6 +119,24 @@ def test_malformed_jsonl_names_the_line(tmp_path, lines, message):
         load_rows(str(path))
 
 
+def test_json_array_file(tmp_path):
+    rows = [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2=", "answer": "4"}]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(rows, indent=2))  # several lines: no JSON Lines
+    assert load_rows(str(path)) == rows
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # .json holding JSON Lines still reads
+    assert load_rows(str(path)) == rows
+    path.write_text(json.dumps([rows[0], ["prompt"]]))
+    with pytest.raises(ValueError, match=r"data.json, item 1: expected a JSON object, got list"):
+        load_rows(str(path))
+    path.write_text(json.dumps([rows[0], {"question": "x"}]))
+    with pytest.raises(ValueError, match=r"data.json, item 1: no 'prompt' key"):
+        load_rows(str(path))
+    path.write_text('[\n  {"prompt": "a"},\n  {"prompt": "b",}\n]\n')
+    with pytest.raises(ValueError, match=r"data.json, line 3: not valid JSON"):
+        load_rows(str(path))
+
+
 def test_datasets_sources(tmp_path):
     datasets = pytest.importorskip("datasets")
     dataset = datasets.Dataset.from_list([{"question": "2+2=", "answer": "4"}, {"question": "1+0=", "answer": "1"}])
@@ -129,9 +171,12 @@ def test_gsm8k_answer_reward():
         "<answer>8</answer>",  # wrong
         "7",  # no answer tag
         "<answer>seven</answer>",  # not a number
+        "I will write <answer> at the end. <answer>7</answer>",  # an unclosed tag before the answer
+        "<answer>7</answer> and a stray </answer>",  # the last complete pair
+        "<answer>\n7\n</answer>",
     ]
-    answers = ["7", "7", "1000", "7", "7", "7"]
-    assert gsm8k_answer_reward(None, completions, answer=answers) == [2.0, 1.5, 1.5, 0.0, 0.0, 0.0]
+    answers = ["7", "7", "1000", "7", "7", "7", "7", "7", "7"]
+    assert gsm8k_answer_reward(None, completions, answer=answers) == [2.0, 1.5, 1.5, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0]
     assert gsm8k_answer_reward(None, ["<answer>72</answer>"], answer=["so 72 in all #### 72"]) == [2.0]
     assert gsm8k_answer_reward(None, ["<answer>1</answer>"]) == [None]
     assert gsm8k_answer_reward(None, ["<answer>1</answer>"], answer=[None]) == [None]
@@ -188,3 +233,75 @@ def test_jsonl_written_by_json_dumps_roundtrips(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert load_rows(str(path)) == rows
+
+
+def test_answer_column_check():
+    rows = [{"question": "1+1=", "solution": "2"}, {"question": "2+2="}]
+    config = GRPOConfig(reward_funcs=["gsm8k_answer", "gsm8k_format"], answer_column="solution")
+    with pytest.raises(ValueError, match=r"answer_column='solution', but row 1 of the dataset has no such column"):
+        check_answer_column(config, rows)
+    check_answer_column(config, rows[:1])
+    with pytest.raises(ValueError, match="set answer_column"):
+        check_answer_column(GRPOConfig(answer_column=None), rows)
+    check_answer_column(GRPOConfig(reward_funcs=["gsm8k_format"], answer_column=None), rows)  # needs no answer
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+
+def _save(output_dir, step, model, optimizer, keep=2):
+    return save_checkpoint(str(output_dir), step, model=model, optimizer=optimizer,
+                           trainer_state={"step": step}, rank=0, keep=keep)
+
+
+def _saved_weight(path):
+    model = torch.nn.Linear(3, 2)
+    load_checkpoint(str(path), model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), rank=0)
+    return model.weight.detach().clone()
+
+
+def test_resaving_a_step_keeps_the_good_copy_until_the_new_one_is_in_place(tmp_path, monkeypatch):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    _save(tmp_path, 2, model, optimizer)
+    first = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    real_replace = os.replace
+
+    def crash_on_install(src, dst):  # the process dies as the new checkpoint is renamed into place
+        if str(src).endswith("checkpoint-2.tmp"):
+            raise _Crash
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_install)
+    with pytest.raises(_Crash):
+        _save(tmp_path, 2, model, optimizer)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert torch.equal(_saved_weight(tmp_path / "checkpoint-2.old"), first)  # the previous copy survived
+    with pytest.raises(FileNotFoundError, match=r"checkpoint-2, which is no complete checkpoint; an interrupted "
+                                                r"save left .*checkpoint-2.old"):
+        latest_checkpoint(str(tmp_path))
+    _save(tmp_path, 2, model, optimizer)
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
+    assert torch.equal(_saved_weight(tmp_path / "checkpoint-2"), model.weight.detach())
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "latest"]
+
+
+def test_prune_keeps_the_checkpoint_just_written(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for stale in (10, 12):  # left by an earlier, longer run in the same output_dir
+        (tmp_path / f"checkpoint-{stale}").mkdir()
+    _save(tmp_path, 1, model, optimizer)
+    _save(tmp_path, 2, model, optimizer)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-1", "checkpoint-2", "latest"]
+    _save(tmp_path, 3, model, optimizer)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "checkpoint-3", "latest"]
+    _save(tmp_path, 4, model, optimizer, keep=1)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-4", "latest"]
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-4")
+
+
+class _Crash(RuntimeError):
+    pass

@@ -10,7 +10,13 @@ A checkpoint is a directory ``output_dir/checkpoint-<step>`` holding:
 Everything is written into ``checkpoint-<step>.tmp`` first; once every rank is done, rank 0
 renames it (an atomic rename on one file system) and then rewrites the ``latest`` file through a
 rename as well. A crash at any moment leaves either the previous checkpoint or the new one, never
-a half-written one that ``--resume`` would pick up.
+a half-written one that ``--resume`` would pick up. Saving a step that already has a checkpoint
+(resuming a finished run saves it again) first renames the old one to ``checkpoint-<step>.old``
+and deletes it only once the new one is in place.
+
+Pruning keeps the checkpoint just written and the newest ``keep - 1`` ones before it; checkpoints
+of later steps are left over from a run this one has overwritten (started again in the same
+``output_dir``) and are pruned too.
 """
 
 from __future__ import annotations
@@ -66,21 +72,30 @@ def save_checkpoint(output_dir: str, step: int, *, model, optimizer, trainer_sta
         torch.save(trainer_state, os.path.join(staging, "trainer_state.pt"))
     barrier()
     if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
+        aside = final + ".old"
+        if os.path.isdir(final):  # never delete the only good copy before the new one is in place
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(final, aside)
         os.replace(staging, final)
         _write_atomically(os.path.join(output_dir, "latest"), os.path.basename(final))
-        _prune(output_dir, keep)
+        shutil.rmtree(aside, ignore_errors=True)
+        _prune(output_dir, keep, step)
     barrier()
     return final
 
 
 def latest_checkpoint(output_dir: str) -> str | None:
+    """The checkpoint ``output_dir/latest`` names; None when there is no ``latest`` file."""
     pointer = os.path.join(output_dir, "latest")
     if not os.path.isfile(pointer):
         return None
     with open(pointer, encoding="utf-8") as f:
         path = os.path.join(output_dir, f.read().strip())
-    return path if os.path.isdir(path) else None
+    if not os.path.isfile(os.path.join(path, "trainer_state.pt")):
+        leftovers = [p for p in (path + ".old", path + ".tmp") if os.path.isdir(p)]
+        hint = f"; an interrupted save left {' and '.join(leftovers)}" if leftovers else ""
+        raise FileNotFoundError(f"{pointer} names {path}, which is no complete checkpoint{hint}")
+    return path
 
 
 def load_checkpoint(path: str, *, model, optimizer, rank: int) -> dict:
@@ -115,7 +130,8 @@ def _write_atomically(path: str, text: str) -> None:
     os.replace(staging, path)
 
 
-def _prune(output_dir: str, keep: int) -> None:
+def _prune(output_dir: str, keep: int, current: int) -> None:
+    """Keeps checkpoint-<current> and the newest ``keep - 1`` checkpoints of earlier steps."""
     if keep <= 0:
         return
     steps = sorted(
@@ -123,5 +139,8 @@ def _prune(output_dir: str, keep: int) -> None:
         for name in os.listdir(output_dir)
         if name.startswith("checkpoint-") and name.split("-")[1].isdigit()
     )
-    for step in steps[:-keep]:
-        shutil.rmtree(os.path.join(output_dir, f"checkpoint-{step}"), ignore_errors=True)
+    earlier = [step for step in steps if step < current]
+    kept = {current, *earlier[max(0, len(earlier) - keep + 1):]}
+    for step in steps:
+        if step not in kept:
+            shutil.rmtree(os.path.join(output_dir, f"checkpoint-{step}"), ignore_errors=True)

@@ -2,9 +2,11 @@
 
     python -m grpo_kernels.train --config cfg.yaml --learning_rate 3e-6 --mode fsdp2 --resume
 
-Every field below is also a YAML key and a ``--flag``. Values given on the command line are parsed
-as YAML scalars (``--reward_weights "[1.0, 0.5]"``, ``--epsilon_high null``); a boolean flag
-given alone (``--resume``) means true.
+Every field below is also a YAML key and a ``--flag``. On the command line, a value for a string
+field is taken as typed (``--system_prompt "Format: <think> then <answer>"``, ``--dataset_split no``;
+``null`` means None where the field allows it); any other value is parsed as YAML
+(``--reward_weights "[1.0, 0.5]"``, ``--epsilon_high null``); a boolean flag given alone
+(``--resume``) means true.
 """
 
 from __future__ import annotations
@@ -20,9 +22,14 @@ class GRPOConfig:
     # --- model -------------------------------------------------------------------------------
     model: str = ""  # a Hugging Face model id or local directory
     tokenizer: str | None = None  # defaults to `model`
-    dtype: str = "float32"  # float32 | bfloat16 | float16: the dtype the weights are loaded in
+    # float32 | bfloat16 | float16: the compute dtype. Forward passes and generation run in it (autocast;
+    # FSDP2: its mixed-precision param dtype, gradients reduced in float32); trainable parameters,
+    # their gradients and the AdamW state stay float32 (master weights); frozen weights (the
+    # reference model, a LoRA base) are stored in it.
+    dtype: str = "float32"
     attn_implementation: str = "auto"  # auto (flash_attention_2 if installed, else sdpa) | sdpa | eager | ...
-    packing: str = "auto"  # pack sequences without padding in the policy forward: auto (= with flash-attn) | true | false
+    # pack sequences without padding in the policy forward: auto (= with flash-attn) | true | false
+    packing: str | bool = "auto"
     gradient_checkpointing: bool = False
     lora_r: int = 0  # > 0: train LoRA adapters through peft; the reference is the base model, adapters off
     lora_alpha: int = 16
@@ -33,7 +40,9 @@ class GRPOConfig:
     dataset_split: str = "train"
     dataset_config: str | None = None  # the hub dataset's configuration name (e.g. "main" for openai/gsm8k)
     prompt_column: str = "prompt"
-    answer_column: str | None = "answer"  # optional; passed to reward functions as a column
+    # the reference-answer column: reward functions get it as `answer` (what gsm8k_answer reads) besides
+    # under its own name; None: no reference answer (gsm8k_answer then refuses to start)
+    answer_column: str | None = "answer"
     system_prompt: str | None = None  # set: string prompts become [system, user] chats through the chat template
 
     # --- generation --------------------------------------------------------------------------
@@ -114,6 +123,9 @@ class GRPOConfig:
             )
 
 
+STRING_TYPES = ("str", "str | None")  # fields whose command-line values are taken as typed
+
+
 def load_config(path: str | None = None, overrides: dict | None = None) -> GRPOConfig:
     """A GRPOConfig from a YAML file (optional) with ``overrides`` applied on top."""
     values = {}
@@ -135,12 +147,17 @@ def load_config(path: str | None = None, overrides: dict | None = None) -> GRPOC
                 values[key] = float(value) if types[key].startswith("float") else int(value)
             except ValueError:
                 raise ValueError(f"{key} must be a number, got {value!r}") from None
+        # YAML reads unquoted `no`, `on` or `2024` as no strings
+        nullable = value is None and types[key] == "str | None"
+        if types[key] in STRING_TYPES and not isinstance(value, str) and not nullable:
+            raise ValueError(f"{key} must be a string, got {value!r} (quote it in YAML)")
     return GRPOConfig(**values)
 
 
 def parse_args(argv: list[str]) -> GRPOConfig:
     """``--config file.yaml`` plus ``--key value`` / ``--key=value`` / ``--flag`` overrides."""
-    bool_fields = {f.name for f in dataclasses.fields(GRPOConfig) if f.type in ("bool", bool)}
+    types = {f.name: f.type for f in dataclasses.fields(GRPOConfig)}
+    bool_fields = {name for name, type_ in types.items() if type_ == "bool"}
     config_path, overrides, i = None, {}, 0
     while i < len(argv):
         arg = argv[i]
@@ -165,6 +182,8 @@ def parse_args(argv: list[str]) -> GRPOConfig:
                 value = argv[i]
         if key == "config":
             config_path = value
+        elif types.get(key) in STRING_TYPES:
+            overrides[key] = None if types[key] == "str | None" and value in ("null", "~") else value
         else:
             overrides[key] = yaml.safe_load(value)
         i += 1

@@ -1,4 +1,4 @@
-"""Prompt data: rows from a JSONL file or a ``datasets`` dataset, and a resumable sampler.
+"""Prompt data: rows from a JSONL / JSON file or a ``datasets`` dataset, and a resumable sampler.
 
 A row is a dict with a prompt column (a string, or a list of chat messages) and any other
 columns (e.g. ``answer``), which are handed to the reward functions by name.
@@ -13,10 +13,11 @@ import torch
 
 
 def load_rows(source, prompt_column: str = "prompt", split: str = "train", config_name: str | None = None) -> list[dict]:
-    """Rows from ``source``: a list of dicts, a ``datasets.Dataset``, a ``.jsonl`` path, a
-    ``datasets.save_to_disk`` directory, or a dataset name for ``datasets.load_dataset``."""
+    """Rows from ``source``: a list of dicts, a ``datasets.Dataset``, a ``.jsonl`` path (JSON Lines), a
+    ``.json`` path (a JSON array of objects, or JSON Lines), a ``datasets.save_to_disk`` directory,
+    or a dataset name for ``datasets.load_dataset``."""
     if isinstance(source, (str, os.PathLike)) and str(source).endswith((".jsonl", ".json")) and os.path.isfile(source):
-        rows = _read_jsonl(str(source), prompt_column)
+        rows = _read_json_file(str(source), prompt_column)
     elif isinstance(source, (str, os.PathLike)):
         import datasets
 
@@ -39,26 +40,38 @@ def load_rows(source, prompt_column: str = "prompt", split: str = "train", confi
     return rows
 
 
-def _read_jsonl(path: str, prompt_column: str) -> list[dict]:
-    rows = []
+def _read_json_file(path: str, prompt_column: str) -> list[dict]:
+    """A JSON array of objects (``.json`` only) or JSON Lines, one object per line."""
     with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {line_number}: not valid JSON ({error.msg}): {line.strip():.200}") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}, line {line_number}: expected a JSON object, got {type(row).__name__}")
-            if prompt_column not in row:
-                raise ValueError(f"{path}, line {line_number}: no {prompt_column!r} key (keys: {sorted(row)})")
-            if not isinstance(row[prompt_column], (str, list)):
-                raise ValueError(
-                    f"{path}, line {line_number}: {prompt_column!r} must be a string or a list of chat messages"
-                )
-            rows.append(row)
+        text = f.read()
+    if path.endswith(".json") and text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {error.lineno}: not valid JSON ({error.msg})") from None
+        for index, row in enumerate(items):
+            _check_row(row, prompt_column, f"{path}, item {index}")
+        return items
+    rows = []
+    for line_number, line in enumerate(text.split("\n"), start=1):  # not splitlines: U+2028 is valid in JSON
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {line_number}: not valid JSON ({error.msg}): {line.strip():.200}") from None
+        _check_row(row, prompt_column, f"{path}, line {line_number}")
+        rows.append(row)
     return rows
+
+
+def _check_row(row, prompt_column: str, where: str) -> None:
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if prompt_column not in row:
+        raise ValueError(f"{where}: no {prompt_column!r} key (keys: {sorted(row)})")
+    if not isinstance(row[prompt_column], (str, list)):
+        raise ValueError(f"{where}: {prompt_column!r} must be a string or a list of chat messages")
 
 
 class PromptSampler:

@@ -77,44 +77,75 @@ class PolicyHead(nn.Module):
     t + 1. The LM-head weight is returned from inside forward, where FSDP2 has unsharded it: the
     fused loss gets the full weight (the embedding matrix when tied) and its gradient lands on the
     unsharded parameter, which FSDP2 reduce-scatters back into the shards after backward.
+
+    ``compute_dtype`` (e.g. bfloat16): the backbone and ``generate`` run under autocast to it, and
+    hidden states, weight and bias are returned in it (the fused loss needs one dtype for all three;
+    ``.to`` is differentiable, so the gradient still reaches float32 parameters). ``None``: the
+    model's own dtypes, no autocast.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, compute_dtype: torch.dtype | None = None):
         super().__init__()
         self.model = model
+        self.compute_dtype = compute_dtype
+
+    def _autocast(self, device: torch.device):
+        if self.compute_dtype in (None, torch.float32):
+            return nullcontext()
+        return torch.autocast(device.type, dtype=self.compute_dtype)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None):
         causal_lm = unwrap_peft(self.model)
-        output = causal_lm.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        )
+        with self._autocast(input_ids.device):
+            output = causal_lm.base_model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            )
         head = causal_lm.get_output_embeddings()
-        return output.last_hidden_state, head.weight, head.bias
+        hidden, weight, bias = output.last_hidden_state, head.weight, head.bias
+        if self.compute_dtype is not None:
+            # autocast keeps the residual stream (and so the final norm's output) in float32
+            hidden, weight = hidden.to(self.compute_dtype), weight.to(self.compute_dtype)
+            bias = None if bias is None else bias.to(self.compute_dtype)
+        return hidden, weight, bias
 
     def generate(self, **kwargs):
-        return self.model.generate(**kwargs)
+        with self._autocast(kwargs["input_ids"].device):
+            return self.model.generate(**kwargs)
 
 
 def wrap(policy: PolicyHead, info: DistInfo, *, trainable: bool = True) -> nn.Module:
-    """DDP or FSDP2 around ``policy`` (already on ``info.device``); a frozen model is never DDP-wrapped."""
+    """DDP or FSDP2 around ``policy`` (already on ``info.device``); a frozen model is never DDP-wrapped.
+
+    FSDP2 gathers parameters in ``policy.compute_dtype`` and reduces gradients in float32 (its
+    mixed-precision policy), so float32 trainable parameters stay the master weights."""
     if info.mode == "ddp" and trainable:
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(policy, device_ids=[info.device.index] if info.device.type == "cuda" else None)
     if info.mode == "fsdp2":
-        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
         layer_classes = set(getattr(unwrap_peft(policy.model), "_no_split_modules", None) or [])
         layers = [m for m in policy.modules() if type(m).__name__ in layer_classes]
         if not layers:
             raise ValueError("fsdp2: the model names no decoder layer classes in _no_split_modules")
+        mixed_precision = MixedPrecisionPolicy(param_dtype=policy.compute_dtype, reduce_dtype=torch.float32)
         for layer in layers:
-            fully_shard(layer)
+            fully_shard(layer, mp_policy=mixed_precision)
         # The root keeps embeddings, final norm and LM head gathered after forward: the weight it
-        # returns is read again by the loss's backward.
-        fully_shard(policy, reshard_after_forward=False)
+        # returns is read after forward returns (by the loss and its backward). Backward reshards a
+        # trained root; a frozen one is resharded by release_gathered after its no-grad passes.
+        fully_shard(policy, reshard_after_forward=False, mp_policy=mixed_precision)
         register_fsdp_forward_method(policy, "generate")
     return policy
+
+
+def release_gathered(module: nn.Module) -> None:
+    """FSDP2: free the root's gathered parameters (a frozen model runs no backward to do it)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(module, FSDPModule):
+        module.reshard()
 
 
 def generator_of(module: nn.Module):

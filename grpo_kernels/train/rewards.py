@@ -1,17 +1,18 @@
 """Reward functions: ``f(prompts, completions, **columns) -> list[float | None]``.
 
 ``prompts`` and ``completions`` are lists of strings, one entry per completion (a prompt is
-repeated G times). ``columns`` holds every dataset column the same way (e.g. ``answer``) plus
-``completion_ids`` (lists of token ids) and ``completion_lengths`` (ints, EOS included). ``None``
-means "could not score this one": it is left out of the weighted sum (see group_advantages).
+repeated G times). ``columns`` holds every dataset column the same way, the config's
+``answer_column`` also as ``answer``, plus ``completion_ids`` (lists of token ids) and
+``completion_lengths`` (ints, EOS included). ``None`` means "could not score this one": it is
+left out of the weighted sum (see group_advantages).
 
 Built in (names usable in ``GRPOConfig.reward_funcs``):
 
-- ``gsm8k_answer``: the answer is the text inside the *last* ``<answer>...</answer>`` of the
-  completion, stripped. 2.0 if it equals the reference answer as a string, 1.5 if both parse as
-  the same number (commas, ``$`` and a trailing ``.`` ignored; ``1e-6`` relative tolerance),
-  else 0.0. A reference of the form ``"... #### 72"`` (GSM8K) is cut to what follows ``####``.
-  ``None`` when the row has no answer.
+- ``gsm8k_answer``: the answer is the text inside the *last* complete ``<answer>...</answer>`` of
+  the completion whose content contains no ``<answer>``, stripped. 2.0 if it equals the reference
+  answer as a string, 1.5 if both parse as the same number (commas, ``$`` and a trailing ``.``
+  ignored; ``1e-6`` relative tolerance), else 0.0. A reference of the form ``"... #### 72"``
+  (GSM8K) is cut to what follows ``####``. ``None`` when the row has no answer.
 - ``gsm8k_format``: 0.2 for each of the four tags ``<think>``, ``</think>``, ``<answer>``,
   ``</answer>`` that occurs exactly once in the completion (0.0 .. 0.8).
 - ``overlong_penalty``: DAPO's soft overlong punishment with L_max = ``max_new_tokens`` and
@@ -30,7 +31,9 @@ import re
 import torch
 
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+# a complete <answer>...</answer> whose content holds no <answer>: in "write <answer> at the end.
+# <answer>72</answer>" the match starts at the second tag, not the first
+_ANSWER = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)
 
 
 def _as_number(text: str) -> float | None:
@@ -93,6 +96,26 @@ def length_reward(max_new_tokens: int, target: int | None = None):
         return [-abs(n - target) / max_new_tokens for n in completion_lengths]
 
     return length_reward_
+
+
+# built-in rewards that compare with the reference answer (GRPOConfig.answer_column)
+NEEDS_ANSWER = ("gsm8k_answer",)
+
+
+def check_answer_column(config, rows: list[dict]) -> None:
+    """A clear start-up error when a built-in reward in ``config.reward_funcs`` needs the answer
+    column and the data has none (every row must have the key; its value may be null)."""
+    needing = [name for name in config.reward_funcs if name in NEEDS_ANSWER]
+    if not needing:
+        return
+    if config.answer_column is None:
+        raise ValueError(f"reward {needing[0]!r} compares with a reference answer: set answer_column")
+    for index, row in enumerate(rows):
+        if config.answer_column not in row:
+            raise ValueError(
+                f"reward {needing[0]!r} reads answer_column={config.answer_column!r}, but row {index} of the "
+                f"dataset has no such column (columns: {sorted(row)})"
+            )
 
 
 def build_reward_funcs(config) -> list:

@@ -47,10 +47,11 @@ from grpo_kernels.train.distributed import (
     generator_of,
     gradient_sync,
     init_distributed,
+    release_gathered,
     unwrap_peft,
     wrap,
 )
-from grpo_kernels.train.rewards import build_reward_funcs, score
+from grpo_kernels.train.rewards import build_reward_funcs, check_answer_column, score
 from grpo_kernels.train.rollout import Rollout, eos_token_ids, generate
 
 # loss types normalized by the token count of the whole generation batch (on all ranks)
@@ -73,6 +74,13 @@ def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: f
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
     return min_ratio + (1.0 - min_ratio) * decay
+
+
+def set_parameter_dtypes(model: torch.nn.Module, compute_dtype: torch.dtype) -> None:
+    """Trainable parameters in float32 (master weights: AdamW on bfloat16 weights rounds small updates
+    away), frozen ones in the compute dtype; buffers (e.g. rotary frequencies) keep their dtype."""
+    for parameter in model.parameters():
+        parameter.data = parameter.data.to(torch.float32 if parameter.requires_grad else compute_dtype)
 
 
 def seed_everything(seed: int) -> None:
@@ -105,9 +113,12 @@ class GRPOTrainer:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.tokenizer = tokenizer
+        compute_dtype = getattr(torch, cfg.dtype)
         if model is None:
+            # trained weights are float32 masters; a LoRA base is frozen and stored in the compute dtype
             model = AutoModelForCausalLM.from_pretrained(
-                cfg.model, dtype=getattr(torch, cfg.dtype), attn_implementation=resolve_attn_implementation(cfg.attn_implementation)
+                cfg.model, dtype=torch.float32 if cfg.lora_r == 0 else compute_dtype,
+                attn_implementation=resolve_attn_implementation(cfg.attn_implementation),
             )
         elif cfg.attn_implementation != "auto":
             model.set_attn_implementation(cfg.attn_implementation)
@@ -121,16 +132,18 @@ class GRPOTrainer:
         self.reference = None
         if cfg.beta != 0 and cfg.lora_r == 0:
             frozen = copy.deepcopy(model).eval().requires_grad_(False)
-            self.reference = wrap(PolicyHead(frozen), self.dist, trainable=False)
+            set_parameter_dtypes(frozen, compute_dtype)
+            self.reference = wrap(PolicyHead(frozen, compute_dtype), self.dist, trainable=False)
         if cfg.lora_r > 0:
             from peft import LoraConfig, get_peft_model
 
             lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM")
             model = get_peft_model(model, lora)
+        set_parameter_dtypes(model, compute_dtype)
         if cfg.gradient_checkpointing:
             enable_activation_checkpointing(unwrap_peft(model))
         self.model = model  # the unwrapped model: generation config, saving
-        self.policy = wrap(PolicyHead(model), self.dist)
+        self.policy = wrap(PolicyHead(model, compute_dtype), self.dist)
         self.policy.train()
 
         # --- optimization ------------------------------------------------------------------------
@@ -155,7 +168,6 @@ class GRPOTrainer:
             delta=cfg.delta,
             importance_sampling_level=cfg.importance_sampling_level,
             max_completion_length=cfg.max_new_tokens,
-            entropy_coef=cfg.entropy_coef,
             top_entropy_quantile=cfg.top_entropy_quantile,
         )
 
@@ -163,6 +175,8 @@ class GRPOTrainer:
         self.rows = load_rows(cfg.dataset if dataset is None else dataset, cfg.prompt_column, cfg.dataset_split,
                               cfg.dataset_config)
         self.sampler = PromptSampler(len(self.rows), cfg.seed)
+        if reward_funcs is None:
+            check_answer_column(cfg, self.rows)
         self.reward_funcs = build_reward_funcs(cfg) if reward_funcs is None else list(reward_funcs)
         if cfg.reward_weights is not None and len(cfg.reward_weights) != len(self.reward_funcs):
             raise ValueError(f"{len(cfg.reward_weights)} reward_weights for {len(self.reward_funcs)} reward functions")
@@ -241,7 +255,10 @@ class GRPOTrainer:
         return rollout
 
     def score(self, rollout: Rollout) -> torch.Tensor:
-        columns = {key: [row.get(key) for row in rollout.rows] for key in rollout.rows[0] if key != self.config.prompt_column}
+        cfg = self.config
+        columns = {key: [row.get(key) for row in rollout.rows] for key in rollout.rows[0] if key != cfg.prompt_column}
+        if cfg.answer_column is not None:  # the built-in rewards read the reference as `answer`
+            columns["answer"] = [row.get(cfg.answer_column) for row in rollout.rows]
         columns["completion_ids"] = [ids[: int(n)] for ids, n in zip(rollout.completion_ids.tolist(), rollout.completion_lengths.tolist())]
         columns["completion_lengths"] = rollout.completion_lengths.tolist()
         return score(self.reward_funcs, rollout.prompts, rollout.completions, columns)
@@ -359,7 +376,9 @@ class GRPOTrainer:
 
     def reference_logprobs(self, batch: Rollout) -> torch.Tensor:
         if self.reference is not None:
-            return self.logprobs(self.reference, batch)
+            logprobs = self.logprobs(self.reference, batch)
+            release_gathered(self.reference)
+            return logprobs
         with self.model.disable_adapter():  # LoRA: the base model is the reference
             return self.logprobs(self.policy, batch)
 
@@ -374,11 +393,25 @@ class GRPOTrainer:
         old = self.logprobs(self.policy, batch) if cfg.num_iterations > 1 else None
         ref = self.reference_logprobs(batch) if cfg.beta != 0 else None
         micro_batches = self.micro_batches(batch)
+        # dapo/cispo divide by num_items_in_batch / world_size already (TRL), so that DDP/FSDP's
+        # gradient average over ranks yields sum / num_items_in_batch. Per-row means are weighted by
+        # the micro-batch's share of the rank's rows (1/GA for even splits) and then averaged over
+        # ranks the same way.
+        shares = [1.0 if token_normalized else (rows.stop - rows.start) / len(batch) for rows in micro_batches]
+        # The kernel's entropy bonus is -coef x the micro-batch's mean entropy. Weighting it by the
+        # micro-batch's share of all completion tokens (and undoing `share` and the rank average)
+        # makes the step's bonus -entropy_coef x the mean over the generation batch's tokens,
+        # whatever the micro-batching and the number of ranks.
+        entropy_coefs = [
+            cfg.entropy_coef * float(batch.completion_mask[rows].sum()) * self.world_size
+            / (max(global_tokens, 1) * share)
+            for rows, share in zip(micro_batches, shares)
+        ]
         sums, skipped, grad_norms, losses = defaultdict(float), 0, [], []
         for _ in range(cfg.num_iterations):
             loss_sum = torch.zeros((), device=self.device)
             metric_sums = defaultdict(lambda: torch.zeros((), device=self.device))
-            for j, rows in enumerate(micro_batches):
+            for j, (rows, share) in enumerate(zip(micro_batches, shares)):
                 with gradient_sync(self.policy, enabled=j == len(micro_batches) - 1):
                     hidden, weight, bias, ids, mask = self.hidden_states(self.policy, batch, rows)
                     C = ids.shape[1]
@@ -388,13 +421,9 @@ class GRPOTrainer:
                         old_logprobs=None if old is None else old[rows, :C],
                         ref_logprobs=None if ref is None else ref[rows, :C],
                         num_items_in_batch=global_tokens if token_normalized else None,
+                        entropy_coef=entropy_coefs[j],
                         **self.loss_options,
                     )
-                    # dapo/cispo divide by num_items_in_batch / world_size already (TRL), so that
-                    # DDP/FSDP's gradient average over ranks yields sum / num_items_in_batch. Per-row
-                    # means are weighted by the micro-batch's share of the rank's rows (1/GA for
-                    # even splits) and then averaged over ranks the same way.
-                    share = 1.0 if token_normalized else (rows.stop - rows.start) / len(batch)
                     (loss * share).backward()
                 loss_sum += loss.detach() * share
                 tokens = mask.sum()
