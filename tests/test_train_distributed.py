@@ -7,6 +7,7 @@ mu=2 updates over micro-batches with gradient accumulation, global token normali
 clipping on the global norm, AdamW, and (FSDP2) the sharded tied LM head gathered for the loss.
 """
 
+import gc
 import os
 import socket
 import zlib
@@ -93,8 +94,11 @@ def _worker(rank, ports, root):
             resumed = _trainer(mode, loss_type, micro_batch_size, output_dir, resume=True)
             result["resumed_step"] = resumed.step
             result["resumed_state"] = _full_state(resumed)
+            del resumed  # its sharded modules go before the process group they use
         if rank == 0:
             torch.save(result, os.path.join(root, f"{mode}-{loss_type}.pt"))
+        del result, state
+        gc.collect()
         trainer.close()
     for mode, port in zip(("ddp", "fsdp2"), ports[len(RUNS):]):  # real sampling through the wrapped model
         os.environ["MASTER_PORT"] = str(port)

@@ -523,6 +523,9 @@ class GRPOTrainer:
 
     def close(self) -> None:
         if dist.is_initialized():
+            # Collective: no rank tears the group down while another still talks through it
+            # (gloo aborts the late rank's process otherwise).
+            dist.barrier()
             dist.destroy_process_group()
 
 
