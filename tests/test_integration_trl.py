@@ -456,3 +456,19 @@ def test_multimodal_inputs_raise(trainer_pair):
     inputs["pixel_values"] = torch.zeros(1, 3, 4, 4)
     with pytest.raises(ValueError, match="multimodal"):
         ours._compute_loss(ours.model, inputs)
+
+
+def test_fused_lm_head_keeps_the_forward_signature():
+    # `generate` validates its model kwargs against `forward`'s signature (e.g. logits_to_keep).
+    import inspect
+
+    from grpo_kernels.integrations.trl import install_fused_lm_head
+
+    model = make_model()
+    before = set(inspect.signature(model.forward).parameters)
+    install_fused_lm_head(model)
+    assert "logits_to_keep" in before and before <= set(inspect.signature(model.forward).parameters)
+    prompt = torch.tensor([[1, 2, 3]])
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=2, do_sample=False,
+                         logits_to_keep=1)
+    assert out.shape == (1, 5)

@@ -29,6 +29,7 @@ replaces the fused LM head TRL installs, both internals of that release line).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 from dataclasses import dataclass
@@ -173,6 +174,8 @@ def install_fused_lm_head(model, *, temperature: float = 1.0, cast_lm_head_to_fp
     if text_config is not model.config and Version(transformers.__version__) < Version("5.0.0"):
         backbone_attr = "model"
 
+    # Keep the original signature: `generate` validates its model kwargs against it.
+    @functools.wraps(type(model).forward)
     def _fused_forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
                        grpo_loss: _GRPOLossRequest | None = None, **kwargs):
         if not fused_lm_head:
