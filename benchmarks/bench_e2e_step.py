@@ -138,9 +138,12 @@ def make_step(impl: str, model, policy: PolicyHead, inputs: list[dict]):
     forward = (lambda inp: fused_step(policy, inp)) if impl == "fused" else (lambda inp: materialized_step(model, inp))
 
     def step(i: int):
-        model.zero_grad(set_to_none=True)  # the step allocates the gradients, as a real update does
         loss = forward(inputs[i % len(inputs)])
         loss.backward()
+        # Free the gradients after the step, not before it: each measured step then allocates
+        # them (as a real update does) and its peak counts them, instead of their being
+        # subtracted as "already allocated" memory.
+        model.zero_grad(set_to_none=True)
         return loss.detach()
 
     return step

@@ -10,8 +10,10 @@ Measures, in one run and on the same inputs, forward+backward of
 and the bf16 matmul rate of one [N, D] x [D, V] product, to put the kernel against its floor:
 forward+backward must do 4 matmuls of 2*N*D*V FLOPs (logits, their recompute, d hidden, d weight).
 
-Peak memory is torch.cuda.max_memory_allocated around one forward+backward minus what was
-allocated before (the inputs), measured in a separate run per implementation. Results go to
+Timing, peak memory, OOM and errors go through benchmarks.measure (the suite's): peak memory is
+torch.cuda.max_memory_allocated around one warm forward+backward minus what was allocated before
+(the inputs), in a separate run per implementation; an OOM or an error (e.g. CCE's backward on
+fp32) is recorded as the result, not a crash. Results go to
 benchmarks/results/<gpu-name>/logprobs.{json,md} with the device, date and command.
 """
 
@@ -26,7 +28,7 @@ import sys
 
 import torch
 
-from benchmarks.measure import device_slug
+from benchmarks.measure import device_slug, measure
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MIB = 2**20
@@ -67,34 +69,15 @@ def _impls():
     return impls
 
 
-def _step(fn, inputs):
-    hidden, weight, targets, grad_out = inputs
-    hidden.grad = weight.grad = None
-    logp = fn(hidden, weight, targets)
-    logp.backward(grad_out)
+def _make_step(fn, input_sets):
+    """Forward + backward on input set ``i``; the gradients are returned (counted in the peak)
+    and freed by the caller, so no step starts with the previous step's gradients allocated."""
 
+    def step(i):
+        hidden, weight, targets, grad_out = input_sets[i % len(input_sets)]
+        return torch.autograd.grad(fn(hidden, weight, targets), [hidden, weight], grad_out)
 
-def _time(fn, input_sets):
-    import triton.testing
-
-    state = {"i": 0}
-
-    def call():
-        _step(fn, input_sets[state["i"] % len(input_sets)])
-        state["i"] += 1
-
-    return triton.testing.do_bench(call, warmup=100, rep=1000, quantiles=[0.5, 0.2, 0.8])
-
-
-def _peak_memory(fn, inputs):
-    hidden, weight, _, _ = inputs
-    hidden.grad = weight.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    _step(fn, inputs)
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / MIB
+    return step
 
 
 def main(argv=None) -> int:
@@ -125,20 +108,15 @@ def main(argv=None) -> int:
     del a, b
 
     records = []
+    input_sets = [_make_inputs(n, d, v, dtype, seed=s) for s in range(2)]  # rotated: no cache flattery
     for name, fn in _impls().items():
-        record = {"impl": name, "N": n, "D": d, "V": v, "dtype": args.dtype}
-        try:
-            inputs = _make_inputs(n, d, v, dtype, seed=0)
-            record["peak_mb_above_inputs"] = round(_peak_memory(fn, inputs), 1)
-            del inputs
-            input_sets = [_make_inputs(n, d, v, dtype, seed=s) for s in range(2)]
-            med, p20, p80 = _time(fn, input_sets)
-            del input_sets
-            record.update(ms_median=round(med, 3), ms_p20=round(p20, 3), ms_p80=round(p80, 3),
-                          x_floor=round(med / floor_ms, 3), status="ok")
-        except torch.cuda.OutOfMemoryError:
-            record["status"] = "OOM"
-        torch.cuda.empty_cache()
+        m = measure(_make_step(fn, input_sets), len(input_sets), torch.device("cuda"), min_runs=10)
+        record = {"impl": name, "N": n, "D": d, "V": v, "dtype": args.dtype, "status": m.status,
+                  "peak_mb_above_inputs": m.peak_mb}
+        if m.status == "ok":
+            record.update(ms_median=round(m.ms_median, 3), ms_p20=round(m.ms_p20, 3), ms_p80=round(m.ms_p80, 3),
+                          x_floor=round(m.ms_median / floor_ms, 3))
+            record["peak_mb_above_inputs"] = round(m.peak_mb, 1)
         records.append(record)
         print(record, flush=True)
 

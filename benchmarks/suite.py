@@ -128,7 +128,12 @@ def run_loss_benchmarks(shape_list, impl_list, device, ops, *, min_runs, cpu_run
                 m = measure(step, ROTATIONS, device, min_runs=min_runs, cpu_runs=cpu_runs)
                 extra = {}
                 if m.status == "ok":
-                    flops = MATMULS_PER_OP[op] * 2.0 * shape.N * shape.D * shape.V
+                    # Useful work only: the completion tokens (lengths T/2..T). Impls that skip
+                    # padded rows are not credited with FLOPs they never did, and impls that
+                    # compute the padding pay for it in time, so the column compares like with like.
+                    active = int(inputs[0].completion_mask.sum())
+                    flops = MATMULS_PER_OP[op] * 2.0 * active * shape.D * shape.V
+                    extra["active_tokens"] = active
                     extra["tflops"] = flops / (m.ms_median * 1e9)
                     if matmul_ms:
                         extra["roofline_frac"] = (flops / m.ms_median) / (2.0 * shape.N * shape.D * shape.V / matmul_ms)
