@@ -105,32 +105,31 @@ def time_cpu(step, num_sets, *, runs=2, warmup=1):
     return statistics.median(samples), _quantile(samples, 0.2), _quantile(samples, 0.8), runs
 
 
+def _guarded(fn: Callable[[], object], device: torch.device):
+    """``(fn(), None)``, or ``(None, failed Measurement)`` on an OOM or error; cached memory is
+    freed either way, after the exception (and the tensors its traceback holds) is gone."""
+    try:
+        value, failure = fn(), None
+    except Exception as exc:  # noqa: BLE001 - a failing peer is a result, not a crash of the suite
+        value, failure = None, _failure(exc)
+    release_memory(device, collect=failure is not None)
+    return value, failure
+
+
 def measure(step: Callable[[int], object], num_sets: int, device: torch.device, *, min_runs: int = 10,
             cpu_runs: int = 2) -> Measurement:
     """Peak memory (GPU, separate run), then timing; an OOM or error in either is the result."""
     peak = None
     if device.type == "cuda":
-        try:
-            peak = peak_memory_mb(step, device)
-        except Exception as exc:  # noqa: BLE001 - a failing peer is a result, not a crash of the suite
-            failure = _failure(exc)
-        else:
-            failure = None
-        release_memory(device, collect=failure is not None)
+        peak, failure = _guarded(lambda: peak_memory_mb(step, device), device)
         if failure is not None:
             return failure
-    try:
-        if device.type == "cuda":
-            median, p20, p80, runs = time_cuda(step, num_sets, min_runs=min_runs)
-        else:
-            median, p20, p80, runs = time_cpu(step, num_sets, runs=cpu_runs)
-    except Exception as exc:  # noqa: BLE001
-        failure = _failure(exc)
+        timing, failure = _guarded(lambda: time_cuda(step, num_sets, min_runs=min_runs), device)
     else:
-        failure = None
-    release_memory(device, collect=failure is not None)
+        timing, failure = _guarded(lambda: time_cpu(step, num_sets, runs=cpu_runs), device)
     if failure is not None:
         return failure
+    median, p20, p80, runs = timing
     return Measurement("ok", median, p20, p80, runs, peak)
 
 
