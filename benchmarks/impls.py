@@ -61,25 +61,42 @@ def reference_logprobs(hidden, weight, ids, max_chunk_bytes=1 << 30):
     return out.view(ids.shape)
 
 
-def make_inputs(shape, device, *, seed: int = 0, rotations: int = 1, share_weight: bool = True) -> list[Inputs]:
+def make_inputs(shape, device, *, seed: int = 0, rotations: int = 1, share_weight: bool = True,
+                logits: str = "random", full_length: bool = False) -> list[Inputs]:
     """``rotations`` independent input sets for ``shape`` (so timed runs can cycle through them and
     no run finds the previous one's data in cache); all sets share one LM head when
-    ``share_weight`` (a multi-GB weight cannot be cached anyway)."""
-    generator = torch.Generator(device=device).manual_seed(seed)  # on the device: GB of randn in ms
+    ``share_weight`` (a multi-GB weight cannot be cached anyway).
 
-    def randn(*size, scale=1.0):
-        return (torch.randn(*size, generator=generator, device=device) * scale).to(shape.dtype)
+    ``logits``: ``"random"`` (weight N(0, 0.02^2), hidden N(0, 1), uniform token ids: a nearly
+    flat softmax) or ``"realistic"`` (``benchmarks.logits``: a trained LM's distributions, ids
+    sampled from the model's own softmax). ``full_length``: every completion is T tokens long
+    (else right-padded, lengths T/2 .. T)."""
+    from benchmarks import logits as logit_modes
+
+    if logits not in logit_modes.MODES:
+        raise ValueError(f"logits must be one of {logit_modes.MODES}, got {logits!r}")
+    generator = torch.Generator(device=device).manual_seed(seed)  # on the device: GB of randn in ms
 
     sets = []
     weight = None
     for _ in range(rotations):
         if weight is None or not share_weight:
-            weight = randn(shape.V, shape.D, scale=0.02).requires_grad_()
-        hidden = randn(shape.B, shape.T, shape.D).requires_grad_()
-        ids = torch.randint(0, shape.V, (shape.B, shape.T), generator=generator, device=device)
-        # Right-padded completions of T/2 .. T tokens.
-        lengths = torch.randint(max(1, shape.T // 2), shape.T + 1, (shape.B,), generator=generator, device=device)
-        mask = (torch.arange(shape.T, device=device)[None, :] < lengths[:, None]).long()
+            make_head = logit_modes.realistic_head if logits == "realistic" else logit_modes.random_head
+            weight = make_head(shape.V, shape.D, dtype=shape.dtype, device=device, generator=generator)
+            weight.requires_grad_()
+        if logits == "realistic":
+            flat = logit_modes.realistic_hidden(weight.detach(), shape.B * shape.T, generator=generator)
+            ids = logit_modes.sample_targets(flat, weight.detach(), generator=generator).view(shape.B, shape.T)
+            hidden = flat.view(shape.B, shape.T, shape.D).requires_grad_()
+        else:
+            hidden = torch.randn(shape.B, shape.T, shape.D, generator=generator, device=device).to(shape.dtype)
+            hidden.requires_grad_()
+            ids = torch.randint(0, shape.V, (shape.B, shape.T), generator=generator, device=device)
+        if full_length:
+            mask = torch.ones(shape.B, shape.T, dtype=torch.long, device=device)
+        else:  # right-padded completions of T/2 .. T tokens
+            lengths = torch.randint(max(1, shape.T // 2), shape.T + 1, (shape.B,), generator=generator, device=device)
+            mask = (torch.arange(shape.T, device=device)[None, :] < lengths[:, None]).long()
         advantages = torch.randn(shape.B, generator=generator, device=device)
         current = reference_logprobs(hidden.detach(), weight.detach(), ids)
         old = current + 0.05 * torch.randn(shape.B, shape.T, generator=generator, device=device)
@@ -140,13 +157,26 @@ def eager_grpo_loss(per_token_logps, completion_mask, advantages, old_logprobs, 
 
 @dataclass
 class Impl:
+    """``logprobs_diff(inp)``: differentiable per-token log-probs ``[B, T]`` (padding ignored);
+    the no-grad pass and the log-prob forward + backward op are derived from it."""
+
     name: str
     description: str
     loss: Callable[[Inputs], torch.Tensor] | None = None
-    logprobs: Callable[[Inputs], torch.Tensor] | None = None
-    logprobs_loss: Callable[[Inputs], torch.Tensor] | None = None
+    logprobs_diff: Callable[[Inputs], torch.Tensor] | None = None
     skip_reason: str | None = None  # set when the implementation cannot run here
     version: str = ""
+
+    def logprobs(self, inp: Inputs) -> torch.Tensor:
+        """The no-grad log-prob pass (old / reference log-probs)."""
+        with torch.no_grad():
+            return self.logprobs_diff(inp)
+
+    def logprobs_loss(self, inp: Inputs) -> torch.Tensor:
+        """Masked mean of the log-probs: the log-prob op's forward + backward without the loss."""
+        per_token_logps = self.logprobs_diff(inp)
+        mask = inp.completion_mask.float()
+        return (per_token_logps.float() * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 def _version(dist: str) -> str:
@@ -171,12 +201,8 @@ def _torch_impl(options) -> Impl:
         return eager_grpo_loss(logprobs_of(inp), inp.completion_mask, inp.advantages, inp.old_logprobs,
                                inp.ref_logprobs, **options)[0]
 
-    def logprobs(inp):
-        with torch.no_grad():
-            return logprobs_of(inp)
-
     return Impl("torch", "eager PyTorch: [N, V] logits, fp32 log_softmax + gather, TRL's loss math",
-                loss, logprobs, version=torch.__version__)
+                loss, logprobs_of, version=torch.__version__)
 
 
 def _trl_impl(options) -> Impl:
@@ -198,8 +224,7 @@ def _trl_impl(options) -> Impl:
                                inp.ref_logprobs, entropies=entropies, **options)[0]
 
     def logprobs(inp):
-        with torch.no_grad():
-            return selective_log_softmax(logits_of(inp), inp.completion_ids)
+        return selective_log_softmax(logits_of(inp), inp.completion_ids)
 
     return Impl("trl", "TRL's selective_log_softmax (on CUDA its Triton kernel) on [N, V] model-dtype logits "
                 "+ entropy_from_logits, TRL's loss math",
@@ -232,8 +257,7 @@ def _trl_fused_impl(options) -> Impl:
                                inp.ref_logprobs, entropies=entropies, **options)[0]
 
     def logprobs(inp):
-        with torch.no_grad():
-            return per_token(inp, ("log_probs",))[0]
+        return per_token(inp, ("log_probs",))[0]
 
     return Impl("trl_fused", "TRL 1.16 GRPOTrainer: ChunkedLogProbFunction (fused LM head) + TRL's loss math",
                 loss, logprobs, version=_version("trl"))
@@ -258,12 +282,11 @@ def _liger_impl(options, device) -> Impl:
                       ref_per_token_logps=inp.ref_logprobs, old_per_token_logps=inp.old_logprobs)[0]
 
     def logprobs(inp):
-        # Liger's fused linear cross-entropy, per token: -log p (temperature 1 only).
-        with torch.no_grad():
-            hidden = _scaled(inp.hidden, options["temperature"]).reshape(-1, inp.hidden.shape[-1])
-            nll = liger_fused_linear_cross_entropy(hidden, inp.lm_head_weight, inp.targets.reshape(-1),
-                                                   ignore_index=IGNORE_INDEX, reduction="none")
-            return -nll.view(inp.completion_ids.shape)
+        # Liger's fused linear cross-entropy, per token: -log p.
+        hidden = _scaled(inp.hidden, options["temperature"]).reshape(-1, inp.hidden.shape[-1])
+        nll = liger_fused_linear_cross_entropy(hidden, inp.lm_head_weight, inp.targets.reshape(-1),
+                                               ignore_index=IGNORE_INDEX, reduction="none")
+        return -nll.view(inp.completion_ids.shape)
 
     description = (f"Liger-Kernel LigerFusedLinearGRPOLoss({'compiled' if compiled else 'compiled=False'}, "
                    "chunk_size=1); log-probs: liger_fused_linear_cross_entropy(reduction='none')")
@@ -289,17 +312,23 @@ def _cce_impl(options, device) -> Impl:
         return gk.grpo_loss(logprobs_of(inp), inp.completion_mask, inp.advantages, old_logprobs=inp.old_logprobs,
                             ref_logprobs=inp.ref_logprobs, **options)[0]
 
-    def logprobs(inp):
-        with torch.no_grad():
-            return logprobs_of(inp)
-
     return Impl("cce", "Cut Cross-Entropy linear_cross_entropy(reduction='none', default filter_eps) + our grpo_loss",
-                loss, logprobs, version=_version("cut-cross-entropy"))
+                loss, logprobs_of, version=_version("cut-cross-entropy"))
 
 
-def _ours_impl(options, device) -> Impl:
+# Our variants (the stage-1 kit measures each): name -> (exact, filter_eps, what it is).
+OURS_VARIANTS = {
+    "ours": (True, None, "exact (default): every gradient accumulated in float32, 5 matmuls"),
+    "ours_filtered": (True, 2.0**-12, "exact + filter_eps=2**-12 (CCE-style gradient filtering)"),
+    "ours_fast": (False, None, "exact=False: single-pass backward, d weight accumulated in its dtype, 4 matmuls"),
+    "ours_fast_filtered": (False, 2.0**-12, "exact=False + filter_eps=2**-12"),
+}
+
+
+def _ours_impl(options, device, name="ours") -> Impl:
     import grpo_kernels as gk
 
+    exact, filter_eps, what = OURS_VARIANTS[name]
     # On CPU (the smoke) the PyTorch path: the Triton interpreter would take seconds per call;
     # tests/ exercise the kernels themselves.
     backend = "auto" if device.type == "cuda" else "torch"
@@ -307,26 +336,17 @@ def _ours_impl(options, device) -> Impl:
     def loss(inp):
         return gk.fused_linear_grpo_loss(inp.hidden, inp.lm_head_weight, inp.completion_ids, inp.completion_mask,
                                          inp.advantages, old_logprobs=inp.old_logprobs,
-                                         ref_logprobs=inp.ref_logprobs, backend=backend, **options)[0]
+                                         ref_logprobs=inp.ref_logprobs, backend=backend, exact=exact,
+                                         filter_eps=filter_eps, **options)[0]
 
     def logprobs(inp):
-        with torch.no_grad():
-            return gk.token_logprobs(inp.hidden, inp.lm_head_weight, inp.targets,
-                                     temperature=options["temperature"], ignore_index=IGNORE_INDEX,
-                                     backend=backend)
+        return gk.token_logprobs(inp.hidden, inp.lm_head_weight, inp.targets, temperature=options["temperature"],
+                                 ignore_index=IGNORE_INDEX, backend=backend, exact=exact, filter_eps=filter_eps)
 
-    def logprobs_loss(inp):
-        per_token_logps = gk.token_logprobs(inp.hidden, inp.lm_head_weight, inp.targets,
-                                            temperature=options["temperature"], ignore_index=IGNORE_INDEX,
-                                            backend=backend)
-        mask = inp.completion_mask.float()
-        return (per_token_logps * mask).sum() / mask.sum().clamp(min=1.0)
-
-    description = "grpo_kernels.fused_linear_grpo_loss; log-probs: grpo_kernels.token_logprobs"
+    description = f"grpo_kernels.fused_linear_grpo_loss; log-probs: grpo_kernels.token_logprobs; {what}"
     if backend == "torch":
         description += " (PyTorch backend on CPU)"
-    return Impl("ours", description,
-                loss, logprobs, logprobs_loss, version=_version("grpo-kernels") or gk.__version__)
+    return Impl(name, description, loss, logprobs, version=_version("grpo-kernels") or gk.__version__)
 
 
 IMPL_NAMES = ("torch", "trl", "trl_fused", "liger", "cce", "ours")
@@ -342,7 +362,7 @@ def build_impls(device: torch.device, names=IMPL_NAMES, options=None) -> list[Im
         "trl_fused": lambda: _trl_fused_impl(options),
         "liger": lambda: _liger_impl(options, device),
         "cce": lambda: _cce_impl(options, device),
-        "ours": lambda: _ours_impl(options, device),
+        **{variant: (lambda variant=variant: _ours_impl(options, device, variant)) for variant in OURS_VARIANTS},
     }
     unknown = [n for n in names if n not in builders]
     if unknown:
