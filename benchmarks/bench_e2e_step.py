@@ -180,7 +180,8 @@ def longest_fitting_length(impl, model, policy, args, device) -> int:
     return low
 
 
-def run(args) -> dict:
+def run(args, on_record=None) -> dict:
+    """The benchmark; ``on_record(result)`` after every measurement (results so far)."""
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     if device.type != "cuda" and not args.smoke:
         raise SystemExit("the end-to-end benchmark needs a CUDA GPU; on CPU run the smoke version: --smoke")
@@ -191,25 +192,42 @@ def run(args) -> dict:
     model, attn = build_model(shape, device, dtype, max(args.max_length * 2, 4096), not args.no_gradient_checkpointing)
     policy = PolicyHead(model)
     records = []
+
+    def checkpoint():
+        if on_record is not None:
+            on_record(_result(args, device, dtype, attn, records))
+
+    # Both timings first, then the longest-T searches (many OOM attempts): a run stopped by a
+    # time cap keeps the timings.
     for impl in ("fused", "materialized"):
         inputs = [make_inputs(args.group_size, args.prompt_length, args.completion_length, shape["vocab_size"], device,
                               seed=s) for s in range(2)]
         m = measure(make_step(impl, model, policy, inputs), len(inputs), device, min_runs=args.min_runs, cpu_runs=1)
         record = {"impl": impl, "T": args.completion_length, "peak_mb": m.peak_mb, "ms_median": m.ms_median,
                   "ms_p20": m.ms_p20, "ms_p80": m.ms_p80, "status": m.status}
-        if device.type == "cuda" and not args.no_max_length:
-            record["max_T"] = longest_fitting_length(impl, model, policy, args, device)
         records.append(record)
         print(f"[e2e] {impl}: {record}", flush=True)
         del inputs
         model.zero_grad(set_to_none=True)
         release_memory(device, collect=True)
-    fused, materialized = records
+        checkpoint()
+    if device.type == "cuda" and not args.no_max_length:
+        for record in records:
+            record["max_T"] = longest_fitting_length(record["impl"], model, policy, args, device)
+            print(f"[e2e] {record['impl']}: longest T that fits {record['max_T']}", flush=True)
+            checkpoint()
+    return _result(args, device, dtype, attn, records)
+
+
+def _result(args, device, dtype, attn, records) -> dict:
+    records = [dict(r) for r in records]
+    by_impl = {r["impl"]: r for r in records}
+    fused, materialized = by_impl.get("fused", {}), by_impl.get("materialized", {})
     summary = {}
-    if fused["peak_mb"] and materialized["peak_mb"]:
+    if fused.get("peak_mb") and materialized.get("peak_mb"):
         summary["peak_ratio"] = fused["peak_mb"] / materialized["peak_mb"]
         summary["peak_target_met"] = summary["peak_ratio"] <= 0.6
-    if fused["ms_median"] and materialized["ms_median"]:
+    if fused.get("ms_median") and materialized.get("ms_median"):
         summary["time_ratio"] = fused["ms_median"] / materialized["ms_median"]
     if fused.get("max_T") and materialized.get("max_T"):
         summary["max_T_ratio"] = fused["max_T"] / materialized["max_T"]
@@ -267,11 +285,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     args.argv = argv
-    result = run(args)
-    on_gpu = result["device"] != "cpu" and not args.smoke
+    on_gpu = torch.cuda.is_available() and not args.cpu and not args.smoke
     out_dir = args.out or (RESULTS_ROOT / device_slug(torch.device("cuda")) if on_gpu else Path(tempfile.mkdtemp(prefix="e2e-")))
     if not on_gpu and out_dir.resolve().is_relative_to(RESULTS_ROOT.resolve()):
         raise SystemExit(f"refusing to write smoke/CPU numbers under {RESULTS_ROOT} (GPU results only)")
+    result = run(args, on_record=lambda partial: write(partial, out_dir))
     write(result, out_dir)
     print(f"[e2e] wrote {out_dir}/e2e_step.json and e2e_step.md; summary: {result['summary']}")
     return result

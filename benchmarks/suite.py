@@ -80,7 +80,9 @@ def _check(impl, op, inp):
     return None
 
 
-def run_loss_benchmarks(shape_list, impl_list, device, ops, *, min_runs, cpu_runs, log=print):
+def run_loss_benchmarks(shape_list, impl_list, device, ops, *, min_runs, cpu_runs, log=print, checkpoint=None):
+    """Records of every (shape, impl, op); ``checkpoint(records)`` after every shape (so that a run
+    stopped by a time cap keeps what it measured)."""
     records = []
     for shape in shape_list:
         fields = _shape_fields(shape)
@@ -150,6 +152,8 @@ def run_loss_benchmarks(shape_list, impl_list, device, ops, *, min_runs, cpu_run
                     + (f", |err| {extra['check_abs_err']:.2e}" if extra.get("check_abs_err") is not None else ""))
         del inputs, nograd_inputs
         release_memory(device, collect=True)
+        if checkpoint is not None:
+            checkpoint(records)
     return records
 
 
@@ -235,17 +239,18 @@ def run_suite(*, device=None, out_dir=None, smoke=False, quick=False, heads=None
             log(f"[bench] {impl.name}: skipped - {impl.skip_reason}")
 
     records = []
+    env = environment(device, impl_list, argv)
     loss_ops = [op for op in ops if op != "advantages"]
     if loss_ops:
         shape_list = shapes.loss_shapes(heads=heads, quick=quick, smoke=smoke, v_sweep=v_sweep and not smoke,
                                         n_max=n_max)
         records += run_loss_benchmarks(shape_list, impl_list, device, loss_ops, min_runs=min_runs,
-                                       cpu_runs=cpu_runs, log=log)
+                                       cpu_runs=cpu_runs, log=log,
+                                       checkpoint=lambda so_far: report.write_all(so_far, env, out_dir, plots=False))
     if "advantages" in ops:
         batches = shapes.SMOKE_ADVANTAGE_BATCHES if smoke else shapes.ADVANTAGE_BATCHES
         records += run_advantage_benchmarks(batches, device, names, min_runs=min_runs, cpu_runs=cpu_runs, log=log)
 
-    env = environment(device, impl_list, argv)
     report.write_all(records, env, out_dir, plots=plots)
     log(f"[bench] wrote {out_dir}/kernels.json, kernels.md, environment.json" + (" and plots" if plots else ""))
     return out_dir

@@ -221,8 +221,13 @@ def main(argv=None) -> int:
         for knob in ("recompile_limit", "cache_size_limit"):  # Liger's compiled chunk: one graph per shape
             if hasattr(dynamo_config, knob):
                 setattr(dynamo_config, knob, max(getattr(dynamo_config, knob), 256))
-    names = PEERS + OURS
+    # The dry run leaves the peers out (their imports and interpreted kernels take most of a
+    # minute on CPU; benchmarks/test_bench_smoke.py runs them there) and records them as skipped.
+    names = ("torch",) + OURS if args.dry_run else PEERS + OURS
     impls = {impl.name: impl for impl in impls_module.build_impls(device, names)}
+    for name in PEERS:
+        impls.setdefault(name, impls_module.Impl(name, "", skip_reason="dry run: peers are exercised on CPU by "
+                                                 "benchmarks/test_bench_smoke.py"))
     meta = {**device_info(device), "D": dim, "V": vocab, "dtype": str(dtype)[6:],
             "loss_options": impls_module.LOSS_OPTIONS,
             "command": "python -m benchmarks.kit.peers " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -153,6 +153,16 @@ def prefilter_main(jobs_path: Path, out_path: Path, processes: int) -> int:
 
 
 def run_prefilter(jobs, processes, timeout) -> list[dict]:
+    """The compile verdicts: in a fork pool of this process when its kernels are real JIT
+    functions and CUDA is not initialized yet, else in a child process without TRITON_INTERPRET."""
+    from grpo_kernels.ops.utils import triton_interpreter_enabled
+
+    if not triton_interpreter_enabled() and not torch.cuda.is_initialized():
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("fork")) as pool:
+            return list(pool.map(_prefilter_one, [tuple(j) for j in jobs], timeout=timeout))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     with tempfile.TemporaryDirectory() as tmp:
         jobs_path, out_path = Path(tmp) / "jobs.json", Path(tmp) / "verdicts.json"
@@ -304,13 +314,11 @@ def main(argv=None) -> int:
         parser.error("--results-dir is required")
 
     deadline = Deadline(args.deadline_s)
-    device = stage_device(args.dry_run)
+    # No CUDA call before the compile pre-filter: it forks (see run_prefilter).
     n, d, v = DRY_SHAPE if args.dry_run else GPU_SHAPE
     per_kernel = 1 if args.dry_run else args.per_kernel
     specs_per_candidate = 1 if args.dry_run else args.specs_per_candidate
     dtypes = ["fp32"] if args.dry_run else args.dtypes
-    meta = {**device_info(device), "N": n, "D": d, "V": v,
-            "command": "python -m benchmarks.kit.sweep " + " ".join(argv if argv is not None else sys.argv[1:])}
     from grpo_kernels.ops import logprobs
 
     rows = []
@@ -323,10 +331,14 @@ def main(argv=None) -> int:
                 jobs.append((kind, dtype_name, list(config), specs_per_candidate))
     print(f"[sweep] compiling {len(jobs)} candidates for sm_90 ({processes} processes)", flush=True)
     try:
-        verdicts = run_prefilter(jobs, processes, timeout=max(10.0, deadline.left() * 0.4))
-    except (subprocess.SubprocessError, OSError) as exc:
+        left = deadline.left()
+        verdicts = run_prefilter(jobs, processes, timeout=None if left == float("inf") else max(10.0, left * 0.4))
+    except (subprocess.SubprocessError, OSError, TimeoutError) as exc:
         verdicts = [{"kind": k, "dtype": t, "config": c, "compiled": [], "ok": False,
                      "error": f"prefilter failed: {type(exc).__name__}"} for k, t, c, _ in jobs]
+    device = stage_device(args.dry_run)
+    meta = {**device_info(device), "N": n, "D": d, "V": v,
+            "command": "python -m benchmarks.kit.sweep " + " ".join(argv if argv is not None else sys.argv[1:])}
     chosen = []
     for dtype_name in dtypes:
         for kind in KINDS:
