@@ -9,8 +9,9 @@
 # /work/.library/device/KINDS.md) has no trl, liger-kernel, cut-cross-entropy or datasets. What
 # they need at import that the image lacks, read from their METADATA (Requires-Dist):
 #   liger-kernel 0.8.5, cut-cross-entropy 25.1.1: torch, triton only;
-#   trl 1.16.0: datasets (trl.trainer.utils imports it: the `trl` impl, TRL's ChunkedLogProbFunction
-#     chunk size, TRL's nanstd for the advantages comparison; trl.kernels alone would not need it);
+#   trl 1.16.0: datasets (trl.trainer.utils imports it: the `trl` impl and TRL's nanstd for the
+#     advantages comparison; `trl_fused` needs only trl.kernels and, should datasets fail to import
+#     there, reads TRL's chunk-size constant from TRL's source);
 #   datasets 5.2.0: dill (< 0.4.2) and multiprocess (< 0.70.20), the rest is in the image.
 # All are pure Python (datasets' heavy dependency, pyarrow, is already there), so nothing is
 # stubbed: about 1 MiB in all. --no-deps: pip pulls nothing else (no torch, no numpy).

@@ -231,6 +231,26 @@ def _trl_impl(options) -> Impl:
                 loss, logprobs, version=_version("trl"))
 
 
+def _trl_chunk_size() -> int:
+    """TRL's ``_CHUNKED_LOGPROB_CHUNK_SIZE`` (what its trainer passes). ``trl.trainer.utils``
+    imports ``datasets``; where that cannot import (e.g. a GPU image whose pyarrow is too old for
+    the carried datasets wheel), the constant is read from TRL's own source instead."""
+    try:
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+        return _CHUNKED_LOGPROB_CHUNK_SIZE
+    except ImportError:
+        import ast
+        import importlib.util
+
+        origin = importlib.util.find_spec("trl.trainer.utils").origin
+        for node in ast.parse(open(origin, encoding="utf-8").read()).body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "_CHUNKED_LOGPROB_CHUNK_SIZE"
+                                                    for t in node.targets):
+                return ast.literal_eval(node.value)
+        raise LookupError(f"no _CHUNKED_LOGPROB_CHUNK_SIZE in {origin}")
+
+
 def _trl_fused_impl(options) -> Impl:
     """TRL 1.16's own GRPOTrainer path: ``add_fused_lm_head`` runs ChunkedLogProbFunction on the
     unmasked tokens only (log-probs and entropy), then the loss math. Not in issue 4's list of
@@ -238,15 +258,16 @@ def _trl_fused_impl(options) -> Impl:
     actually runs."""
     try:
         from trl.kernels import ChunkedLogProbFunction
-        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
-    except ImportError as exc:
+
+        chunk_size = _trl_chunk_size()
+    except (ImportError, LookupError) as exc:
         return Impl("trl_fused", "", skip_reason=f"trl >= 1.16 with trl.kernels is not installed ({exc})")
 
     def per_token(inp, outputs):
         mask = inp.completion_mask.bool()
         log_probs, entropy, *_ = ChunkedLogProbFunction.apply(
             inp.hidden[mask], inp.lm_head_weight, None, inp.completion_ids[mask], options["temperature"],
-            _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, outputs,
+            chunk_size, None, 1.0, outputs,
         )
         scatter = lambda x: None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x)  # noqa: E731
         return scatter(log_probs), scatter(entropy)

@@ -81,8 +81,8 @@ def _check(impl, op, inp):
 
 
 def run_loss_benchmarks(shape_list, impl_list, device, ops, *, min_runs, cpu_runs, log=print, checkpoint=None):
-    """Records of every (shape, impl, op); ``checkpoint(records)`` after every shape (so that a run
-    stopped by a time cap keeps what it measured)."""
+    """Records of every (shape, impl, op); ``checkpoint(records)`` after every measurement (so that
+    a run stopped by a time cap keeps what it measured)."""
     records = []
     for shape in shape_list:
         fields = _shape_fields(shape)
@@ -150,10 +150,10 @@ def run_loss_benchmarks(shape_list, impl_list, device, ops, *, min_runs, cpu_run
                 records.append(_record(fields, impl.name, op, m, **extra))
                 log(f"[bench]   {op} {impl.name}: {_describe(m)}"
                     + (f", |err| {extra['check_abs_err']:.2e}" if extra.get("check_abs_err") is not None else ""))
+                if checkpoint is not None:
+                    checkpoint(records)
         del inputs, nograd_inputs
         release_memory(device, collect=True)
-        if checkpoint is not None:
-            checkpoint(records)
     return records
 
 

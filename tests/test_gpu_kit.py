@@ -127,3 +127,35 @@ def test_sweep_candidates_and_override():
         assert logprobs._GPU_CONFIG[kind][torch.bfloat16] == shipped
         specs = sweep.specs_for(kind, torch.bfloat16, found[1], 2)
         assert len(specs) == 2 and all(s.num_warps == found[1][3] for s in specs)
+
+
+def _float64_token_logprobs(hidden, weight, targets, *, softcap=None, return_lse=False, return_entropy=False,
+                            batch_invariant=False, deterministic=False, temperature=1.0, process_group=None,
+                            **_):
+    """A stand-in with the keywords the feature checks look for, exact in float64: the checks'
+    own plumbing is tested before the features land in token_logprobs."""
+    z = hidden.double() @ weight.double().t()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    log_p = (z / temperature).log_softmax(-1)
+    valid = targets != -100
+    safe = torch.where(valid, targets, 0).long()
+    logp = (log_p.gather(-1, safe) if targets.dim() == 2 else log_p.gather(-1, safe[:, None])[:, 0])
+    logp = torch.where(valid, logp, 0.0)
+    out = [logp]
+    if return_entropy:
+        entropy = -(log_p.exp() * log_p).sum(-1)
+        out.append(torch.where(valid if targets.dim() == 1 else valid.any(-1), entropy, 0.0))
+    if return_lse:
+        out.append(torch.logsumexp(z / temperature, -1))
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+@pytest.mark.parametrize("check", ["softcap", "return_lse", "k_targets", "deterministic", "batch_invariant",
+                                   "vocab_parallel_group_of_1"])
+def test_feature_checks_run_once_the_keyword_exists(monkeypatch, check):
+    import grpo_kernels
+
+    monkeypatch.setattr(grpo_kernels, "token_logprobs", _float64_token_logprobs)
+    record = smoke.run_case(check, 0, dry_run=True)["record"]
+    assert record["status"] == "ok", record

@@ -715,7 +715,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results-dir", type=Path, required=True)
     parser.add_argument("--deadline-s", type=float, default=None, help="stop starting cases after this")
-    parser.add_argument("--jobs", type=int, default=None, help="worker processes (GPU; default min(8, cores))")
+    parser.add_argument("--jobs", type=int, default=None, help="worker processes (GPU; default min(12, cores))")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, interpreter")
     parser.add_argument("--only", nargs="+", help="only these checks")
     args = parser.parse_args(argv)
@@ -726,7 +726,7 @@ def main(argv=None) -> int:
     write_json(args.results_dir / "device.json", meta)
     tasks = [t for t in plan(ctx) if not args.only or t[0] in args.only]
     records, compiled = [], set()
-    jobs = 1 if args.dry_run else (args.jobs or min(8, os.cpu_count() or 1))
+    jobs = 1 if args.dry_run else (args.jobs or min(12, os.cpu_count() or 1))
     print(f"[smoke] {len(tasks)} cases on {meta['device']} ({jobs} worker(s))", flush=True)
 
     def collect(name, case, outcome):
