@@ -239,7 +239,8 @@ def warm_cache(jobs, processes, deadline):
 
     pool = ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("spawn"))
     futures = [pool.submit(_warm_one, job) for job in jobs]
-    wait(futures, timeout=max(1.0, deadline.left() * 0.5))
+    left = deadline.left()
+    wait(futures, timeout=None if left == float("inf") else max(1.0, left * 0.5))
     pool.shutdown(wait=False, cancel_futures=True)
     for process in list(getattr(pool, "_processes", {}).values()):
         process.kill()
