@@ -108,8 +108,13 @@ def test_smoke_reports_failures_and_unmapped_configurations():
     finally:
         del smoke.CHECKS["_test_fails"]
     assert record["status"].startswith("FAIL: something: relative error")
-    assert "unmapped" in smoke._unmapped({"NEW_SWITCH": True, "BLOCK_N": 16}, set())["status"]
-    assert smoke._unmapped({"HAS_BIAS": True, "BLOCK_N": 16}, {"HAS_BIAS"}) is None
+    assert smoke._logprob_call({"Hidden": "*fp32"}, {"NEW_SWITCH": True, "BLOCK_N": 16}).startswith("unmapped")
+    single_pass = smoke._logprob_call({"Hidden": "*bf16", "GradWeight": "*bf16"},
+                                      {"HIDDEN_GRAD": True, "WEIGHT_GRAD": True, "HAS_BIAS": True, "BLOCK_N": 16})
+    assert single_pass["exact"] is False and single_pass["bias_grad"] and single_pass["backward"]
+    exact_pass = smoke._logprob_call({"Hidden": "*bf16", "GradWeight": "*fp32"},
+                                     {"HIDDEN_GRAD": False, "WEIGHT_GRAD": True, "HAS_BIAS": False})
+    assert exact_pass["exact"] is True and not exact_pass["hidden_grad"]
 
 
 def test_sweep_candidates_and_override():
