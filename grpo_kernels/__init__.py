@@ -12,6 +12,11 @@ Public API::
     FusedLinearGRPOLoss(...)                                # drop-in for LigerFusedLinearGRPOLoss
 """
 
+from grpo_kernels import _triton_compat
+
+_triton_compat.apply()  # before any kernel runs under the CPU interpreter
+
+from grpo_kernels._version import __version__
 from grpo_kernels.ops.logprobs import token_logprobs
 from grpo_kernels.ops.advantages import GroupAdvantages, gfpo_keep_mask, group_advantages
 from grpo_kernels.ops.grpo_loss import grpo_loss
@@ -27,4 +32,3 @@ __all__ = [
     "fused_linear_grpo_loss",
     "FusedLinearGRPOLoss",
 ]
-__version__ = "0.1.0"
