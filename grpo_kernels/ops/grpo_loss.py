@@ -702,7 +702,7 @@ def _grpo_loss_kernel(
     p0, p1, p2, p3, beta, bias_kl, log_ratio_bound,
     is_clip_min, is_clip_max, is_mask_mode, off_policy_threshold, write_grad_entropy,
     POLICY: tl.constexpr, KL: tl.constexpr, ROW_LOG_RATIO: tl.constexpr, FOLDS_IS_RATIO: tl.constexpr,
-    ROW_NORM: tl.constexpr, OFF_POLICY: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
+    OFF_POLICY: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """Rows ``[pid * BLOCK_B, pid * BLOCK_B + BLOCK_B)``: per-token loss, its gradient, row sums.
 
@@ -717,7 +717,7 @@ def _grpo_loss_kernel(
     rows64 = rows.to(tl.int64)
     offs_t = tl.arange(0, BLOCK_T)
     SEQ_LEVEL: tl.constexpr = ROW_LOG_RATIO == 1
-    ROW_PASS: tl.constexpr = (ROW_LOG_RATIO != 0) or (ROW_NORM != 0) or OFF_POLICY
+    ROW_PASS: tl.constexpr = (ROW_LOG_RATIO != 0) or OFF_POLICY
 
     tokens = tl.zeros((BLOCK_B,), dtype=tl.float32)
     log_ratio_sum = tl.zeros((BLOCK_B,), dtype=tl.float32)
@@ -752,10 +752,6 @@ def _grpo_loss_kernel(
                 kl = tl.where(kl != kl, 0.0, kl)  # tokens the rollout engine could not score: no evidence
                 off_policy_kl_sum += tl.sum(tl.where(active, kl * m, 0.0), axis=1)
     inv_tokens = 1.0 / tl.maximum(tokens, 1.0)
-    if ROW_NORM == 2:
-        row_weight = 1.0 / (tokens + 1e-8)
-    else:
-        row_weight = inv_tokens
     seq_rho, seq_drho = _ratio(log_ratio_sum * inv_tokens, log_ratio_bound)
     row_value = tl.minimum(tl.maximum(log_ratio_sum + log_is_sum, -18.420680743952367), 20.0)
     off_policy_kl = off_policy_kl_sum * inv_tokens
@@ -802,10 +798,7 @@ def _grpo_loss_kernel(
         loss_t, dloss_dx, dloss_drho, kl, is_low, is_high, is_lower = _token_loss(
             x, o, r, a, rho, row_value[:, None], multiplier, p0, p1, p2, p3, beta, bias_kl, POLICY, KL)
 
-        if ROW_NORM != 0:
-            weight = tl.where(active, m * row_weight[:, None], 0.0)
-        else:
-            weight = tl.where(active, m, 0.0)
+        weight = tl.where(active, m, 0.0)
         acc_loss += tl.sum(tl.where(active, loss_t * weight, 0.0), axis=1)
         grad = tl.where(active, weight * dloss_dx, 0.0)
         if SEQ_LEVEL:
@@ -878,7 +871,6 @@ def _kernel_switches(cfg) -> dict:
         "KL": cfg.kl_jit,
         "ROW_LOG_RATIO": _ROW_LOG_RATIO_MEAN if cfg.sequence_level else policy.row_log_ratio,
         "FOLDS_IS_RATIO": policy.folds_is_ratio,
-        "ROW_NORM": cfg.aggregation.row_norm,
         "OFF_POLICY": cfg.off_policy_mask_threshold is not None,
     }
 
@@ -1003,7 +995,6 @@ def _rows_torch(cfg, t):
 
     tokens = m.sum(1)
     inv_tokens = 1.0 / tokens.clamp(min=1.0)
-    row_weight = 1.0 / (tokens + 1e-8) if switches["ROW_NORM"] == 2 else inv_tokens
     row_value = torch.zeros_like(tokens)
     if switches["ROW_LOG_RATIO"] == _ROW_LOG_RATIO_MEAN:
         seq_rho, seq_drho = ratio(torch.where(active, (x - o) * m, zero).sum(1) * inv_tokens, cfg.log_ratio_bound)
@@ -1029,7 +1020,7 @@ def _rows_torch(cfg, t):
         x, o, r, a, rho, row_value[:, None], multiplier, *cfg.policy_params(), cfg.beta,
         int(cfg.use_bias_correction_kl), _on_torch(switches["POLICY"]), _on_torch(switches["KL"]))
 
-    weight = torch.where(active, m * (row_weight[:, None] if switches["ROW_NORM"] else 1.0), zero)
+    weight = torch.where(active, m, zero)
     grad = torch.where(active, weight * dloss_dx, zero)
     if switches["ROW_LOG_RATIO"] == _ROW_LOG_RATIO_MEAN:
         row_dloss_drho = torch.where(active, weight * dloss_drho, zero).sum(1)
@@ -1113,6 +1104,18 @@ def _check_values(cfg, tensors) -> None:
             raise ValueError(message)
 
 
+def _row_scale(cfg, row_stats) -> torch.Tensor:
+    """[B, 1] float32 per-row weight of the aggregation: 1 (token sums), 1 / max(n_i, 1) (TRL's
+    per-sequence mean) or 1 / (n_i + 1e-8) (verl's). Applied to the kernel's row sums and, in the
+    backward, to its gradient rows (both are linear in it), so the kernel needs no variant for it."""
+    tokens = row_stats[:, _S_TOKENS:_S_TOKENS + 1]
+    if cfg.aggregation.row_norm == 1:
+        return 1.0 / tokens.clamp(min=1.0)
+    if cfg.aggregation.row_norm == 2:
+        return 1.0 / (tokens + 1e-8)
+    return torch.ones_like(tokens)
+
+
 class _GRPOLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logp, entropy, cfg, tensors, backend):
@@ -1120,8 +1123,10 @@ class _GRPOLossFunction(torch.autograd.Function):
         row_stats, grad_logp, grad_entropy = _ROW_PASS[backend](cfg, tensors)
         B, T = logp.shape
         policy_scale = cfg.aggregation.scale(cfg, row_stats, B, T)
+        row_scale = _row_scale(cfg, row_stats)  # [B, 1]: the per-row token mean, if any
         stats = row_stats.sum(0)
-        loss = stats[_S_LOSS] * policy_scale
+        loss = (row_stats[:, _S_LOSS] * row_scale[:, 0]).sum() * policy_scale
+        policy_scale = row_scale * policy_scale
         entropy_scale = -cfg.entropy_coef / stats[_S_EFF_TOKENS].clamp(min=1.0)
         if cfg.entropy_coef != 0:
             loss = loss + stats[_S_EFF_ENTROPY] * entropy_scale
@@ -1247,8 +1252,10 @@ def prepare_loss_inputs(shape, device, completion_mask, advantages, *, old_logpr
         if tensors["advantages"].stride(1) != 0 and shape[1] > 1:
             raise ValueError("loss_type='vespo' weighs whole sequences: advantages must be [B] or [B, 1]")
         if tensors["is_ratio"] is not None and tensors["is_ratio"].stride(1) == 0 and shape[1] > 1:
-            raise ValueError("loss_type='vespo' folds a per-token rollout_is_ratio [B, T] into its sequence "
-                             "weight (TRL's token_truncate/token_mask modes); a per-sequence ratio is not supported")
+            # VESPO sums log(ratio) over the row: a per-sequence ratio enters once (as in Liger)
+            per_token = torch.ones(shape, device=device, dtype=torch.float32)
+            per_token[:, 0] = tensors["is_ratio"][:, 0]
+            tensors["is_ratio"] = per_token
     if entropy is not None:
         check_tensor("entropy", entropy, dtypes=FLOAT_DTYPES, ndim=2)
         if tuple(entropy.shape) != shape:
@@ -1379,14 +1386,13 @@ def _switch_combinations():
         for level in IMPORTANCE_SAMPLING_LEVELS:
             if level == "sequence" and not spec.sequence_level:
                 continue
-            for row_norm in sorted({agg.row_norm for agg in AGGREGATIONS.values()}):
-                for off_policy in (False, True):
-                    add({"POLICY": policy.jit, "KL": _kl_trl_k3,
-                         "ROW_LOG_RATIO": _ROW_LOG_RATIO_MEAN if level == "sequence" else policy.row_log_ratio,
-                         "FOLDS_IS_RATIO": policy.folds_is_ratio, "ROW_NORM": row_norm, "OFF_POLICY": off_policy})
+            for off_policy in (False, True):
+                add({"POLICY": policy.jit, "KL": _kl_trl_k3,
+                     "ROW_LOG_RATIO": _ROW_LOG_RATIO_MEAN if level == "sequence" else policy.row_log_ratio,
+                     "FOLDS_IS_RATIO": policy.folds_is_ratio, "OFF_POLICY": off_policy})
     for jit, _ in KL_ESTIMATORS.values():
         add({"POLICY": _policy_clip, "KL": jit, "ROW_LOG_RATIO": _ROW_LOG_RATIO_NONE, "FOLDS_IS_RATIO": False,
-             "ROW_NORM": 0, "OFF_POLICY": False})
+             "OFF_POLICY": False})
     return list(combos.values())
 
 
@@ -1410,7 +1416,7 @@ def sm90_compile_specs() -> list[CompileSpec]:
         constexprs = dict(switches, BLOCK_B=_BLOCK_B, BLOCK_T=_BLOCK_T)
         label = ",".join(f"{k.lower()}={v.fn.__name__ if callable(v) else v}" for k, v in switches.items())
         # the mask dtype does not interact with the loss type: every dtype once, on the default switches
-        first_of_policy = switches["ROW_NORM"] == 0 and not switches["OFF_POLICY"] and switches["KL"] is _kl_trl_k3
+        first_of_policy = not switches["OFF_POLICY"] and switches["KL"] is _kl_trl_k3
         mask_types = _KERNEL_MASK_DTYPES.values() if first_of_policy else ("fp32",)
         for mask_ty in mask_types:
             specs.append(CompileSpec(
