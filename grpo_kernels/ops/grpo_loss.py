@@ -58,7 +58,8 @@ never needs a second launch and the backward is one multiply.
 
 from __future__ import annotations
 
-import json
+import ast
+import functools
 import math
 import numbers
 import types
@@ -600,9 +601,10 @@ class _Config:
         return tuple(getattr(self, name) for name in self.policy.params) + (0.0,) * (4 - len(self.policy.params))
 
     def as_json(self) -> str:
-        """The options that travel as a string into the custom op (tensors and objects excluded)."""
-        return json.dumps({name: getattr(self, name) for name in OPTIONS
-                           if not isinstance(getattr(self, name), (torch.Tensor, torch.Generator))}, sort_keys=True)
+        """The options that travel as a string into the custom op (tensors and objects excluded):
+        ``name=repr(value);...``, built from plain string formatting so that torch.compile traces it."""
+        return ";".join(f"{name}={getattr(self, name)!r}" for name in OPTIONS
+                        if not isinstance(getattr(self, name), (torch.Tensor, torch.Generator)))
 
 
 def validate_loss_options(**options) -> _Config:
@@ -1116,38 +1118,86 @@ def _row_scale(cfg, row_stats) -> torch.Tensor:
     return torch.ones_like(tokens)
 
 
-class _GRPOLossFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logp, entropy, cfg, tensors, backend):
-        _check_values(cfg, tensors)
-        row_stats, grad_logp, grad_entropy = _ROW_PASS[backend](cfg, tensors)
-        B, T = logp.shape
-        policy_scale = cfg.aggregation.scale(cfg, row_stats, B, T)
-        row_scale = _row_scale(cfg, row_stats)  # [B, 1]: the per-row token mean, if any
-        stats = row_stats.sum(0)
-        loss = (row_stats[:, _S_LOSS] * row_scale[:, 0]).sum() * policy_scale
-        policy_scale = row_scale * policy_scale
-        entropy_scale = -cfg.entropy_coef / stats[_S_EFF_TOKENS].clamp(min=1.0)
-        if cfg.entropy_coef != 0:
-            loss = loss + stats[_S_EFF_ENTROPY] * entropy_scale
-        metrics = _metrics_vector(cfg, row_stats, tensors["ref"] is not None, entropy is not None)
-        ctx.mark_non_differentiable(metrics)
-        ctx.entropy_grad = grad_entropy is not None
-        ctx.save_for_backward(grad_logp, policy_scale, grad_entropy, entropy_scale)
-        return loss, metrics
+_COUNT_OPTIONS = ("num_items_in_batch", "batch_num_tokens", "global_batch_size")
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss, _grad_metrics):
-        grad_logp, policy_scale, grad_entropy, entropy_scale = ctx.saved_tensors
-        if grad_loss is None:
-            return None, None, None, None, None
-        grad_loss = grad_loss.float()
-        d_logp = grad_logp * (policy_scale * grad_loss) if ctx.needs_input_grad[0] else None
-        d_entropy = None
-        if ctx.entropy_grad and ctx.needs_input_grad[1]:
-            d_entropy = grad_entropy * (entropy_scale * grad_loss)
-        return d_logp, d_entropy, None, None, None
+
+@functools.lru_cache(maxsize=256)
+def _options_from_json(options_json: str) -> dict:
+    """Inverse of ``_Config.as_json``."""
+    pairs = (item.split("=", 1) for item in options_json.split(";"))
+    return {name: ast.literal_eval(value) for name, value in pairs}
+
+
+def _loss_forward(logp, entropy, mask, advantages, old, ref, sampling, is_ratio, counts, options_json, backend,
+                  entropy_grad):
+    """The loss, its metrics and its gradients w.r.t. logp and entropy (already scaled), eagerly.
+
+    Everything data-dependent (value checks, the entropy quantile, host syncs) happens here, inside
+    the custom op, never in traced code.
+    """
+    options = dict(_options_from_json(options_json))
+    options.update({name: count for name, count in zip(_COUNT_OPTIONS, counts) if count is not None})
+    cfg = validate_loss_options(**options)
+    tensors = dict(mask=mask, advantages=advantages, old=old, ref=ref, sampling=sampling, is_ratio=is_ratio,
+                   logp=logp, entropy=entropy, entropy_grad=entropy_grad)
+    _check_values(cfg, tensors)
+    if entropy is not None:
+        tensors["entropy_threshold"] = _entropy_threshold(cfg, entropy, mask)
+    else:
+        tensors["entropy_threshold"] = torch.full((1,), float("-inf"), device=logp.device, dtype=torch.float32)
+    row_stats, grad_logp, grad_entropy = _ROW_PASS[backend](cfg, tensors)
+    B, T = logp.shape
+    policy_scale = cfg.aggregation.scale(cfg, row_stats, B, T)
+    row_scale = _row_scale(cfg, row_stats)  # [B, 1]: the per-row token mean, if any
+    stats = row_stats.sum(0)
+    loss = (row_stats[:, _S_LOSS] * row_scale[:, 0]).sum() * policy_scale
+    if cfg.entropy_coef != 0:
+        entropy_scale = -cfg.entropy_coef / stats[_S_EFF_TOKENS].clamp(min=1.0)
+        loss = loss + stats[_S_EFF_ENTROPY] * entropy_scale
+    metrics = _metrics_vector(cfg, row_stats, ref is not None, entropy is not None)
+    d_logp = grad_logp * (row_scale * policy_scale)
+    d_entropy = grad_entropy * entropy_scale if grad_entropy is not None else logp.new_empty((0,))
+    return loss.reshape(()).float(), metrics, d_logp, d_entropy
+
+
+@torch.library.custom_op("grpo_kernels::grpo_loss", mutates_args=())
+def _grpo_loss_op(logp: torch.Tensor, entropy: torch.Tensor | None, mask: torch.Tensor, advantages: torch.Tensor,
+                  old: torch.Tensor | None, ref: torch.Tensor | None, sampling: torch.Tensor | None,
+                  is_ratio: torch.Tensor | None, num_items_in_batch: torch.Tensor | None,
+                  batch_num_tokens: torch.Tensor | None, global_batch_size: torch.Tensor | None, options_json: str,
+                  backend: str, entropy_grad: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss [], metrics [len(METRIC_NAMES)], d loss / d logp [B, T], d loss / d entropy [B, T] or [0])``."""
+    return _loss_forward(logp, entropy, mask, advantages, old, ref, sampling, is_ratio,
+                         (num_items_in_batch, batch_num_tokens, global_batch_size), options_json, backend,
+                         entropy_grad)
+
+
+@_grpo_loss_op.register_fake
+def _grpo_loss_fake(logp, entropy, mask, advantages, old, ref, sampling, is_ratio, num_items_in_batch,
+                    batch_num_tokens, global_batch_size, options_json, backend, entropy_grad):
+    B, T = logp.shape
+    d_entropy = logp.new_empty((B, T), dtype=torch.float32) if entropy_grad else logp.new_empty((0,),
+                                                                                                  dtype=torch.float32)
+    return (logp.new_empty((), dtype=torch.float32), logp.new_empty((len(METRIC_NAMES),), dtype=torch.float32),
+            logp.new_empty((B, T), dtype=torch.float32), d_entropy)
+
+
+def _grpo_loss_setup_context(ctx, inputs, output):
+    ctx.entropy_grad = inputs[-1]
+    ctx.save_for_backward(output[2], output[3])
+    ctx.mark_non_differentiable(output[1], output[2], output[3])
+
+
+def _grpo_loss_backward(ctx, grad_loss, _grad_metrics, _grad_d_logp, _grad_d_entropy):
+    d_logp, d_entropy = ctx.saved_tensors
+    grad_loss = grad_loss.float()
+    d_logp = d_logp * grad_loss if ctx.needs_input_grad[0] else None
+    d_entropy = d_entropy * grad_loss if ctx.entropy_grad and ctx.needs_input_grad[1] else None
+    return (d_logp, d_entropy) + (None,) * 12
+
+
+_grpo_loss_op.register_autograd(_grpo_loss_backward, setup_context=_grpo_loss_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1357,12 +1407,13 @@ def grpo_loss_prepared(logprobs, entropy, cfg, tensors, backend):
             entropy32 = entropy32.contiguous()
     # d loss / d entropy is needed only for an entropy bonus on an entropy that carries gradient
     entropy_grad = entropy32 is not None and entropy32.requires_grad and cfg.entropy_coef != 0
-    tensors = dict(tensors, logp=logp32, entropy=entropy32, entropy_grad=entropy_grad)
-    if entropy32 is not None:
-        tensors["entropy_threshold"] = _entropy_threshold(cfg, entropy32, tensors["mask"])
-    else:
-        tensors["entropy_threshold"] = torch.full((1,), float("-inf"), device=logp32.device, dtype=torch.float32)
-    loss, metrics = _GRPOLossFunction.apply(logp32, entropy32, cfg, tensors, backend)
+    counts = [getattr(cfg, name) for name in _COUNT_OPTIONS]
+    counts = [torch.as_tensor(c, dtype=torch.float32, device=logp32.device) if c is not None else None
+              for c in counts]
+    t = tensors
+    loss, metrics, _, _ = torch.ops.grpo_kernels.grpo_loss(
+        logp32, entropy32, t["mask"], t["advantages"], t["old"], t["ref"], t["sampling"], t["is_ratio"], *counts,
+        cfg.as_json(), backend, entropy_grad)
     everything = dict(zip(METRIC_NAMES, metrics.unbind(0)))
     return loss, {name: everything[name] for name in metric_names(cfg.loss_type)}
 
