@@ -237,6 +237,9 @@ class GRPOTrainer:
             path, _ = find_resumable(cfg.output_dir)
             if path is None:
                 print(f"resume: no checkpoint in {cfg.output_dir}, starting from scratch")
+                if os.path.exists(self.metrics_path):  # every record is past the last checkpoint (none)
+                    print(f"resume: {self.metrics_path} holds only steps no checkpoint kept, dropped")
+                    os.remove(self.metrics_path)
             return path
         previous = [os.path.basename(c.path) for c in found]
         previous += [name for name in ("latest", "metrics.jsonl") if os.path.exists(os.path.join(cfg.output_dir, name))]
