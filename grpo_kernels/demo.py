@@ -131,13 +131,20 @@ def main(argv=None) -> dict:
     if args.export:
         export(args.export, args.seed)
         return {}
-
-    from grpo_kernels.train import GRPOConfig, GRPOTrainer
-
+    threads = torch.get_num_threads()
     if args.device == "cpu" or not torch.cuda.is_available():
         # a 75k-parameter model's matmuls are too small to split: a second thread only adds a
         # barrier per op, which costs several times the work on a busy machine
         torch.set_num_threads(1)
+    try:
+        return _train(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(args) -> dict:
+    from grpo_kernels.train import GRPOConfig, GRPOTrainer
+
     started = time.perf_counter()
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, seed=args.seed)

@@ -29,7 +29,10 @@ BAD_VALUES = [
     ({"adam_betas": [0.9]}, r"adam_betas must be two values in \[0, 1\)"),
     ({"reward_funcs": "gsm8k_answer"}, r"reward_funcs must be a list"),
     ({"reward_weights": [1.0, "x"]}, r"reward_weights\[1\] must be a number, got 'x'"),
-    ({"loss_type": "vespo"}, r"loss_type must be one of"),
+    ({"loss_type": "ppo"}, r"loss_type must be one of grpo, .*vespo"),
+    ({"vespo_k_pos": 1.0}, r"vespo_k_pos is only used by loss_type vespo; loss_type='dapo' would ignore it"),
+    ({"loss_agg_mode": "mean"}, r"loss_agg_mode must be one of null, token-mean"),
+    ({"clip_ratio_c": 0.5}, r"clip_ratio_c"),
     ({"loss_type": "cispo", "importance_sampling_level": "sequence"}, r"importance_sampling_level='sequence'"),
     ({"top_entropy_quantile": 1.5}, r"top_entropy_quantile must be in \[0, 1\]"),
     ({"resume": True, "overwrite_output_dir": True}, r"resume and overwrite_output_dir contradict"),
@@ -103,7 +106,9 @@ def test_help_lists_every_field_with_its_help_and_choices(capsys):
         first_words = " ".join(f.metadata["help"].split()[:3])
         assert first_words in " ".join(text.split()), f.name
     assert "--config FILE.yaml" in text
-    assert "{grpo,bnpo,dr_grpo,dapo,cispo,sapo,luspo}" in text and "{auto,cpu,cuda}" in text
+    from grpo_kernels.ops.grpo_loss import LOSS_TYPES
+
+    assert "{" + ",".join(LOSS_TYPES) + "}" in text and "{auto,cpu,cuda}" in text
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ non-finite steps, exact resume, dynamic sampling, GFPO, LoRA reference, the CLI 
 
 import importlib.util
 import json
+import math
 import os
 import socket
 import subprocess
@@ -210,6 +211,24 @@ def test_entropy_bonus_does_not_depend_on_micro_batching(tmp_path, loss_type):
     for metrics in others:
         assert metrics["loss"] == pytest.approx(first["loss"], rel=1e-5)
         assert metrics["grad_norm"] == pytest.approx(first["grad_norm"], rel=1e-4)
+
+
+def test_verl_token_mean_aggregation_is_dapo_and_vespo_trains(tmp_path):
+    """loss_agg_mode gets the generation batch's counts: verl's token-mean over the clip loss is DAPO's
+    global token mean, micro-batching and all; a successor loss type (VESPO) runs through the trainer."""
+    tokenizer = build_tokenizer()
+    batch, results = None, {}
+    for name, options in [("dapo", dict(loss_type="dapo")), ("verl", dict(loss_type="grpo", loss_agg_mode="token-mean")),
+                          ("vespo", dict(loss_type="vespo"))]:
+        trainer = tiny_trainer(tmp_path / name, tokenizer=tokenizer, micro_batch_size=5, **options)
+        if batch is None:
+            batch = _fixed_batch(trainer)
+        results[name] = (trainer.update(batch), params_of(trainer))
+    (dapo, dapo_params), (verl, verl_params), (vespo, _) = results.values()
+    assert verl["loss"] == pytest.approx(dapo["loss"], rel=1e-5) and verl["grad_norm"] == pytest.approx(dapo["grad_norm"], rel=1e-5)
+    for key, value in dapo_params.items():
+        torch.testing.assert_close(verl_params[key], value)
+    assert vespo["skipped_updates"] == 0 and math.isfinite(vespo["loss"]) and "vespo/phi_seq_mean" in vespo
 
 
 # --- rewards from the config -----------------------------------------------------------------
@@ -423,12 +442,19 @@ def test_offline_command_line_example(tmp_path, monkeypatch, capsys):
         assert "Traceback" not in err, err
 
 
-def test_demo_smoke(tmp_path):
+def test_demo_smoke(tmp_path, monkeypatch):
+    """The demo's plumbing on a smaller batch (its full run is measured, not tested: see the README);
+    it writes what its docstring lists, and runs again over its own earlier output."""
     from grpo_kernels import demo
 
-    summary = demo.main(["--steps", "2", "--output_dir", str(tmp_path), "--no_progress_bar"])
-    assert summary["steps"] == 2 and 0.0 <= summary["reward_first"] <= 1.0
-    assert (tmp_path / "metrics.png").stat().st_size > 0
+    monkeypatch.setitem(demo.TRAINING, "prompts_per_step", 4)
+    monkeypatch.setitem(demo.TRAINING, "num_generations", 4)
+    threads = torch.get_num_threads()
+    for _ in range(2):
+        summary = demo.main(["--steps", "2", "--output_dir", str(tmp_path), "--no_progress_bar"])
+        assert summary["steps"] == 2 and 0.0 <= summary["reward_first"] <= 1.0
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "demo.json", "latest", "metrics.jsonl", "metrics.png"]
+    assert (tmp_path / "metrics.png").stat().st_size > 0 and torch.get_num_threads() == threads
 
 
 def test_end_to_end_benchmark_smoke(tmp_path):

@@ -42,10 +42,15 @@ def option(default, help: str, choices: tuple | None = None):
     return field(default=default, metadata=metadata)
 
 
-# The loss options the config forwards to ``fused_linear_grpo_loss`` (with the same names).
+from grpo_kernels.ops.grpo_loss import KL_ESTIMATORS, LOSS_AGG_MODES, LOSS_TYPES, validate_loss_options
+
+# The loss options the config forwards to ``fused_linear_grpo_loss`` (with the same names); the
+# type-specific ones are forwarded only when set (None: the loss type's own default).
 LOSS_OPTION_FIELDS = ("loss_type", "beta", "epsilon_low", "epsilon_high", "delta", "importance_sampling_level",
                       "top_entropy_quantile")
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+OPTIONAL_LOSS_OPTION_FIELDS = ("kl_estimator", "clip_ratio_c", "loss_agg_mode", "vespo_k_pos", "vespo_lambda_pos",
+                               "vespo_k_neg", "vespo_lambda_neg", "kl_cov_ratio", "ppo_kl_coef", "clip_cov_ratio",
+                               "clip_cov_lb", "clip_cov_ub")
 
 
 @dataclass
@@ -112,6 +117,25 @@ class GRPOConfig:
     importance_sampling_level: str = option("token", "importance ratio per token, or per sequence (GSPO)",
                                             ("token", "sequence"))
     entropy_coef: float = option(0.0, "entropy bonus: the loss subtracts entropy_coef x the mean token entropy")
+    kl_estimator: str | None = option(None, "KL estimator of the beta term (verl's names); null: k3",
+                                      (None, *(k for k in KL_ESTIMATORS if k is not None)))
+    clip_ratio_c: float | None = option(None, "dual clip (verl): the loss of A < 0 tokens is capped at "
+                                        "-A x clip_ratio_c (> 1); null: off")
+    loss_agg_mode: str | None = option(None, "verl's loss aggregation, normalized over all ranks; null: the loss "
+                                       "type's own (TRL's)", (None, *LOSS_AGG_MODES))
+    vespo_k_pos: float | None = option(None, "VESPO: k for A >= 0; null: the loss default")
+    vespo_lambda_pos: float | None = option(None, "VESPO: lambda for A >= 0; null: the loss default")
+    vespo_k_neg: float | None = option(None, "VESPO: k for A < 0; null: the loss default")
+    vespo_lambda_neg: float | None = option(None, "VESPO: lambda for A < 0; null: the loss default")
+    kl_cov_ratio: float | None = option(None, "KL-Cov: fraction of the tokens, by covariance, that get the KL "
+                                        "penalty; null: the loss default")
+    ppo_kl_coef: float | None = option(None, "KL-Cov: weight of that penalty; null: the loss default")
+    clip_cov_ratio: float | None = option(None, "Clip-Cov: fraction of the tokens whose gradient is zeroed; "
+                                          "null: the loss default")
+    clip_cov_lb: float | None = option(None, "Clip-Cov: lower covariance bound of the candidates; null: the "
+                                       "loss default")
+    clip_cov_ub: float | None = option(None, "Clip-Cov: upper covariance bound of the candidates; null: the "
+                                       "loss default")
     top_entropy_quantile: float = option(1.0, "train only on the tokens above this entropy quantile, in [0, 1]; "
                                          "1 = all tokens")
 
@@ -154,7 +178,8 @@ class GRPOConfig:
             allowed = f.metadata.get("choices")
             value = getattr(self, f.name)
             if allowed is not None and value not in allowed:
-                raise ConfigError(f"{f.name} must be one of {', '.join(allowed)}; got {value!r}{_closest(value, allowed)}")
+                listed = ", ".join("null" if a is None else str(a) for a in allowed)
+                raise ConfigError(f"{f.name} must be one of {listed}; got {value!r}{_closest(value, allowed)}")
         positive = ("prompts_per_step", "num_generations", "max_prompt_length", "max_new_tokens", "micro_batch_size",
                     "num_iterations", "max_steps", "max_sampling_rounds", "lora_alpha")
         non_negative = ("lora_r", "top_k", "overlong_buffer", "warmup_steps", "save_every", "beta", "epsilon_low",
@@ -194,17 +219,18 @@ class GRPOConfig:
     def loss_options(self) -> dict:
         """The options of ``fused_linear_grpo_loss`` this config sets (without the per-step ones)."""
         options = {name: getattr(self, name) for name in LOSS_OPTION_FIELDS}
+        options.update({name: getattr(self, name) for name in OPTIONAL_LOSS_OPTION_FIELDS
+                        if getattr(self, name) is not None})
         return dict(options, temperature=self.temperature, max_completion_length=self.max_new_tokens)
 
 
 def _validate_loss_options(options: dict) -> None:
-    """The loss kernel's own option checks, run on the config alone (no tensors, no model)."""
-    from grpo_kernels.ops.grpo_loss import _Config
-
+    """The loss kernel's own option checks (``validate_loss_options``), on the config alone: no
+    tensors, no model."""
     options = {key: value for key, value in options.items() if key != "temperature"}
     try:
-        _Config(**options)
-    except ValueError as error:
+        validate_loss_options(**options)
+    except (ValueError, TypeError) as error:
         raise ConfigError(str(error)) from None
 
 

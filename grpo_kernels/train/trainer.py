@@ -37,6 +37,7 @@ from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 import grpo_kernels as gk
+from grpo_kernels.ops.grpo_loss import LOSS_TYPES_TABLE
 from grpo_kernels.train.checkpoint import (
     CheckpointError,
     agree_on,
@@ -66,7 +67,7 @@ from grpo_kernels.train.rewards import build_reward_funcs, check_answer_column, 
 from grpo_kernels.train.rollout import Rollout, eos_token_ids, generate
 
 # loss types normalized by the token count of the whole generation batch (on all ranks)
-TOKEN_NORMALIZED = ("dapo", "cispo")
+TOKEN_NORMALIZED = tuple(name for name, spec in LOSS_TYPES_TABLE.items() if spec.aggregation == "trl:global-token-mean")
 
 
 def resolve_attn_implementation(requested: str) -> str:
@@ -453,6 +454,11 @@ class GRPOTrainer:
         cfg = self.config
         token_normalized = cfg.loss_type in TOKEN_NORMALIZED
         global_tokens = int(all_reduce_sum(batch.completion_mask.sum()))
+        # verl's aggregations (loss_agg_mode) take the counts of the whole generation batch and the
+        # number of ranks, and so normalize globally like dapo: micro-batches are summed, not averaged
+        verl_counts = {} if cfg.loss_agg_mode is None else dict(
+            dp_size=self.world_size, batch_num_tokens=global_tokens, global_batch_size=len(batch) * self.world_size)
+        globally_normalized = token_normalized or cfg.loss_agg_mode is not None
         old = self.logprobs(self.policy, batch) if cfg.num_iterations > 1 else None
         ref = self.reference_logprobs(batch) if cfg.beta != 0 else None
         micro_batches = self.micro_batches(batch)
@@ -460,7 +466,7 @@ class GRPOTrainer:
         # gradient average over ranks yields sum / num_items_in_batch. Per-row means are weighted by
         # the micro-batch's share of the rank's rows (1/GA for even splits) and then averaged over
         # ranks the same way.
-        shares = [1.0 if token_normalized else (rows.stop - rows.start) / len(batch) for rows in micro_batches]
+        shares = [1.0 if globally_normalized else (rows.stop - rows.start) / len(batch) for rows in micro_batches]
         # The kernel's entropy bonus is -coef x the micro-batch's mean entropy. Weighting it by the
         # micro-batch's share of all completion tokens (and undoing `share` and the rank average)
         # makes the step's bonus -entropy_coef x the mean over the generation batch's tokens,
@@ -485,6 +491,7 @@ class GRPOTrainer:
                         ref_logprobs=None if ref is None else ref[rows, :C],
                         num_items_in_batch=global_tokens if token_normalized else None,
                         entropy_coef=entropy_coefs[j],
+                        **verl_counts,
                         **self.loss_options,
                     )
                     (loss * share).backward()
