@@ -140,3 +140,23 @@ def test_nullable_and_list_fields_on_the_command_line():
     assert config.epsilon_high is None and config.keep_checkpoints is None and config.reward_weights == [0.5]
     assert config.lora_target_modules == ["q_proj", "v_proj"] and config.progress_bar is False
     assert parse_args(["--lora_target_modules", "null"]).lora_target_modules is None
+
+
+def test_missing_train_extras_name_what_to_install(tmp_path, monkeypatch):
+    """`datasets` (hub and save_to_disk datasets) and `peft` (lora_r > 0) come with grpo-kernels[train]."""
+    import sys
+
+    from grpo_kernels.train.data import load_rows
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    monkeypatch.setitem(sys.modules, "peft", None)
+    with pytest.raises(ImportError, match=r"needs the datasets package: pip install 'grpo-kernels\[train\]'"):
+        load_rows("openai/gsm8k")
+    (tmp_path / "rows.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    assert load_rows(str(tmp_path / "rows.jsonl"))  # JSON Lines need no extra
+    with pytest.raises(FileNotFoundError, match="no/such.jsonl: no such file"):
+        load_rows("no/such.jsonl")
+    from test_train_loop import tiny_trainer
+
+    with pytest.raises(ImportError, match=r"lora_r > 0 needs peft: pip install 'grpo-kernels\[train\]'"):
+        tiny_trainer(tmp_path / "run", lora_r=4)
