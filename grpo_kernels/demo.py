@@ -1,6 +1,7 @@
-"""GRPO end to end in well under a minute on a CPU (2 cores), with nothing to download.
+"""GRPO end to end on a CPU (2 cores) in under a minute, with nothing to download.
 
-    python -m grpo_kernels.demo [--steps 200] [--output_dir runs/demo] [--device auto]
+    python -m grpo_kernels.demo [--steps N] [--output_dir runs/demo] [--device auto]
+    python -m grpo_kernels.demo --export DIR   # the tiny model and data for the offline CLI example
 
 - model: a tiny Qwen2-architecture causal LM (``Qwen2Config`` -> ``AutoModelForCausalLM.from_config``,
   random weights, tied embeddings);
@@ -11,13 +12,21 @@
 - training: the GRPO trainer of ``grpo_kernels.train`` with the fused hidden-states-to-loss kernel
   (on a GPU the Triton kernels, on a CPU its chunked PyTorch path).
 
-Prints a summary and writes ``metrics.png`` (reward and KL per step) and ``metrics.jsonl`` to the
-output directory.
+Prints a summary and writes to the output directory: ``metrics.jsonl`` (one record per step),
+``metrics.png`` (reward and KL per step), ``checkpoint-<steps>/`` (the trainer's final,
+resumable checkpoint) with the ``latest`` file naming it, and ``demo.json`` (the summary). A
+directory holding an earlier demo run (its ``demo.json``) is overwritten; any other run in it is
+left alone (the trainer refuses to start there).
+
+``--export DIR`` writes ``DIR/model/`` (the tiny Qwen2 with random weights and its tokenizer,
+``from_pretrained``-loadable) and ``DIR/data.jsonl`` (the 25 addition prompts with their answers)
+and exits: ``grpo-kernels-train --config examples/grpo_tiny_offline.yaml`` trains on them.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -25,6 +34,23 @@ import torch
 
 VOCAB = ["<pad>", "<eos>", "<unk>", *"0123456789", "+", "="]
 MAX_OPERAND = 4
+STEPS = 50
+# the demo's training options (GRPOConfig fields): every prompt in every step, 32 samples each, so
+# that each prompt sees its right answer early (with 16, one prompt of 25 can lock onto a wrong one)
+TRAINING = dict(
+    prompts_per_step=25,
+    num_generations=32,
+    max_new_tokens=1,  # the reward reads the first character only
+    temperature=1.0,
+    loss_type="dapo",
+    beta=0.001,
+    learning_rate=6e-3,
+    lr_schedule="cosine",
+    min_lr_ratio=0.1,
+    warmup_steps=3,
+    max_grad_norm=1.0,
+    micro_batch_size=800,
+)
 
 
 def build_tokenizer():
@@ -81,16 +107,42 @@ def greedy_accuracy(model, tokenizer, rows, device) -> float:
     return sum(p == r["answer"] for p, r in zip(predicted, rows)) / len(rows)
 
 
+def export(directory: str, seed: int = 0) -> None:
+    """``directory/model`` (tiny Qwen2 + tokenizer, ``from_pretrained``-loadable) and ``directory/data.jsonl``."""
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, seed=seed)
+    model.save_pretrained(os.path.join(directory, "model"))
+    tokenizer.save_pretrained(os.path.join(directory, "model"))
+    with open(os.path.join(directory, "data.jsonl"), "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in addition_rows())
+    print(f"wrote {os.path.join(directory, 'model')}/ and {os.path.join(directory, 'data.jsonl')}")
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m grpo_kernels.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--output_dir", default="runs/demo")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--steps", type=int, default=STEPS, help="training steps (generation batches)")
+    parser.add_argument("--output_dir", default="runs/demo", help="where the demo's outputs go")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no_progress_bar", action="store_true")
+    parser.add_argument("--export", metavar="DIR", help="write the tiny model and dataset to DIR and exit")
     args = parser.parse_args(argv)
+    if args.export:
+        export(args.export, args.seed)
+        return {}
+    threads = torch.get_num_threads()
+    if args.device == "cpu" or not torch.cuda.is_available():
+        # a 75k-parameter model's matmuls are too small to split: a second thread only adds a
+        # barrier per op, which costs several times the work on a busy machine
+        torch.set_num_threads(1)
+    try:
+        return _train(args)
+    finally:
+        torch.set_num_threads(threads)
 
+
+def _train(args) -> dict:
     from grpo_kernels.train import GRPOConfig, GRPOTrainer
 
     started = time.perf_counter()
@@ -98,23 +150,14 @@ def main(argv=None) -> dict:
     model = build_model(tokenizer, seed=args.seed)
     rows = addition_rows()
     config = GRPOConfig(
-        prompts_per_step=16,
-        num_generations=16,  # enough samples that most prompts see a correct answer early on
-        max_new_tokens=2,
-        temperature=1.0,
-        loss_type="dapo",
-        beta=0.001,
-        learning_rate=2e-3,
-        lr_schedule="cosine",
-        min_lr_ratio=0.1,
-        warmup_steps=5,
-        max_grad_norm=1.0,
-        micro_batch_size=256,
+        **TRAINING,
         max_steps=args.steps,
         device=args.device,
         mode="single",
         seed=args.seed,
         output_dir=args.output_dir,
+        # an earlier demo run in the directory is replaced; anything else makes the trainer refuse
+        overwrite_output_dir=os.path.isfile(os.path.join(args.output_dir, "demo.json")),
         save_final_model=False,
         progress_bar=not args.no_progress_bar,
     )
@@ -137,9 +180,11 @@ def main(argv=None) -> dict:
         "seconds": time.perf_counter() - started,
         "plot": os.path.join(args.output_dir, "metrics.png"),
     }
+    with open(os.path.join(args.output_dir, "demo.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1)
     print(
         f"\nGRPO demo: tiny Qwen2 ({sum(p.numel() for p in model.parameters()) / 1e3:.0f}k params) learning "
-        f"a+b (a, b <= {MAX_OPERAND}) on {summary['device']}, {summary['steps']} steps in {summary['seconds']:.0f} s\n"
+        f"a+b (a, b <= {MAX_OPERAND}) on {summary['device']}, {summary['steps']} steps in {summary['seconds']:.0f} s (after imports)\n"
         f"  mean reward, first {window} steps: {first:.3f}  ->  last {window} steps: {last:.3f}\n"
         f"  greedy accuracy on all {len(rows)} prompts: {accuracy_before:.2f} -> {accuracy_after:.2f}\n"
         f"  plot: {summary['plot']}   metrics: {os.path.join(args.output_dir, 'metrics.jsonl')}"

@@ -1,5 +1,5 @@
-"""The trainer's plain-Python parts: config loading, data loading, the sampler, reward functions,
-checkpoint files."""
+"""The trainer's plain-Python parts: config loading, data loading, the sampler, reward functions
+(checkpoints: test_train_checkpoints.py; the config's validation and the CLI: test_train_config.py)."""
 
 import json
 import math
@@ -8,12 +8,12 @@ import os
 import pytest
 import torch
 
-from grpo_kernels.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from grpo_kernels.train.config import GRPOConfig, load_config, parse_args
 from grpo_kernels.train.data import PromptSampler, load_rows
 from grpo_kernels.train.rewards import (
     build_reward_funcs,
     check_answer_column,
+    checked_rewards,
     gsm8k_answer_reward,
     gsm8k_format_reward,
     length_reward,
@@ -62,13 +62,13 @@ def test_command_line_values_of_string_fields_stay_strings(tmp_path):
     """Only non-string fields are parsed as YAML: a prompt with a colon, `no`, a number-like model name."""
     config = parse_args(
         ["--system_prompt", "Format: <think> then <answer>", "--dataset_split", "no", "--model", "1234",
-         "--tokenizer", "null", "--dataset_config=on", "--packing", "true", "--reward_weights", "[1, 0.5]",
+         "--tokenizer", "null", "--dataset_config=on", "--packing", "true", "--reward_weights", "1", "0.5",
          "--epsilon_high", "null", "--resume", "no"]
     )
     assert config.system_prompt == "Format: <think> then <answer>"
     assert config.dataset_split == "no" and config.model == "1234" and config.dataset_config == "on"
     assert config.tokenizer is None and config.epsilon_high is None  # null: None where the field allows it
-    assert config.packing is True and config.reward_weights == [1, 0.5] and config.resume is False
+    assert config.packing == "true" and config.reward_weights == [1, 0.5] and config.resume is False
     # in a YAML file an unquoted `no` is a boolean: a clear error instead of a config that reads False
     path = tmp_path / "cfg.yaml"
     path.write_text("dataset_split: no\n")
@@ -79,9 +79,9 @@ def test_command_line_values_of_string_fields_stay_strings(tmp_path):
 
 
 def test_command_line_errors():
-    with pytest.raises(ValueError, match="--model needs a value"):
+    with pytest.raises(ValueError, match="argument --model: expected one argument"):
         parse_args(["--model"])
-    with pytest.raises(ValueError, match="unexpected argument"):
+    with pytest.raises(ValueError, match="unknown option model=x"):
         parse_args(["model=x"])
 
 
@@ -246,62 +246,37 @@ def test_answer_column_check():
     check_answer_column(GRPOConfig(reward_funcs=["gsm8k_format"], answer_column=None), rows)  # needs no answer
 
 
-# --- checkpoints -----------------------------------------------------------------------------
+def _returns(value):
+    def odd_reward(prompts, completions, **columns):
+        return value() if callable(value) else value
+
+    return odd_reward
 
 
-def _save(output_dir, step, model, optimizer, keep=2):
-    return save_checkpoint(str(output_dir), step, model=model, optimizer=optimizer,
-                           trainer_state={"step": step}, rank=0, keep=keep)
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (None, r"returned a NoneType \(None\)"),
+        (1.0, r"returned a float \(1.0\)"),
+        (lambda: (x for x in [1.0, 0.0]), r"returned a generator"),
+        ({"a": 1.0, "b": 0.0}, r"returned a dict \(\{'a': 1.0, 'b': 0.0\}\)"),  # its keys used to become rewards
+        ("10", r"returned a str \('10'\)"),
+        (["1", "0"], r"returned a str \('1'\) for completion 0"),
+        ([[1.0], [0.0]], r"returned a list \(\[1.0\]\) for completion 0"),
+        (torch.ones(2, 1), r"returned a 2-D Tensor of shape \(2, 1\)"),
+        ([1.0, math.inf], r"returned inf for completion 1: rewards must be finite"),
+        ([1.0], r"returned 1 values for 2 completions"),
+    ],
+)
+def test_malformed_reward_is_an_error_naming_the_function(value, message):
+    with pytest.raises(ValueError, match=r"reward function .*odd_reward " + message):
+        score([_returns(value)], ["p", "p"], ["a", "b"], {})
 
 
-def _saved_weight(path):
-    model = torch.nn.Linear(3, 2)
-    load_checkpoint(str(path), model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), rank=0)
-    return model.weight.detach().clone()
+def test_reward_values_that_are_fine():
+    assert checked_rewards(len, (True, 0, None), 3)[:2] == [1.0, 0.0]
+    assert math.isnan(checked_rewards(len, [None], 1)[0]) and math.isnan(checked_rewards(len, [math.nan], 1)[0])
+    assert checked_rewards(len, torch.tensor([0.5, 1.0]), 2) == [0.5, 1.0]
+    import numpy as np
 
-
-def test_resaving_a_step_keeps_the_good_copy_until_the_new_one_is_in_place(tmp_path, monkeypatch):
-    model = torch.nn.Linear(3, 2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    _save(tmp_path, 2, model, optimizer)
-    first = model.weight.detach().clone()
-    with torch.no_grad():
-        model.weight.add_(1.0)
-    real_replace = os.replace
-
-    def crash_on_install(src, dst):  # the process dies as the new checkpoint is renamed into place
-        if str(src).endswith("checkpoint-2.tmp"):
-            raise _Crash
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", crash_on_install)
-    with pytest.raises(_Crash):
-        _save(tmp_path, 2, model, optimizer)
-    monkeypatch.setattr(os, "replace", real_replace)
-    assert torch.equal(_saved_weight(tmp_path / "checkpoint-2.old"), first)  # the previous copy survived
-    with pytest.raises(FileNotFoundError, match=r"checkpoint-2, which is no complete checkpoint; an interrupted "
-                                                r"save left .*checkpoint-2.old"):
-        latest_checkpoint(str(tmp_path))
-    _save(tmp_path, 2, model, optimizer)
-    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
-    assert torch.equal(_saved_weight(tmp_path / "checkpoint-2"), model.weight.detach())
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "latest"]
-
-
-def test_prune_keeps_the_checkpoint_just_written(tmp_path):
-    model = torch.nn.Linear(3, 2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    for stale in (10, 12):  # left by an earlier, longer run in the same output_dir
-        (tmp_path / f"checkpoint-{stale}").mkdir()
-    _save(tmp_path, 1, model, optimizer)
-    _save(tmp_path, 2, model, optimizer)
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint-1", "checkpoint-2", "latest"]
-    _save(tmp_path, 3, model, optimizer)
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "checkpoint-3", "latest"]
-    _save(tmp_path, 4, model, optimizer, keep=1)
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint-4", "latest"]
-    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-4")
-
-
-class _Crash(RuntimeError):
-    pass
+    assert checked_rewards(len, [np.float32(0.25), torch.tensor(2.0)], 2) == [0.25, 2.0]

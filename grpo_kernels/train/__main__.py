@@ -1,6 +1,8 @@
-"""``python -m grpo_kernels.train --config cfg.yaml [--key value ...]`` (console script: grpo-kernels-train).
+"""``grpo-kernels-train --config cfg.yaml [--key value ...]`` (also ``python -m grpo_kernels.train``).
 
 Under several processes: ``torchrun --nproc_per_node N -m grpo_kernels.train --config cfg.yaml --mode fsdp2``.
+A user error (a bad key, value or file; an output_dir that holds another run; no intact checkpoint to
+resume from) is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -9,11 +11,17 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> None:
-    from grpo_kernels.train.config import parse_args
+    from grpo_kernels.train.checkpoint import CheckpointError
+    from grpo_kernels.train.config import ConfigError, parse_args_or_exit
     from grpo_kernels.train.trainer import GRPOTrainer
 
-    config = parse_args(sys.argv[1:] if argv is None else argv)
-    trainer = GRPOTrainer(config)
+    prog = "grpo-kernels-train"
+    config = parse_args_or_exit(sys.argv[1:] if argv is None else argv, prog)
+    try:
+        trainer = GRPOTrainer(config)
+    except (ConfigError, CheckpointError, ImportError, OSError, ValueError) as error:  # set-up: the user's input
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     try:
         history = trainer.train()
         if trainer.dist.is_main and history:

@@ -19,10 +19,17 @@ def load_rows(source, prompt_column: str = "prompt", split: str = "train", confi
     if isinstance(source, (str, os.PathLike)) and str(source).endswith((".jsonl", ".json")) and os.path.isfile(source):
         rows = _read_json_file(str(source), prompt_column)
     elif isinstance(source, (str, os.PathLike)):
-        import datasets
-
         if not str(source):
             raise ValueError("no dataset given: set `dataset` to a .jsonl file or a datasets dataset")
+        if str(source).endswith((".jsonl", ".json")) and not os.path.exists(source):
+            raise FileNotFoundError(f"dataset {source}: no such file")
+        try:
+            import datasets
+        except ImportError:
+            raise ImportError(
+                f"dataset {str(source)!r} is no .jsonl/.json file: reading a hub or save_to_disk dataset needs the "
+                "datasets package: pip install 'grpo-kernels[train]' (or pip install datasets)"
+            ) from None
         if os.path.isdir(source):
             dataset = datasets.load_from_disk(str(source))
             if isinstance(dataset, datasets.DatasetDict):

@@ -3,8 +3,12 @@
 ``prompts`` and ``completions`` are lists of strings, one entry per completion (a prompt is
 repeated G times). ``columns`` holds every dataset column the same way, the config's
 ``answer_column`` also as ``answer``, plus ``completion_ids`` (lists of token ids) and
-``completion_lengths`` (ints, EOS included). ``None`` means "could not score this one": it is
-left out of the weighted sum (see group_advantages).
+``completion_lengths`` (ints, EOS included). ``None`` (or NaN) means "could not score this one":
+it is left out of the weighted sum; a completion no function scored is left out of the advantage
+statistics (advantage 0, see group_advantages), and a batch that none scored is skipped with a
+warning. A function must return a list (or tuple, 1-D array or tensor) of one number, bool or
+``None`` per completion; anything else (None, a scalar, a generator, a dict, strings, nested
+lists, +-inf) is an error naming the function.
 
 Built in (names usable in ``GRPOConfig.reward_funcs``):
 
@@ -26,8 +30,10 @@ from __future__ import annotations
 
 import importlib
 import math
+import numbers
 import re
 
+import numpy as np
 import torch
 
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
@@ -128,13 +134,17 @@ def build_reward_funcs(config) -> list:
     }
     funcs = []
     for name in config.reward_funcs:
-        if callable(name):
-            funcs.append(name)
-        elif name in builtins:
+        if name in builtins:
             funcs.append(builtins[name]())
         elif ":" in name:
             module, _, attr = name.partition(":")
-            funcs.append(getattr(importlib.import_module(module), attr))
+            try:
+                func = getattr(importlib.import_module(module), attr)
+            except (ImportError, AttributeError) as error:
+                raise ValueError(f"reward function {name!r} cannot be loaded: {error}") from None
+            if not callable(func):
+                raise ValueError(f"reward function {name!r} is a {type(func).__name__}, not a function")
+            funcs.append(func)
         else:
             raise ValueError(f"unknown reward function {name!r}: use one of {sorted(builtins)} or 'module:function'")
     return funcs
@@ -144,9 +154,40 @@ def score(reward_funcs, prompts: list[str], completions: list[str], columns: dic
     """Rewards ``[B, K]`` float32, one column per function; ``None`` becomes NaN."""
     table = torch.empty(len(completions), len(reward_funcs), dtype=torch.float32)
     for k, func in enumerate(reward_funcs):
-        values = func(prompts, completions, **columns)
-        name = getattr(func, "__name__", repr(func))
-        if len(values) != len(completions):
-            raise ValueError(f"reward function {name} returned {len(values)} values for {len(completions)} completions")
-        table[:, k] = torch.tensor([math.nan if v is None else float(v) for v in values])
+        table[:, k] = torch.tensor(checked_rewards(func, func(prompts, completions, **columns), len(completions)))
     return table
+
+
+def checked_rewards(func, values, count: int) -> list[float]:
+    """``values`` as ``count`` floats (None -> NaN), or a ValueError naming ``func`` and what it returned."""
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    expected = f"expected a list of {count} floats (or None), one per completion"
+    if isinstance(values, (torch.Tensor, np.ndarray)):
+        if values.ndim != 1:
+            raise ValueError(f"reward function {name} returned a {values.ndim}-D {type(values).__name__} of shape "
+                             f"{tuple(values.shape)}; {expected}")
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(f"reward function {name} returned {_describe(values)}; {expected}")
+    if len(values) != count:
+        raise ValueError(f"reward function {name} returned {len(values)} values for {count} completions")
+    rewards = []
+    for index, value in enumerate(values):
+        if value is None:
+            rewards.append(math.nan)
+            continue
+        if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:
+            value = value.item()
+        if not isinstance(value, (numbers.Real, np.bool_)):
+            raise ValueError(f"reward function {name} returned {_describe(value)} for completion {index}; {expected}")
+        value = float(value)
+        if math.isinf(value):
+            raise ValueError(f"reward function {name} returned {value} for completion {index}: rewards must be finite "
+                             "(None or NaN: not scored)")
+        rewards.append(value)
+    return rewards
+
+
+def _describe(value) -> str:
+    text = repr(value)
+    return f"a {type(value).__name__} ({text[:80] + '...' if len(text) > 80 else text})"

@@ -17,12 +17,16 @@ One step (one generation batch):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import json
 import math
 import os
 import random
+import shutil
 import time
+import uuid
+import warnings
 from collections import defaultdict
 from functools import partial
 
@@ -33,8 +37,16 @@ from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 import grpo_kernels as gk
-from grpo_kernels.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from grpo_kernels.train.config import GRPOConfig
+from grpo_kernels.ops.grpo_loss import LOSS_TYPES_TABLE
+from grpo_kernels.train.checkpoint import (
+    CheckpointError,
+    agree_on,
+    checkpoint_dirs,
+    find_resumable,
+    load_checkpoint,
+    save_checkpoint,
+)
+from grpo_kernels.train.config import ConfigError, GRPOConfig
 from grpo_kernels.train.data import PromptSampler, load_rows
 from grpo_kernels.train.distributed import (
     PolicyHead,
@@ -55,7 +67,7 @@ from grpo_kernels.train.rewards import build_reward_funcs, check_answer_column, 
 from grpo_kernels.train.rollout import Rollout, eos_token_ids, generate
 
 # loss types normalized by the token count of the whole generation batch (on all ranks)
-TOKEN_NORMALIZED = ("dapo", "cispo")
+TOKEN_NORMALIZED = tuple(name for name, spec in LOSS_TYPES_TABLE.items() if spec.aggregation == "trl:global-token-mean")
 
 
 def resolve_attn_implementation(requested: str) -> str:
@@ -97,7 +109,15 @@ class GRPOTrainer:
     """
 
     def __init__(self, config: GRPOConfig, *, model=None, tokenizer=None, dataset=None, reward_funcs=None):
-        self.config = cfg = config
+        self.config = cfg = dataclasses.replace(config)  # a copy, validated again: fields may have been set since
+        if model is None and not cfg.model:
+            raise ConfigError("no model given: set `model` (--model) to a Hugging Face model id or a local directory")
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device='cuda' but torch sees no CUDA device (torch.cuda.is_available() is False)")
+        if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ImportError("tensorboard=true needs the tensorboard package: pip install tensorboard")
+        if model is None and cfg.model.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(cfg.model)):
+            raise FileNotFoundError(f"model {cfg.model}: no such directory")
         self.dist = init_distributed(cfg.mode, cfg.device)
         self.device, self.rank, self.world_size = self.dist.device, self.dist.rank, self.dist.world_size
         if cfg.prompts_per_step % self.world_size:
@@ -135,7 +155,10 @@ class GRPOTrainer:
             set_parameter_dtypes(frozen, compute_dtype)
             self.reference = wrap(PolicyHead(frozen, compute_dtype), self.dist, trainable=False)
         if cfg.lora_r > 0:
-            from peft import LoraConfig, get_peft_model
+            try:
+                from peft import LoraConfig, get_peft_model
+            except ImportError:
+                raise ImportError("lora_r > 0 needs peft: pip install 'grpo-kernels[train]' (or pip install peft)") from None
 
             lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM")
             model = get_peft_model(model, lora)
@@ -159,17 +182,7 @@ class GRPOTrainer:
             min_ratio=cfg.min_lr_ratio,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
-        self.loss_options = dict(
-            temperature=cfg.temperature,
-            beta=cfg.beta,
-            loss_type=cfg.loss_type,
-            epsilon_low=cfg.epsilon_low,
-            epsilon_high=cfg.epsilon_high,
-            delta=cfg.delta,
-            importance_sampling_level=cfg.importance_sampling_level,
-            max_completion_length=cfg.max_new_tokens,
-            top_entropy_quantile=cfg.top_entropy_quantile,
-        )
+        self.loss_options = cfg.loss_options()  # validated with the config
 
         # --- data and rewards --------------------------------------------------------------------
         self.rows = load_rows(cfg.dataset if dataset is None else dataset, cfg.prompt_column, cfg.dataset_split,
@@ -190,18 +203,58 @@ class GRPOTrainer:
         # --- bookkeeping -------------------------------------------------------------------------
         self.step, self.history = 0, []
         self.metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-        if self.dist.is_main:
-            os.makedirs(cfg.output_dir, exist_ok=True)
-        checkpoint = latest_checkpoint(cfg.output_dir) if cfg.resume else None
-        if cfg.resume and checkpoint is None and self.dist.is_main:
-            print(f"resume: no checkpoint in {cfg.output_dir}, starting from scratch")
+        checkpoint = self._claim_output_dir()
         if checkpoint is not None:
             self._resume(checkpoint)
         else:
+            # a fresh run: its own id, so that pruning never touches another run's checkpoints
+            self.run_id = agree_on(uuid.uuid4().hex)
             seed_everything(cfg.seed + 1 + self.rank)  # each rank samples its own completions
-            if self.dist.is_main and os.path.exists(self.metrics_path):
-                os.remove(self.metrics_path)
         self.tensorboard = self._tensorboard() if cfg.tensorboard and self.dist.is_main else None
+
+    def _claim_output_dir(self) -> str | None:
+        """The checkpoint to resume from (None: start afresh), decided on rank 0 for every rank.
+
+        A fresh run refuses an output_dir that holds another run's checkpoints or metrics unless
+        ``overwrite_output_dir`` (which deletes them); ``resume`` takes the newest intact checkpoint
+        and refuses when there are checkpoints but none is intact."""
+        cfg = self.config
+        verdict = None
+        if self.dist.is_main:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            try:
+                verdict = ("ok", self._inspect_output_dir())
+            except (CheckpointError, ConfigError) as error:
+                verdict = (type(error).__name__, str(error))
+        kind, value = agree_on(verdict)
+        if kind != "ok":
+            raise (CheckpointError if kind == "CheckpointError" else ConfigError)(value)
+        return value
+
+    def _inspect_output_dir(self) -> str | None:
+        cfg = self.config
+        found = checkpoint_dirs(cfg.output_dir)
+        if cfg.resume:
+            path, _ = find_resumable(cfg.output_dir)
+            if path is None:
+                print(f"resume: no checkpoint in {cfg.output_dir}, starting from scratch")
+                if os.path.exists(self.metrics_path):  # every record is past the last checkpoint (none)
+                    print(f"resume: {self.metrics_path} holds only steps no checkpoint kept, dropped")
+                    os.remove(self.metrics_path)
+            return path
+        previous = [os.path.basename(c.path) for c in found]
+        previous += [name for name in ("latest", "metrics.jsonl") if os.path.exists(os.path.join(cfg.output_dir, name))]
+        if previous and not cfg.overwrite_output_dir:
+            raise ConfigError(
+                f"output_dir {cfg.output_dir} holds another run ({', '.join(sorted(previous))}): continue it with "
+                "--resume, or delete it and start afresh with --overwrite_output_dir"
+            )
+        for name in previous:
+            path = os.path.join(cfg.output_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        if previous:
+            print(f"overwrite_output_dir: deleted {', '.join(sorted(previous))} from {cfg.output_dir}")
+        return None
 
     # =============================================================================================
     # The loop
@@ -216,7 +269,16 @@ class GRPOTrainer:
         while self.step < cfg.max_steps:
             started = time.perf_counter()
             batch, metrics = self.make_batch()
-            metrics.update(self.update(batch))
+            if metrics["frac_unscored"] == 1.0:
+                # every advantage is 0: an update would only follow the KL term, which is no training
+                # on this data; say so where it cannot be missed
+                message = (f"step {self.step + 1}: every reward function returned None or NaN for every completion "
+                           f"({', '.join(self.reward_names)}): update skipped")
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+                progress.write(message)
+                metrics.update(loss=math.nan, grad_norm=math.nan, skipped_updates=cfg.num_iterations)
+            else:
+                metrics.update(self.update(batch))
             self.step += 1
             metrics.update(step=self.step, lr=self.scheduler.get_last_lr()[0], step_time=time.perf_counter() - started)
             self.log(metrics)
@@ -226,7 +288,7 @@ class GRPOTrainer:
                 f"len={metrics['completion_length']:.1f}"
             )
             progress.update()
-            if metrics["skipped_updates"]:
+            if metrics["skipped_updates"] and metrics["frac_unscored"] < 1.0:
                 progress.write(f"step {self.step}: non-finite loss or gradient norm, update skipped")
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
                 self.save_checkpoint()
@@ -305,6 +367,8 @@ class GRPOTrainer:
         metrics = {
             "reward": total_reward[scored].mean().item() if scored.any() else math.nan,
             "reward_std": total_reward[scored].std().item() if scored.sum() > 1 else 0.0,
+            # completions no reward function scored (out of every advantage statistic, advantage 0)
+            "frac_unscored": 1.0 - scored.float().mean().item(),
             "completion_length": all_lengths.mean().item(),
             "frac_reward_zero_std": advantages.zero_std.float().mean().item(),
             "sampling_rounds": rounds,
@@ -390,6 +454,11 @@ class GRPOTrainer:
         cfg = self.config
         token_normalized = cfg.loss_type in TOKEN_NORMALIZED
         global_tokens = int(all_reduce_sum(batch.completion_mask.sum()))
+        # verl's aggregations (loss_agg_mode) take the counts of the whole generation batch and the
+        # number of ranks, and so normalize globally like dapo: micro-batches are summed, not averaged
+        verl_counts = {} if cfg.loss_agg_mode is None else dict(
+            dp_size=self.world_size, batch_num_tokens=global_tokens, global_batch_size=len(batch) * self.world_size)
+        globally_normalized = token_normalized or cfg.loss_agg_mode is not None
         old = self.logprobs(self.policy, batch) if cfg.num_iterations > 1 else None
         ref = self.reference_logprobs(batch) if cfg.beta != 0 else None
         micro_batches = self.micro_batches(batch)
@@ -397,7 +466,7 @@ class GRPOTrainer:
         # gradient average over ranks yields sum / num_items_in_batch. Per-row means are weighted by
         # the micro-batch's share of the rank's rows (1/GA for even splits) and then averaged over
         # ranks the same way.
-        shares = [1.0 if token_normalized else (rows.stop - rows.start) / len(batch) for rows in micro_batches]
+        shares = [1.0 if globally_normalized else (rows.stop - rows.start) / len(batch) for rows in micro_batches]
         # The kernel's entropy bonus is -coef x the micro-batch's mean entropy. Weighting it by the
         # micro-batch's share of all completion tokens (and undoing `share` and the rank average)
         # makes the step's bonus -entropy_coef x the mean over the generation batch's tokens,
@@ -422,6 +491,7 @@ class GRPOTrainer:
                         ref_logprobs=None if ref is None else ref[rows, :C],
                         num_items_in_batch=global_tokens if token_normalized else None,
                         entropy_coef=entropy_coefs[j],
+                        **verl_counts,
                         **self.loss_options,
                     )
                     (loss * share).backward()
@@ -475,11 +545,8 @@ class GRPOTrainer:
                     self.tensorboard.add_scalar(key, value, metrics["step"])
 
     def _tensorboard(self):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            print("tensorboard=true but the tensorboard package is not installed: logging to metrics.jsonl only")
-            return None
+        from torch.utils.tensorboard import SummaryWriter  # the package was checked for at construction
+
         return SummaryWriter(os.path.join(self.config.output_dir, "tensorboard"))
 
     def save_checkpoint(self) -> str:
@@ -491,19 +558,17 @@ class GRPOTrainer:
         }
         return save_checkpoint(
             self.config.output_dir, self.step, model=self.policy, optimizer=self.optimizer,
-            trainer_state=trainer_state, rank=self.rank, keep=self.config.keep_checkpoints,
+            trainer_state=trainer_state, rank=self.rank, run_id=self.run_id, keep=self.config.keep_checkpoints,
         )
 
     def _resume(self, path: str) -> None:
         state = load_checkpoint(path, model=self.policy, optimizer=self.optimizer, rank=self.rank)
         if state["world_size"] != self.world_size:
-            raise ValueError(f"{path} was written by {state['world_size']} processes, this run has {self.world_size}")
-        self.step = state["step"]
+            raise CheckpointError(f"{path} was written by {state['world_size']} processes, this run has {self.world_size}")
+        self.step, self.run_id = state["step"], state["run_id"]
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
-        if os.path.exists(self.metrics_path):
-            with open(self.metrics_path, encoding="utf-8") as f:
-                self.history = [r for r in map(json.loads, f) if r["step"] <= self.step]
+        self.history = [r for r in read_metrics(self.metrics_path) if r["step"] <= self.step]
         barrier()
         if self.dist.is_main:  # drop what a crashed run logged past its last checkpoint
             with open(self.metrics_path, "w", encoding="utf-8") as f:
@@ -527,6 +592,26 @@ class GRPOTrainer:
             # (gloo aborts the late rank's process otherwise).
             dist.barrier()
             dist.destroy_process_group()
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The records of a metrics.jsonl; a line a crash tore (or any unreadable one) is left out, with a
+    note, since the checkpoint, not the log, is what a resume needs."""
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line_number, line in enumerate(f, start=1):
+            try:
+                record = json.loads(line)
+                if isinstance(record, dict) and isinstance(record.get("step"), int):
+                    records.append(record)
+                    continue
+            except ValueError:
+                pass
+            if line.strip():
+                print(f"resume: {path}, line {line_number}: not a metrics record (torn by a crash?), dropped")
+    return records
 
 
 def plot_metrics(history: list[dict], path: str) -> None:

@@ -1,0 +1,239 @@
+"""Checkpoints never lose or silently corrupt a run: kill -9 at every point of a save, truncation and
+a flipped byte in every file, a missing or stale ``latest``, another run's checkpoints in the same
+directory, a torn metrics.jsonl. The model is a Linear(3, 2) (checkpoint level) or the tiny Qwen2
+of the trainer tests (trainer level)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from grpo_kernels.train import checkpoint as ckpt
+from grpo_kernels.train.checkpoint import (
+    CheckpointError,
+    find_resumable,
+    load_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from grpo_kernels.train.config import ConfigError
+
+RUN = "run-a"
+
+
+class _Killed(BaseException):
+    """A kill -9 stand-in: nothing after the fault point runs, no cleanup either."""
+
+
+def _model(seed):
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()  # AdamW state exists, so that it is saved and checked too
+    return model, optimizer
+
+
+def _save(output_dir, step, seed=None, keep=2, run_id=RUN):
+    model, optimizer = _model(step if seed is None else seed)
+    save_checkpoint(str(output_dir), step, model=model, optimizer=optimizer, trainer_state={"step": step}, rank=0,
+                    run_id=run_id, keep=keep)
+    return model.weight.detach().clone()
+
+
+def _loaded(path):
+    model, optimizer = _model(99)
+    state = load_checkpoint(str(path), model=model, optimizer=optimizer, rank=0)
+    return state["step"], model.weight.detach().clone()
+
+
+@pytest.mark.parametrize("point", ckpt.SAVE_POINTS)
+def test_a_kill_at_any_point_of_a_save_loses_nothing(tmp_path, monkeypatch, point):
+    """checkpoint-2 exists; the save of step 4 (or the re-save of step 2) dies at ``point``: resume
+    finds an intact checkpoint holding exactly what was saved, step 4 once its manifest was written."""
+    for resave in (False, True) if point != "old_set_aside" else (True,):  # only a re-save sets the old copy aside
+        directory = tmp_path / f"resave{resave}"
+        old = _save(directory, 2)
+
+        def fault(p):
+            if p == point:
+                raise _Killed
+
+        monkeypatch.setattr(ckpt, "_fault_point", fault)
+        step = 2 if resave else 4
+        with pytest.raises(_Killed):
+            _save(directory, step, seed=7)
+        monkeypatch.undo()
+        new = _model(7)[0].weight.detach().clone()
+        saved_completely = ckpt.SAVE_POINTS.index(point) >= ckpt.SAVE_POINTS.index("manifest_written")
+        path, _ = find_resumable(str(directory), log=lambda message: None)
+        resumed_step, weight = _loaded(path)
+        assert resumed_step == (step if saved_completely else 2), (point, path)
+        assert torch.equal(weight, new if saved_completely else old), (point, path)
+        # the next save of the same step goes through and leaves one clean checkpoint for it
+        _save(directory, step, seed=8)
+        assert not [n for n in os.listdir(directory) if n.startswith(f"checkpoint-{step}.")], os.listdir(directory)
+        assert torch.equal(_loaded(find_resumable(str(directory))[0])[1], _model(8)[0].weight.detach())
+
+
+def test_kill_9_in_a_real_save_then_resume(tmp_path):
+    """A real SIGKILL (the fault-injection hook) right after checkpoint-1 is renamed into place, before
+    `latest` exists (the case that used to start over and prune): resume continues from step 1."""
+    script = textwrap.dedent(f"""
+        import torch
+        from grpo_kernels.train.checkpoint import save_checkpoint
+        torch.manual_seed(1)
+        model = torch.nn.Linear(3, 2)
+        torch.save(model.state_dict(), {str(tmp_path / "expected.pt")!r})
+        save_checkpoint({str(tmp_path / "run")!r}, 1, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                        trainer_state={{"step": 1}}, rank=0, run_id="r")
+        print("not reached")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, **{ckpt.FAULT_ENV: "installed"}))
+    assert result.returncode == -9 and "not reached" not in result.stdout, result.stderr[-2000:]
+    assert not (tmp_path / "run" / "latest").exists()
+    path, problems = find_resumable(str(tmp_path / "run"))
+    assert path == str(tmp_path / "run" / "checkpoint-1") and problems == []
+    model, optimizer = torch.nn.Linear(3, 2), None
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert load_checkpoint(path, model=model, optimizer=optimizer, rank=0)["step"] == 1
+    assert torch.equal(model.weight, torch.load(tmp_path / "expected.pt")["weight"])
+
+
+def _checkpoint_files(path):
+    return sorted(os.path.relpath(os.path.join(root, name), path) for root, _, names in os.walk(path) for name in names)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_damage_to_any_file_is_caught_named_and_falls_back(tmp_path, damage, capsys):
+    _save(tmp_path, 2)
+    good = _save(tmp_path, 4)
+    files = _checkpoint_files(tmp_path / "checkpoint-4")
+    assert {"manifest.json", "trainer_state.pt", "rng_rank0.pt", "model/.metadata"} <= set(files)
+    for name in files:
+        directory = tmp_path / f"copy-{damage}-{name.replace('/', '_')}"
+        shutil.copytree(tmp_path, directory, ignore=shutil.ignore_patterns("copy-*"))
+        target = directory / "checkpoint-6" / name
+        shutil.copytree(directory / "checkpoint-4", directory / "checkpoint-6")
+        data = bytearray(target.read_bytes())
+        if damage == "truncate":
+            target.write_bytes(data[: len(data) // 2])
+        elif damage == "flip":
+            data[len(data) // 2] ^= 0x10  # one bit in the middle: tensor data in the .distcp file
+            target.write_bytes(data)
+        else:
+            target.unlink()
+        with pytest.raises(CheckpointError, match=rf"checkpoint-6([/\\](manifest\.json|{name.replace('.', '[.]')})|: incomplete \(no manifest.json)"):
+            verify_checkpoint(str(directory / "checkpoint-6"))
+        path, problems = find_resumable(str(directory))
+        assert path == str(directory / "checkpoint-4") and len(problems) == 1, name
+        out = capsys.readouterr().out
+        assert "skipping a checkpoint" in out and "falling back to" in out and "checkpoint-4" in out
+        assert torch.equal(_loaded(path)[1], good)
+
+
+def test_no_intact_checkpoint_is_a_clear_error(tmp_path):
+    _save(tmp_path, 3)
+    trainer_state = tmp_path / "checkpoint-3" / "trainer_state.pt"
+    trainer_state.write_bytes(trainer_state.read_bytes()[:10])
+    (tmp_path / "checkpoint-5.tmp").mkdir()  # an interrupted save: no manifest
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint in .*checkpoint-5.tmp: incomplete.*"
+                                              r"trainer_state.pt: truncated or altered \(10 bytes"):
+        find_resumable(str(tmp_path))
+    assert find_resumable(str(tmp_path / "empty")) == (None, [])
+
+
+def test_a_flipped_byte_in_the_manifest_is_caught(tmp_path):
+    _save(tmp_path, 1)
+    manifest = tmp_path / "checkpoint-1" / "manifest.json"
+    text = manifest.read_text()
+    manifest.write_text(text.replace(RUN, "run-b"))  # still valid JSON, but not what was written
+    with pytest.raises(CheckpointError, match=r"manifest.json: corrupt"):
+        verify_checkpoint(str(tmp_path / "checkpoint-1"))
+
+
+def test_pruning_keeps_other_runs_and_later_steps(tmp_path):
+    _save(tmp_path, 10, run_id="other")  # another run's, and a later step: never pruned by this run
+    (tmp_path / "checkpoint-0").mkdir()  # an incomplete directory whose run cannot be told
+    for step in (1, 2, 3):
+        _save(tmp_path, step)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-0", "checkpoint-10", "checkpoint-2", "checkpoint-3", "latest"]
+    _save(tmp_path, 4, keep=1)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-0", "checkpoint-10", "checkpoint-4", "latest"]
+    _save(tmp_path, 5, keep=None)
+    assert "checkpoint-4" in os.listdir(tmp_path)
+
+
+# --- the trainer -------------------------------------------------------------------------------------
+
+
+def _trainer(output_dir, **overrides):
+    from test_train_loop import tiny_trainer
+
+    return tiny_trainer(output_dir, **overrides)
+
+
+def _state(trainer):
+    return {name: p.detach().clone() for name, p in trainer.policy.named_parameters()}
+
+
+def test_resume_without_latest_finds_the_checkpoints_and_deletes_nothing(tmp_path, capsys):
+    """The reported data loss: checkpoints present, `latest` missing. Resume continues from the newest
+    complete one, keeps the metrics, and the first save of the resumed run prunes nothing newer."""
+    options = dict(max_steps=2, save_every=1)
+    first = _trainer(tmp_path, **options)
+    first.train()
+    after_2 = _state(first)
+    os.remove(tmp_path / "latest")
+    shutil.rmtree(tmp_path / "checkpoint-2")
+    resumed = _trainer(tmp_path, resume=True, **options)
+    assert resumed.step == 1 and resumed.run_id == first.run_id
+    assert [r["step"] for r in resumed.history] == [1]
+    resumed.train()
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("checkpoint")) == ["checkpoint-1", "checkpoint-2"]
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2]
+    for name, value in after_2.items():  # step 2 redone exactly
+        assert torch.equal(value, _state(resumed)[name]), name
+
+
+def test_corrupt_newest_checkpoint_falls_back_in_the_trainer(tmp_path, capsys):
+    _trainer(tmp_path, max_steps=2, save_every=1).train()
+    distcp = [n for n in os.listdir(tmp_path / "checkpoint-2" / "model") if n.endswith(".distcp")][0]
+    target = tmp_path / "checkpoint-2" / "model" / distcp
+    data = bytearray(target.read_bytes())
+    data[-100] ^= 0x40  # tensor data (an Adam moment, a weight): this used to resume silently
+    target.write_bytes(data)
+    (tmp_path / "metrics.jsonl").write_text((tmp_path / "metrics.jsonl").read_text() + '{"step": 3, "rew')  # torn
+    resumed = _trainer(tmp_path, max_steps=2, save_every=1, resume=True)
+    out = capsys.readouterr().out
+    assert f"{distcp}: corrupt" in out and "falling back to" in out and "checkpoint-1" in out
+    assert "line 3: not a metrics record" in out
+    assert resumed.step == 1 and [r["step"] for r in resumed.history] == [1]
+    resumed.train()  # redoes step 2 and replaces the corrupt checkpoint
+    verify_checkpoint(str(tmp_path / "checkpoint-2"))
+
+
+def test_a_fresh_run_refuses_another_runs_directory(tmp_path):
+    _trainer(tmp_path, max_steps=1).train()
+    with pytest.raises(ConfigError, match=r"holds another run \(checkpoint-1, latest, metrics.jsonl\).*--resume.*"
+                                          r"--overwrite_output_dir"):
+        _trainer(tmp_path, max_steps=1)
+    assert (tmp_path / "checkpoint-1").is_dir() and (tmp_path / "metrics.jsonl").exists()
+    trainer = _trainer(tmp_path, max_steps=1, overwrite_output_dir=True)
+    assert not (tmp_path / "checkpoint-1").exists() and not (tmp_path / "metrics.jsonl").exists()
+    trainer.train()
+    assert (tmp_path / "checkpoint-1").is_dir()
+
+
+def test_resume_with_nothing_intact_stops(tmp_path):
+    (tmp_path / "checkpoint-4.tmp").mkdir()
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint .*checkpoint-4.tmp: incomplete"):
+        _trainer(tmp_path, resume=True)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
