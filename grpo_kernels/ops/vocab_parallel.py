@@ -146,8 +146,8 @@ def _local_checks(hidden, weight, bias, targets, temperature, ignore_index, filt
             raise ValueError(f"{name} is on {tensor.device} but hidden is on {hidden.device}")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
-    if hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden width {hidden.shape[1]} != this rank's weight shard width {weight.shape[1]} "
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden width {hidden.shape[-1]} != this rank's weight shard width {weight.shape[1]} "
                          f"(the shard is [V_local, D])")
     if not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
@@ -222,9 +222,7 @@ def _local_targets(targets, vocab_start, vocab_local, ignore_index):
 def _merge(group, world_size, target_logit, lse, entropy):
     """Per-shard states [M] -> (logp, lse, entropy or None) of the whole vocabulary, one all-gather."""
     states = torch.stack([lse, target_logit] + ([entropy] if entropy is not None else []))  # [k, M]
-    parts = [torch.empty_like(states) for _ in range(world_size)]
-    dist.all_gather(parts, states.contiguous(), group=group)
-    gathered = torch.stack(parts)  # [R, k, M]
+    gathered = _all_gather_cat(group, world_size, states).view(world_size, *states.shape)  # [R, k, M]
     lse_r = gathered[:, 0]
     lse_all = torch.logsumexp(lse_r, dim=0)
     logp = gathered[:, 1].sum(0) - lse_all
@@ -246,7 +244,7 @@ class _VocabParallelFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, group, shard, temperature, ignore_index, return_entropy,
-                filter_eps, exact, backend, rows_sharded):
+                filter_eps, exact, backend, rows_sharded, sum_grad_hidden):
         world_size, rank, vocab_start, row_counts = shard
         if rows_sharded:
             hidden, targets = _gather_padded_rows(group, world_size, hidden, targets, max(row_counts), ignore_index)
@@ -273,7 +271,8 @@ class _VocabParallelFunction(torch.autograd.Function):
         if return_entropy:
             entropy = hidden.new_zeros(num_rows, dtype=torch.float32).index_copy_(0, idx, entropy_rows)
         ctx.save_for_backward(hidden, weight, bias, local_targets, targets, lse, entropy)
-        ctx.config = (group, shard, temperature, ignore_index, filter_eps, exact, backend, rows_sharded)
+        ctx.config = (group, shard, temperature, ignore_index, filter_eps, exact, backend, rows_sharded,
+                      sum_grad_hidden)
         ctx.set_materialize_grads(False)
         if rows_sharded:
             mine = slice(rank * max(row_counts), rank * max(row_counts) + row_counts[rank])
@@ -285,10 +284,10 @@ class _VocabParallelFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp, grad_entropy=None):
         hidden, weight, bias, local_targets, targets, lse, entropy = ctx.saved_tensors
-        group, shard, temperature, ignore_index, filter_eps, exact, backend, rows_sharded = ctx.config
+        group, shard, temperature, ignore_index, filter_eps, exact, backend, rows_sharded, sum_grad_hidden = ctx.config
         world_size, rank, _, row_counts = shard
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        none_tail = (None,) * 10
+        none_tail = (None,) * 11
         if rows_sharded:
             # every rank's rows contribute to every shard's gradient: gather the incoming
             # gradients (None on one rank means zeros there; the collective still runs everywhere)
@@ -319,7 +318,7 @@ class _VocabParallelFunction(torch.autograd.Function):
         if rows_sharded:
             # the gathered hidden's gradient goes back to its owners, summed over the shards
             grad_hidden = _reduce_scatter_rows(group, world_size, grad_hidden, row_counts[rank])
-        elif need_hidden:
+        elif need_hidden and sum_grad_hidden:
             dist.all_reduce(grad_hidden, group=group)
         return (
             grad_hidden.to(hidden.dtype) if need_hidden else None,
@@ -341,10 +340,16 @@ def _pad_rows(tensor, rows, fill=0):
     return padded
 
 
+# torch >= 2.10 names them *_single (the *_tensor names warn); earlier releases only have *_tensor
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _all_gather_cat(group, world_size, tensor):
-    parts = [torch.empty_like(tensor) for _ in range(world_size)]
-    dist.all_gather(parts, tensor, group=group)
-    return torch.cat(parts)
+    """Every rank's ``tensor`` (same shape everywhere) concatenated along dim 0, rank order."""
+    out = tensor.new_empty((world_size * tensor.shape[0],) + tuple(tensor.shape[1:]))
+    _all_gather_single(out, tensor.contiguous(), group=group)
+    return out
 
 
 def _gather_padded_rows(group, world_size, hidden, targets, max_rows, ignore_index):
@@ -361,9 +366,8 @@ def _gather_padded_grad(group, world_size, grad, row_counts, like):
 
 def _reduce_scatter_rows(group, world_size, tensor, own_rows):
     """[R * max_rows, ...] partial sums -> this rank's [own_rows, ...] block, summed over ranks."""
-    blocks = list(tensor.chunk(world_size))
-    out = torch.empty_like(blocks[0])
-    dist.reduce_scatter(out, blocks, group=group)
+    out = tensor.new_empty((tensor.shape[0] // world_size,) + tuple(tensor.shape[1:]))
+    _reduce_scatter_single(out, tensor.contiguous(), group=group)
     return out[:own_rows]
 
 
@@ -376,12 +380,14 @@ class _AllGatherShards(torch.autograd.Function):
         world_size, rank = len(sizes), dist.get_rank(group)
         ctx.group, ctx.sizes, ctx.rank = group, sizes, rank
         padded = _all_gather_cat(group, world_size, _pad_rows(shard, max(sizes)))
+        if len(set(sizes)) == 1:
+            return padded
         return torch.cat([block[:size] for block, size in zip(padded.chunk(world_size), sizes)])
 
     @staticmethod
     def backward(ctx, grad):
-        blocks = grad.split(ctx.sizes)
-        padded = torch.cat([_pad_rows(block, max(ctx.sizes)) for block in blocks])
+        padded = grad if len(set(ctx.sizes)) == 1 else torch.cat(
+            [_pad_rows(block, max(ctx.sizes)) for block in grad.split(ctx.sizes)])
         return _reduce_scatter_rows(ctx.group, len(ctx.sizes), padded, ctx.sizes[ctx.rank]), None, None
 
 
@@ -391,7 +397,7 @@ class _AllGatherShards(torch.autograd.Function):
 
 
 def _run(hidden, weight, targets, process_group, *, bias, temperature, ignore_index, return_entropy, filter_eps,
-         exact, backend, rows_sharded, check_replicated, pick_layout=None):
+         exact, backend, rows_sharded, check_replicated, pick_layout=None, sum_grad_hidden=True):
     if process_group is None:
         raise ValueError("process_group must be a torch.distributed process group (dist.group.WORLD for all ranks)")
     if check_replicated is None:
@@ -415,7 +421,7 @@ def _run(hidden, weight, targets, process_group, *, bias, temperature, ignore_in
     out = _VocabParallelFunction.apply(
         hidden_2d, weight_c, bias.contiguous() if bias is not None else None, targets.reshape(-1), process_group, shard,
         float(temperature), ignore_index, bool(return_entropy), None if filter_eps is None else float(filter_eps),
-        bool(exact), backend, rows_sharded)
+        bool(exact), backend, rows_sharded, bool(sum_grad_hidden))
     if return_entropy:
         return out[0].view(lead_shape), out[1].view(lead_shape)
     return out.view(lead_shape)
@@ -435,6 +441,7 @@ def vocab_parallel_logprobs(
     exact: bool = True,
     backend: str = "auto",
     check_replicated: bool | None = None,
+    sum_grad_hidden: bool = True,
 ):
     """``token_logprobs`` with the LM head split by vocabulary over ``process_group`` (TP layout).
 
@@ -447,17 +454,23 @@ def vocab_parallel_logprobs(
         check_replicated: check that hidden and targets really are identical on every rank (a
             float64 checksum per rank in the same small all-gather). ``None``: on when the
             environment variable ``GRPO_KERNELS_CHECK_REPLICATED=1``.
+        sum_grad_hidden: ``True`` (default): d hidden is all-reduced over the group, the full
+            gradient on every rank. ``False``: each rank gets its shard's partial d hidden, for
+            callers whose own collective sums it (Megatron's sequence-parallel gather, whose
+            backward is a reduce-scatter; verl's kernel has this contract).
         Everything else as :func:`grpo_kernels.token_logprobs`.
 
     Returns:
         The full per-token values (float32, shaped like ``targets``) on every rank, as
         ``token_logprobs`` on the unsharded head. Backward: d weight / d bias for this rank's
-        shard; d hidden summed over the group (all-reduce), so the same on every rank.
+        shard; d hidden summed over the group (all-reduce), so the same on every rank (unless
+        ``sum_grad_hidden=False``).
         Every rank must call it (it is collective); a bad input on any rank raises on all.
     """
     return _run(hidden, weight, targets, process_group, bias=bias, temperature=temperature,
                 ignore_index=ignore_index, return_entropy=return_entropy, filter_eps=filter_eps, exact=exact,
-                backend=backend, rows_sharded=False, check_replicated=check_replicated)
+                backend=backend, rows_sharded=False, check_replicated=check_replicated,
+                sum_grad_hidden=sum_grad_hidden)
 
 
 def choose_layout(total_rows: int, vocab: int) -> str:
