@@ -501,6 +501,12 @@ def _(world, rank):
         head = trainer.model.get_output_embeddings().weight
         assert isinstance(head, DTensor) and head.to_local().shape[0] < head.shape[0]
         history = trainer.train()
+        # real sampling through the wrapped model: the head is gathered for generate only
+        from grpo_kernels.train import GRPOTrainer
+
+        rollout = GRPOTrainer.rollout(trainer, trainer.rows[:1])
+        assert rollout.completion_ids.shape[0] == trainer.config.num_generations
+        assert isinstance(trainer.model.get_output_embeddings().weight, DTensor)  # sharded again
     finally:
         log.removeHandler(handler)
     state = _trainer_state(trainer)

@@ -129,6 +129,8 @@ def _shard_lm_head_by_hand(policy: PolicyHead, mesh, world_size: int):
     weight = head.weight
     sharded = nn.Parameter(distribute_tensor(weight.detach(), mesh, [Shard(0)]), requires_grad=weight.requires_grad)
     head.weight = sharded
+    # generation needs it whole (gathered_for_generation); kept out of the module tree
+    policy.__dict__["hand_sharded_head"] = head
     if sharded.requires_grad:
         # the sharded-head layout's d weight is the gradient of sum_r loss_r; FSDP2 averages the
         # other gradients over ranks (its reduce-scatter divides by R): do the same here
@@ -224,7 +226,7 @@ def generator_of(module: nn.Module):
 @contextmanager
 def gathered_for_generation(module: nn.Module):
     """FSDP2: keep every layer unsharded across the decoding steps (one all-gather per layer, not
-    one per generated token), and shard again afterwards."""
+    one per generated token), and a hand-sharded LM head gathered, and shard again afterwards."""
     from torch.distributed.fsdp import FSDPModule
 
     if not isinstance(module, FSDPModule):
@@ -233,9 +235,16 @@ def gathered_for_generation(module: nn.Module):
     layers = [m for m in module.modules() if isinstance(m, FSDPModule) and m is not module]
     for layer in layers:
         layer.set_reshard_after_forward(False, recurse=False)
+    # a hand-sharded LM head (see wrap): the sampler needs whole logits, so gather it for the decode
+    head = getattr(module, "hand_sharded_head", None)
+    sharded_weight = None if head is None else head.weight
+    if head is not None:
+        head._parameters["weight"] = nn.Parameter(sharded_weight.detach().full_tensor(), requires_grad=False)
     try:
         yield
     finally:
+        if head is not None:
+            head._parameters["weight"] = sharded_weight
         for layer in layers:
             layer.set_reshard_after_forward(True, recurse=False)
             layer.reshard()
