@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 
 VOCAB, DIM = 37, 13
 SHARDS = {2: [36, 1], 4: [10, 1, 17, 9]}
-ROWS_PER_RANK = {2: [5, 8], 4: [5, 8, 1, 6]}  # sharded-head layout: hidden rows differ per rank
+ROWS_PER_RANK = {2: [9, 11], 4: [5, 8, 1, 6]}  # sharded-head layout: hidden rows differ per rank
 
 
 # ---------------------------------------------------------------------------------------------
@@ -40,11 +40,15 @@ def _head(world, dtype, with_bias, seed=0):
     return weight, bias
 
 
-def _boundary_targets(world, rows, seed):
-    """Global ids: the first and last id of every shard, two ignored rows, the rest random."""
+def _boundary_targets(rows, seed):
+    """Global ids: the first and last id of every shard (of both world sizes), two ignored rows,
+    the rest random. The same for both world sizes, so that one reference serves both."""
     g = _generator(seed)
-    starts = torch.tensor([0] + SHARDS[world]).cumsum(0)
-    edges = sorted({int(s) for s in starts[:-1]} | {int(e) - 1 for e in starts[1:]})
+    edges = set()
+    for sizes in SHARDS.values():
+        starts = torch.tensor([0] + sizes).cumsum(0)
+        edges |= {int(s) for s in starts[:-1]} | {int(e) - 1 for e in starts[1:]}
+    edges = sorted(edges)
     targets = torch.randint(0, VOCAB, (rows,), generator=g)
     targets[: min(rows, len(edges))] = torch.tensor(edges[:rows])
     if rows > len(edges) + 1:
@@ -127,7 +131,7 @@ def _reference(key, thunk):
 
 
 def _tp_case(world, rank, group, *, backend, dtype, with_bias, entropy, temperature, via_token_logprobs=False,
-             lead_shape=(11,)):
+             lead_shape=(13,)):
     import grpo_kernels as gk
     from grpo_kernels.ops.vocab_parallel import vocab_parallel_logprobs
 
@@ -135,11 +139,11 @@ def _tp_case(world, rank, group, *, backend, dtype, with_bias, entropy, temperat
     rows = int(torch.tensor(lead_shape).prod())
     g = _generator(1)
     hidden = torch.randn(*lead_shape, DIM, generator=g).to(dtype)
-    targets = _boundary_targets(world, rows, 2).view(lead_shape)
+    targets = _boundary_targets(rows, 2).view(lead_shape)
     grad_logp, grad_ent = torch.randn(lead_shape, generator=g), torch.randn(lead_shape, generator=g)
     options = dict(temperature=temperature, return_entropy=entropy, backend=backend)
     if group is None:
-        key = (world, backend, dtype, with_bias, entropy, temperature, lead_shape)
+        key = (backend, dtype, with_bias, entropy, temperature, lead_shape)
         full = _reference(key, lambda: _forward_backward(
             gk.token_logprobs, hidden, weight, bias, targets, grad_logp, grad_ent, **options))
         return full[:3] + [_shard(full[3], world, rank), None if bias is None else _shard(full[4], world, rank),
@@ -263,12 +267,12 @@ def _sharded_head_case(world, rank, group, *, layout, backend, dtype, expect_lay
     counts = ROWS_PER_RANK[world]
     g = _generator(8)
     hidden_all = torch.randn(sum(counts), DIM, generator=g).to(dtype)
-    targets_all = torch.cat([_boundary_targets(world, n, 10 + r) for r, n in enumerate(counts)])
+    targets_all = _boundary_targets(sum(counts), 10)
     grad_logp, grad_ent = torch.randn(sum(counts), generator=g), torch.randn(sum(counts), generator=g)
     options = dict(temperature=0.8, return_entropy=True, backend=backend)
     mine = slice(sum(counts[:rank]), sum(counts[: rank + 1]))
     if group is None:  # one process, every rank's rows, the whole head: sum_r loss_r
-        full = _reference((world, "sharded", backend, dtype), lambda: _forward_backward(
+        full = _reference(("sharded", backend, dtype), lambda: _forward_backward(
             gk.token_logprobs, hidden_all, weight, bias, targets_all, grad_logp, grad_ent, **options))
         return [full[0][mine], full[1][mine], full[2][mine], _shard(full[3], world, rank), _shard(full[4], world, rank),
                 {"d weight": full[3], "d bias": full[4]}]
@@ -490,6 +494,9 @@ def _trainer_state(trainer):
 def _(world, rank):
     from torch.distributed.tensor import DTensor
 
+    from grpo_kernels.ops import vocab_parallel
+
+    vocab_parallel._last_logged_layout.clear()  # the layout is logged when it changes: from here on
     records = []
     handler = logging.Handler()
     handler.emit = records.append
