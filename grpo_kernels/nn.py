@@ -39,6 +39,9 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's gamma-weight shape and
             rate for non-negative / negative advantages (used by ``vespo`` only; ``vllm_is_ratio`` then
             enters the sequence weight instead of multiplying the loss, as in Liger and TRL).
+        process_group: (not in Liger) vocabulary-parallel head: ``lin_weight``/``bias`` (and
+            ``ref_weight``/``ref_bias``) are this rank's vocabulary shard, hidden states the same on
+            every rank; see :func:`grpo_kernels.ops.vocab_parallel.vocab_parallel_logprobs`.
 
     Differences from Liger 0.8.5, all in favour of TRL 1.16's math: ``luspo`` at token level (or with
     a KL term) aggregates ``sum_t m L / B`` as TRL does (Liger sums unmasked tokens), and with
@@ -65,6 +68,8 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         vespo_lambda_pos: float = 3.0,
         vespo_k_neg: float = 3.0,
         vespo_lambda_neg: float = 2.0,
+        *,
+        process_group=None,
     ):
         super().__init__()
         if sapo_temperature_pos <= 0:
@@ -95,6 +100,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         self.vespo_lambda_pos = vespo_lambda_pos
         self.vespo_k_neg = vespo_k_neg
         self.vespo_lambda_neg = vespo_lambda_neg
+        self.process_group = process_group
 
     def forward(
         self,
@@ -142,7 +148,8 @@ class FusedLinearGRPOLoss(torch.nn.Module):
                 with torch.no_grad():
                     targets = selected_token_ids.masked_fill(attention_mask == 0, _IGNORE_INDEX)
                     ref_logprobs = token_logprobs(ref_hidden, ref_weight, targets, bias=ref_bias,
-                                                  temperature=self.temperature, ignore_index=_IGNORE_INDEX)
+                                                  temperature=self.temperature, ignore_index=_IGNORE_INDEX,
+                                                  process_group=self.process_group)
 
         loss, metrics = fused_linear_grpo_loss(
             hidden, lin_weight, selected_token_ids, attention_mask, advantages,
@@ -161,6 +168,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             rollout_is_ratio=vllm_is_ratio,
             use_bias_correction_kl=self.use_bias_correction_kl,
             **self._type_specific_options(),
+            process_group=self.process_group,
         )
         outputs = []
         if self.beta != 0.0:

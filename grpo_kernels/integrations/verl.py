@@ -57,8 +57,11 @@ def linear_cross_entropy(
         labels: ``[...]`` next-token ids (verl's rolled ``input_ids``), the leading shape of ``hidden``.
         temperature: logits are divided by it (``None`` means 1.0, as in verl).
         reduction: only ``"none"`` (per-token outputs), the one verl's fused path uses.
-        dist_process_group: vocabulary-parallel LM heads are not supported; must be ``None`` or a
-            group of size 1.
+        dist_process_group: a tensor-parallel group over which ``weight`` is split by vocabulary
+            (this rank's ``[V_r, D]`` shard, rank order; ``labels`` global ids, ``hidden`` the same on
+            every rank), as verl's Megatron backend passes it; ``None`` for an unsharded head. As
+            verl's own kernel, the backward then gives each rank its shard's partial d hidden
+            (verl's sequence-parallel gather reduce-scatters it).
 
     Returns:
         ``(log_probs, entropy)``, float32, shaped like ``labels``; differentiable w.r.t. ``hidden``
@@ -68,13 +71,14 @@ def linear_cross_entropy(
         reduction = "none"
     if reduction != "none":
         raise ValueError(f"grpo_kernels linear_cross_entropy supports reduction='none' only, got {reduction!r}")
-    if dist_process_group is not None and torch.distributed.get_world_size(dist_process_group) > 1:
-        raise ValueError(
-            "grpo_kernels linear_cross_entropy does not support a vocabulary-parallel LM head "
-            "(dist_process_group of size > 1)")
     if temperature is None:
         temperature = 1.0
     hidden, weight = _autocast_inputs(hidden, weight)
+    if dist_process_group is not None:
+        from grpo_kernels.ops.vocab_parallel import vocab_parallel_logprobs
+
+        return vocab_parallel_logprobs(hidden, weight, labels, dist_process_group, temperature=float(temperature),
+                                       return_entropy=True, sum_grad_hidden=False)
     return token_logprobs(hidden, weight, labels, temperature=float(temperature), return_entropy=True)
 
 

@@ -56,6 +56,7 @@ def fused_linear_grpo_loss(
     filter_eps: float | None = None,
     exact: bool = True,
     backend: str = "auto",
+    process_group=None,
     **options,
 ):
     """GRPO-family loss of TRL 1.16 from hidden states, without materializing logits.
@@ -71,6 +72,9 @@ def fused_linear_grpo_loss(
         filter_eps, exact: passed to ``token_logprobs`` (backward gradient filtering, ``None`` is
             exact; ``exact=False``: single-pass backward with d weight accumulated in its dtype).
         backend: ``"auto"``, ``"triton"`` or ``"torch"``, for both kernels.
+        process_group: vocabulary-parallel head, passed to ``token_logprobs`` (``lm_head_weight`` and
+            ``bias`` are this rank's shard, ``completion_ids`` global ids, ``hidden`` the same on
+            every rank; the loss is then the same on every rank).
         **options: every option of :func:`grpo_kernels.grpo_loss` (``beta``, ``loss_type``,
             ``epsilon_low``, ``epsilon_high``, ``delta``, ``importance_sampling_level``,
             ``max_completion_length``, ``num_items_in_batch``, ``rollout_is_ratio``,
@@ -104,7 +108,8 @@ def fused_linear_grpo_loss(
     targets = completion_targets(completion_ids, completion_mask, lm_head_weight.shape[0])
     logprobs, entropy = token_logprobs(
         hidden, lm_head_weight, targets, bias=bias, temperature=temperature, ignore_index=_IGNORE_INDEX,
-        return_entropy=True, filter_eps=filter_eps, exact=exact, backend=backend)
+        return_entropy=True, filter_eps=filter_eps, exact=exact, backend=backend,
+        process_group=process_group)
     if cfg.entropy_coef == 0:
         entropy = entropy.detach()  # metric and entropy mask only: no entropy backward
     return grpo_loss_prepared(logprobs, entropy, cfg, tensors, loss_backend)

@@ -553,6 +553,7 @@ def token_logprobs(
     filter_eps: float | None = None,
     exact: bool = True,
     backend: str = "auto",
+    process_group=None,
 ):
     """Log-prob of each target token (and the entropy of its distribution), logits never stored.
 
@@ -574,12 +575,21 @@ def token_logprobs(
             rounding error grows with the number of rows.
         backend: ``"auto"`` (Triton on CUDA or under ``TRITON_INTERPRET=1``, else chunked torch),
             ``"triton"`` or ``"torch"``.
+        process_group: vocabulary-parallel head (tensor parallelism): ``weight``/``bias`` are this
+            rank's ``[V_r, D]``/``[V_r]`` shard (rank order), ``targets`` hold global ids, ``hidden``
+            is the same on every rank; see :func:`grpo_kernels.ops.vocab_parallel.vocab_parallel_logprobs`.
 
     Returns:
         float32 log-probs of the shape of ``targets``; with ``return_entropy=True`` a pair
         ``(logprobs, entropy)``. Differentiable w.r.t. hidden, weight and bias through both;
         gradients come back in the inputs' dtype. Under ``torch.no_grad()`` only the forward runs.
     """
+    if process_group is not None:
+        from grpo_kernels.ops.vocab_parallel import vocab_parallel_logprobs
+
+        return vocab_parallel_logprobs(
+            hidden, weight, targets, process_group, bias=bias, temperature=temperature, ignore_index=ignore_index,
+            return_entropy=return_entropy, filter_eps=filter_eps, exact=exact, backend=backend)
     temperature, filter_eps = _validate(hidden, weight, targets, bias, temperature, ignore_index, filter_eps)
     backend = resolve_backend(hidden.device, backend)
     lead_shape = targets.shape

@@ -113,29 +113,99 @@ class PolicyHead(nn.Module):
             return self.model.generate(**kwargs)
 
 
+def _shard_lm_head_by_hand(policy: PolicyHead, mesh, world_size: int):
+    """FSDP2, untied head without bias: the head weight becomes a row-sharded (vocabulary) DTensor
+    that FSDP2 leaves alone, so that nothing ever gathers it: the loss runs the sharded-head layout
+    on the local shard (:func:`head_logprobs`). Returns the parameter for ``ignored_params``, or
+    None when the head stays with FSDP2 (tied to the input embeddings, whose lookup needs the
+    whole matrix anyway, or with a bias)."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    causal_lm = unwrap_peft(policy.model)
+    head = causal_lm.get_output_embeddings()
+    embeddings = causal_lm.get_input_embeddings()
+    if head is None or head.bias is not None or (embeddings is not None and embeddings.weight is head.weight):
+        return None
+    weight = head.weight
+    sharded = nn.Parameter(distribute_tensor(weight.detach(), mesh, [Shard(0)]), requires_grad=weight.requires_grad)
+    head.weight = sharded
+    # generation needs it whole (gathered_for_generation); kept out of the module tree
+    policy.__dict__["hand_sharded_head"] = head
+    if sharded.requires_grad:
+        # the sharded-head layout's d weight is the gradient of sum_r loss_r; FSDP2 averages the
+        # other gradients over ranks (its reduce-scatter divides by R): do the same here
+        sharded.register_hook(lambda grad: grad / world_size)
+    return sharded
+
+
+def is_sharded_head(weight) -> bool:
+    """True for an LM-head weight sharded by :func:`wrap` (a vocabulary-row DTensor)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(weight, DTensor)
+
+
+def head_logprobs(hidden, weight, targets, *, bias=None, **options):
+    """``token_logprobs`` for the weight :class:`PolicyHead` returned: a plain tensor, or the
+    FSDP2 hand-sharded head, which goes through ``sharded_head_logprobs`` (gathers the hidden
+    states instead of the weight when that is cheaper; logs the layout)."""
+    from grpo_kernels.ops.logprobs import token_logprobs
+    from grpo_kernels.ops.vocab_parallel import sharded_head_logprobs
+
+    if not is_sharded_head(weight):
+        return token_logprobs(hidden, weight, targets, bias=bias, **options)
+    return sharded_head_logprobs(hidden, weight.to_local(), targets, weight.device_mesh.get_group(), bias=bias,
+                                 **options)
+
+
+def head_grpo_loss(hidden, weight, completion_ids, completion_mask, advantages, *, bias=None, temperature=1.0,
+                   **options):
+    """``fused_linear_grpo_loss`` for the weight :class:`PolicyHead` returned (see :func:`head_logprobs`):
+    the hand-sharded head computes the log-probs and entropy with the sharded-head layout and the
+    loss from them (the same math as the fused loss: masked tokens are ignored rows, the entropy is
+    differentiated only for an entropy bonus)."""
+    import grpo_kernels as gk
+
+    if not is_sharded_head(weight):
+        return gk.fused_linear_grpo_loss(hidden, weight, completion_ids, completion_mask, advantages, bias=bias,
+                                         temperature=temperature, **options)
+    targets = completion_ids.masked_fill(completion_mask == 0, -100)
+    logprobs, entropy = head_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
+                                      ignore_index=-100, return_entropy=True)
+    if options.get("entropy_coef", 0.0) == 0:
+        entropy = entropy.detach()
+    return gk.grpo_loss(logprobs, completion_mask, advantages, entropy=entropy, **options)
+
+
 def wrap(policy: PolicyHead, info: DistInfo, *, trainable: bool = True) -> nn.Module:
     """DDP or FSDP2 around ``policy`` (already on ``info.device``); a frozen model is never DDP-wrapped.
 
     FSDP2 gathers parameters in ``policy.compute_dtype`` and reduces gradients in float32 (its
-    mixed-precision policy), so float32 trainable parameters stay the master weights."""
+    mixed-precision policy), so float32 trainable parameters stay the master weights. An untied
+    LM head is sharded by vocabulary rows outside FSDP2 and never gathered (see
+    :func:`_shard_lm_head_by_hand`)."""
     if info.mode == "ddp" and trainable:
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(policy, device_ids=[info.device.index] if info.device.type == "cuda" else None)
     if info.mode == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
         layer_classes = set(getattr(unwrap_peft(policy.model), "_no_split_modules", None) or [])
         layers = [m for m in policy.modules() if type(m).__name__ in layer_classes]
         if not layers:
             raise ValueError("fsdp2: the model names no decoder layer classes in _no_split_modules")
+        mesh = init_device_mesh(info.device.type, (info.world_size,))
         mixed_precision = MixedPrecisionPolicy(param_dtype=policy.compute_dtype, reduce_dtype=torch.float32)
         for layer in layers:
-            fully_shard(layer, mp_policy=mixed_precision)
-        # The root keeps embeddings, final norm and LM head gathered after forward: the weight it
-        # returns is read after forward returns (by the loss and its backward). Backward reshards a
-        # trained root; a frozen one is resharded by release_gathered after its no-grad passes.
-        fully_shard(policy, reshard_after_forward=False, mp_policy=mixed_precision)
+            fully_shard(layer, mesh=mesh, mp_policy=mixed_precision)
+        head_weight = _shard_lm_head_by_hand(policy, mesh, info.world_size)
+        # The root keeps embeddings, final norm and (a tied) LM head gathered after forward: the
+        # weight it returns is read after forward returns (by the loss and its backward). Backward
+        # reshards a trained root; a frozen one is resharded by release_gathered after its no-grad passes.
+        fully_shard(policy, mesh=mesh, reshard_after_forward=False, mp_policy=mixed_precision,
+                    ignored_params=None if head_weight is None else {head_weight})
         register_fsdp_forward_method(policy, "generate")
     return policy
 
@@ -156,7 +226,7 @@ def generator_of(module: nn.Module):
 @contextmanager
 def gathered_for_generation(module: nn.Module):
     """FSDP2: keep every layer unsharded across the decoding steps (one all-gather per layer, not
-    one per generated token), and shard again afterwards."""
+    one per generated token), and a hand-sharded LM head gathered, and shard again afterwards."""
     from torch.distributed.fsdp import FSDPModule
 
     if not isinstance(module, FSDPModule):
@@ -165,9 +235,16 @@ def gathered_for_generation(module: nn.Module):
     layers = [m for m in module.modules() if isinstance(m, FSDPModule) and m is not module]
     for layer in layers:
         layer.set_reshard_after_forward(False, recurse=False)
+    # a hand-sharded LM head (see wrap): the sampler needs whole logits, so gather it for the decode
+    head = getattr(module, "hand_sharded_head", None)
+    sharded_weight = None if head is None else head.weight
+    if head is not None:
+        head._parameters["weight"] = nn.Parameter(sharded_weight.detach().full_tensor(), requires_grad=False)
     try:
         yield
     finally:
+        if head is not None:
+            head._parameters["weight"] = sharded_weight
         for layer in layers:
             layer.set_reshard_after_forward(True, recurse=False)
             layer.reshard()

@@ -58,6 +58,8 @@ from grpo_kernels.train.distributed import (
     gathered_for_generation,
     generator_of,
     gradient_sync,
+    head_grpo_loss,
+    head_logprobs,
     init_distributed,
     release_gathered,
     unwrap_peft,
@@ -433,7 +435,7 @@ class GRPOTrainer:
         for rows in self.micro_batches(batch):
             hidden, weight, bias, ids, mask = self.hidden_states(module, batch, rows)
             targets = ids.masked_fill(mask == 0, -100)
-            out[rows, : ids.shape[1]] = gk.token_logprobs(
+            out[rows, : ids.shape[1]] = head_logprobs(
                 hidden, weight, targets, bias=bias, temperature=self.config.temperature
             )
         return out
@@ -484,7 +486,8 @@ class GRPOTrainer:
                 with gradient_sync(self.policy, enabled=j == len(micro_batches) - 1):
                     hidden, weight, bias, ids, mask = self.hidden_states(self.policy, batch, rows)
                     C = ids.shape[1]
-                    loss, metrics = gk.fused_linear_grpo_loss(
+                    # the fused loss, or under FSDP2 with an untied head the sharded-head layout
+                    loss, metrics = head_grpo_loss(
                         hidden, weight, ids, mask, batch.advantages[rows],
                         bias=bias,
                         old_logprobs=None if old is None else old[rows, :C],
