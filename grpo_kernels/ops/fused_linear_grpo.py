@@ -105,7 +105,10 @@ def fused_linear_grpo_loss(
         ref_logprobs=ref_logprobs, will_have_entropy=True, **options)
     loss_backend = resolve_backend(hidden.device, backend)
 
-    targets = completion_targets(completion_ids, completion_mask, lm_head_weight.shape[0])
+    # A vocabulary shard holds only part of the ids: the vocab-parallel op checks the global range
+    # itself (it learns the shard sizes), so here only the negative ids (e.g. -100) are refused.
+    vocab_bound = lm_head_weight.shape[0] if process_group is None else torch.iinfo(torch.int32).max
+    targets = completion_targets(completion_ids, completion_mask, vocab_bound)
     logprobs, entropy = token_logprobs(
         hidden, lm_head_weight, targets, bias=bias, temperature=temperature, ignore_index=_IGNORE_INDEX,
         return_entropy=True, filter_eps=filter_eps, exact=exact, backend=backend,
