@@ -159,7 +159,7 @@ def test_double_backward_is_refused(device):
     (grad_hidden,) = torch.autograd.grad(gk.token_logprobs(hidden, weight, targets).sum(), hidden,
                                          create_graph=True)
     # The kernels' gradients are not themselves differentiable: a clear error, not a silent 0.
-    with pytest.raises(RuntimeError, match="does not require grad|once_differentiable"):
+    with pytest.raises(RuntimeError, match="no autograd formula"):
         grad_hidden.sum().backward()
 
 
