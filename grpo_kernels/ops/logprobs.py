@@ -84,9 +84,12 @@ _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 @triton.jit
 def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
     if INTERPRETER:
-        # Triton's CPU interpreter computes bf16/fp16 dots wrongly; products of 16-bit floats
-        # are exact in float32, so upcasting gives what the tensor cores give.
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        # Triton's CPU interpreter computes tl.dot with numpy's matmul, whose BLAS kernel rounds a
+        # row differently depending on its position in the tile (the tensor cores' MMA does not),
+        # and bf16/fp16 dots wrongly. An explicit float32 product-sum is position-invariant like
+        # the MMA, and products of 16-bit floats are exact in float32.
+        products = a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :]
+        return acc + tl.sum(products, axis=1)
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
@@ -229,8 +232,10 @@ def _grad_logit_tile(
     y = _logit_tile(Hidden, Weight, Bias, rows, offs_v, row_ok, v_ok, D, stride_h, stride_w,
                     BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_PRECISION, INTERPRETER)
     if HAS_SOFTCAP:
-        cap = _tanh(y / softcap)
-        z = softcap * cap * inv_temp
+        z = softcap * _tanh(y / softcap) * inv_temp
+        # 1 - tanh^2(x) = 4 sigmoid(2x) sigmoid(-2x): accurate where tanh saturates (1 - t^2
+        # would cancel to a few ulps of 1 once |x| > 4)
+        dcap = 4.0 * tl.sigmoid(2.0 * y / softcap) * tl.sigmoid(-2.0 * y / softcap)
     else:
         z = y * inv_temp
     lse = tl.load(Lse + offs_m, mask=row_ok, other=0.0)
@@ -250,7 +255,7 @@ def _grad_logit_tile(
             grad_logp = tl.load(GradLogp + offs_m.to(tl.int64) * K + k, mask=hit, other=0.0)
             grad += tl.where(offs_v[None, :] == target[:, None], grad_logp[:, None], 0.0)
     if HAS_SOFTCAP:
-        grad = grad * ((1.0 - cap * cap) * inv_temp)
+        grad = grad * (dcap * inv_temp)
     else:
         grad = grad * inv_temp
     return tl.where(row_ok[:, None] & v_ok[None, :], grad, 0.0)
@@ -684,8 +689,9 @@ def _torch_logits(hidden_chunk, weight32, bias32, temperature, softcap):
         logits += bias32
     if softcap is None:
         return logits.div_(temperature), None
-    cap = torch.tanh(logits / softcap)
-    return cap * (softcap / temperature), (1 - cap * cap) / temperature
+    # 1 - tanh^2(x) = 4 sigmoid(2x) sigmoid(-2x), accurate where tanh saturates
+    dcap = 4 * torch.sigmoid(2 * logits / softcap) * torch.sigmoid(-2 * logits / softcap)
+    return torch.tanh(logits / softcap) * (softcap / temperature), dcap / temperature
 
 
 def _target_columns(targets_chunk, vocab):
