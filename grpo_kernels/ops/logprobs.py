@@ -1044,7 +1044,7 @@ def token_logprobs(
 _FLOAT_ARGS = ("inv_temp", "softcap", "filter_eps")
 
 
-def _spec(name, kernel, pointers, constexprs, config):
+def _spec(name, kernel, pointers, constexprs, config, forbid_atomics=False):
     """A CompileSpec whose signature is derived from the kernel's arguments: ``pointers`` names the
     pointer arguments' types, ``_FLOAT_ARGS`` are fp32 scalars, every other argument is an i32."""
     signature = {}
@@ -1057,7 +1057,7 @@ def _spec(name, kernel, pointers, constexprs, config):
             signature[arg] = "fp32" if arg in _FLOAT_ARGS else "i32"
     *_, num_warps, num_stages = config
     return CompileSpec(name=name, kernel=kernel, signature=signature, constexprs=constexprs,
-                       num_warps=num_warps, num_stages=num_stages)
+                       num_warps=num_warps, num_stages=num_stages, forbid_atomics=forbid_atomics)
 
 
 def _tiles(config):
@@ -1116,5 +1116,5 @@ def sm90_compile_specs() -> list[CompileSpec]:
                     {**inputs, **grads_in, "GradWeight": "*fp32"},
                     {**_tiles(config), **common, "HAS_BIAS": bias, "HAS_SOFTCAP": softcap, "ENTROPY_GRAD": entropy,
                      "HIDDEN_PASS": hidden_pass, "WEIGHT_GRAD": weight_grad, "BIAS_GRAD": bias_grad},
-                    config))
+                    config, forbid_atomics=True))
     return specs
