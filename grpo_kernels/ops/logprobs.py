@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from grpo_kernels.ops.logprobs_torch import torch_backward, torch_forward
 from grpo_kernels.ops.utils import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -47,8 +48,6 @@ from grpo_kernels.ops.utils import (
 
 # float32 gradient accumulator per backward launch (rows, or vocabulary ids, in chunks that fit).
 _GRAD_CHUNK_BYTES = 32 * 2**20
-# logits held at once by the PyTorch path (one row chunk x V, float32).
-_TORCH_CHUNK_BYTES = 32 * 2**20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,63 +372,7 @@ def _triton_backward(hidden, weight, bias, targets, rows, lse, mean_logit, grad_
             grad_weight[v_begin:v_end] = grad_weight_acc
 
 
-def _torch_logits(hidden_chunk, weight32, bias32, temperature):
-    logits = hidden_chunk.float() @ weight32.t()
-    if bias32 is not None:
-        logits += bias32
-    return logits.div_(temperature)
-
-
-def _torch_forward(hidden, weight, bias, targets, rows, temperature, compute_entropy):
-    """Chunked PyTorch forward over the compacted rows: float32, one [chunk, V] slab at a time."""
-    weight32 = weight.float()
-    bias32 = bias.float() if bias is not None else None
-    chunk = max(1, _TORCH_CHUNK_BYTES // (4 * weight.shape[0]))
-    logp, lse, entropy = (torch.empty(rows.numel(), device=hidden.device) for _ in range(3))
-    for start in range(0, rows.numel(), chunk):
-        idx = rows[start:start + chunk].long()
-        logits = _torch_logits(hidden[idx], weight32, bias32, temperature)
-        chunk_lse = torch.logsumexp(logits, dim=-1)
-        lse[start:start + chunk] = chunk_lse
-        logp[start:start + chunk] = logits.gather(1, targets[idx].long()[:, None]).squeeze(1) - chunk_lse
-        if compute_entropy:
-            log_p = logits.sub_(chunk_lse[:, None])
-            entropy[start:start + chunk] = -(log_p.exp() * log_p).sum(-1)
-    return logp, lse, (entropy if compute_entropy else None)
-
-
-def _torch_backward(hidden, weight, bias, targets, rows, lse, mean_logit, grad_logp, grad_ent,
-                    temperature, filter_eps, exact, grad_hidden, grad_weight, grad_bias):
-    """Chunked PyTorch backward: float32 throughout (``filter_eps`` and ``exact`` do not apply)."""
-    weight32 = weight.float()
-    bias32 = bias.float() if bias is not None else None
-    # float32 weights (the usual CPU case) accumulate straight into their gradient: no extra copy.
-    grad_weight32 = grad_weight
-    if grad_weight is not None and grad_weight.dtype != torch.float32:
-        grad_weight32 = torch.zeros_like(weight32)
-    chunk = max(1, _TORCH_CHUNK_BYTES // (4 * weight.shape[0]))
-    for start in range(0, rows.numel(), chunk):
-        sl = slice(start, start + chunk)
-        idx = rows[sl].long()
-        hidden_chunk = hidden[idx].float()
-        logits = _torch_logits(hidden_chunk, weight32, bias32, temperature)
-        probs = torch.exp(logits - lse[sl, None])
-        coeff = grad_logp[sl, None]
-        if grad_ent is not None:
-            coeff = coeff + grad_ent[sl, None] * (logits - mean_logit[sl, None])
-        grad_z = -probs * coeff
-        grad_z.scatter_add_(1, targets[idx].long()[:, None], grad_logp[sl, None])
-        grad_z /= temperature
-        grad_hidden.index_copy_(0, idx, (grad_z @ weight32).to(grad_hidden.dtype))
-        if grad_weight32 is not None:
-            grad_weight32 += grad_z.t() @ hidden_chunk
-        if grad_bias is not None:
-            grad_bias += grad_z.sum(0)
-    if grad_weight is not None and grad_weight32 is not grad_weight:
-        grad_weight.copy_(grad_weight32)
-
-
-_BACKENDS = {"triton": (_triton_forward, _triton_backward), "torch": (_torch_forward, _torch_backward)}
+_BACKENDS = {"triton": (_triton_forward, _triton_backward), "torch": (torch_forward, torch_backward)}
 
 
 class _TokenLogprobsFunction(torch.autograd.Function):
