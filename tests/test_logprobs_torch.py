@@ -107,9 +107,11 @@ def check_case(hidden, weight, bias, targets, rows, *, temperature=1.0, softcap=
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """Tiles of 5 rows x 7 vocabulary ids: every case crosses row and vocabulary tile borders."""
+    """Tiles of 5 rows x 7 vocabulary ids, elementwise blocks of 2 rows: every case crosses row,
+    vocabulary and block borders."""
     monkeypatch.setattr(logprobs_torch, "_SLAB_BYTES", 4 * 5 * 7)
     monkeypatch.setattr(logprobs_torch, "_MIN_SLAB_ROWS", 5)
+    monkeypatch.setattr(logprobs_torch, "_BLOCK_BYTES", 4 * 2 * 7)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -157,7 +159,8 @@ def test_single_target_callers_keep_working(small_tiles):
 
 
 def test_tiling_does_not_change_results(monkeypatch):
-    # Same numbers (to float32 rounding of the merge) with one tile and with many.
+    # Same numbers (to float32 rounding of the merge and of the sums' order) with one tile and
+    # with many.
     hidden, weight, bias, targets, rows = make_case(30, 12, 47, 2, torch.float32, bias=True)
     grad_logp, grad_ent = torch.randn(30, 2), torch.randn(30)
     one = run_drivers(hidden, weight, bias, targets, rows, 1.0, None, grad_logp, grad_ent)
@@ -166,7 +169,7 @@ def test_tiling_does_not_change_results(monkeypatch):
     assert logprobs_torch._tile_sizes(30, 47) == (4, 6)
     many = run_drivers(hidden, weight, bias, targets, rows, 1.0, None, grad_logp, grad_ent)
     for a, b in zip(one[:3] + one[3], many[:3] + many[3]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert rel_err(b, a) < 1e-6
 
 
 @pytest.mark.parametrize("offset", [1e4, -1e5])
@@ -202,13 +205,15 @@ def allocator_peak_bytes(fn) -> int:
 
 
 def test_memory_is_flat_in_rows_and_vocabulary(monkeypatch):
-    # Above its inputs and gradients, a forward + backward holds at most 3 slabs and O(rows)
-    # vectors: no [rows, V] logits, no [V, D] temporary, the same for 4x the rows and 4x the
-    # vocabulary. (The former path allocated a [V, D] product per chunk and several slabs.)
+    # Above its inputs and gradients, a forward or backward holds one logits slab, two scratch
+    # blocks and O(rows) vectors: no [rows, V] logits, no [V, D] temporary, the same for 4x the
+    # rows and 4x the vocabulary. (The former path allocated a [V, D] product per row chunk and
+    # several [chunk, V] slabs at once.)
     slab_rows, slab_vocab, dim = 32, 128, 96
     slab_bytes = 4 * slab_rows * slab_vocab
     monkeypatch.setattr(logprobs_torch, "_SLAB_BYTES", slab_bytes)
     monkeypatch.setattr(logprobs_torch, "_MIN_SLAB_ROWS", slab_rows)
+    monkeypatch.setattr(logprobs_torch, "_BLOCK_BYTES", slab_bytes // 4)
 
     def peak(num_rows, vocab):
         hidden, weight, bias, targets, rows = make_case(num_rows, dim, vocab, 2, torch.float32, bias=True)
@@ -222,8 +227,8 @@ def test_memory_is_flat_in_rows_and_vocabulary(monkeypatch):
                                    True, *grads, softcap=30.0))
         # per-row state and [vocab chunk] / [row chunk, D] pieces, none of them a slab's size
         small = 16 * num_rows * 4 + 8 * slab_rows * dim * 4 + 8 * slab_vocab * 4
-        assert forward_peak <= 2 * slab_bytes + small, forward_peak
-        assert backward_peak <= 3 * slab_bytes + small, backward_peak
+        assert forward_peak <= 1.25 * slab_bytes + small, forward_peak
+        assert backward_peak <= 1.5 * slab_bytes + small, backward_peak
         # and below one [V, D] gradient
         assert backward_peak < vocab * dim * 4
         return forward_peak, backward_peak, small

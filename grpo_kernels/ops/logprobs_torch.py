@@ -8,13 +8,14 @@ for each compacted row ``n`` and each of its ``K`` targets ``t_k``::
     lse  = logsumexp_v z ;  logp_k = z[t_k] - lse           # 0 - lse for an id outside [0, V)
     H    = lse - E_p[z]                                     # shift-invariant form, below
 
-Memory: the ``[M, V]`` logits never exist. The logits are formed tile by tile in preallocated
-float32 ``[rows, vocab]`` slabs (a fixed byte budget, ``_SLAB_BYTES`` each, at most three alive),
-reused in place by every tile; gradients are accumulated in place (``addmm_`` into the
-gradient), so the memory above the inputs and gradients is flat in N and V.
+Memory: the ``[M, V]`` logits never exist. A call allocates one float32 ``[rows, vocab]`` slab
+(``_SLAB_BYTES``) and forms every tile of logits in it with one matmul (``out=``); the
+elementwise work then runs over cache-sized row blocks of the slab, in place, with scratch
+buffers of ``_BLOCK_BYTES``; gradients are accumulated in place (``addmm_`` into the gradient).
+So the memory above the inputs and gradients is the slab plus O(rows) vectors: flat in N and V.
 
 Time: 4 matmuls of ``2 M D V`` FLOPs (forward; backward recompute, d hidden, d weight) against
-the 3 of a materialized-logits loss, and few elementwise passes over each tile, all in place.
+the 3 of a materialized-logits loss; the elementwise passes touch each tile in cache.
 
 Numerics: float32 throughout (16-bit inputs are upcast tile by tile). The entropy uses the same
 shift-invariant form as the Triton kernel, ``H = log s - (sum_v e^x x) / s`` with ``x = z - max z``
@@ -26,11 +27,14 @@ from __future__ import annotations
 
 import torch
 
-# Bytes of one float32 [rows, vocab] slab; a forward holds up to 2, a backward up to 3.
-_SLAB_BYTES = 16 * 2**20
-# The slab's row count never drops below this (for GEMM efficiency): at vocabularies wider than
-# _SLAB_BYTES / (4 * _MIN_SLAB_ROWS) the vocabulary is tiled instead.
+# The float32 [rows, vocab] logits slab of one call: the only buffer that grows with N or V.
+_SLAB_BYTES = 96 * 2**20
+# The slab's row count never drops below this (GEMM efficiency): a vocabulary wider than
+# _SLAB_BYTES / (4 * _MIN_SLAB_ROWS) is tiled instead.
 _MIN_SLAB_ROWS = 64
+# Rows of a tile whose elementwise passes run together: each such block (and its scratch
+# buffers) stays in cache across the passes.
+_BLOCK_BYTES = 4 * 2**20
 # 1 in ``1 - tanh^2`` (one fused addcmul instead of three passes).
 _ONE = torch.ones(())
 
@@ -41,6 +45,10 @@ def _tile_sizes(num_rows: int, vocab: int) -> tuple[int, int]:
     vocab_chunk = min(vocab, max(1, elements // _MIN_SLAB_ROWS))
     row_chunk = max(1, min(num_rows, elements // vocab_chunk))
     return row_chunk, vocab_chunk
+
+
+def _block_rows(row_chunk: int, vocab_chunk: int) -> int:
+    return max(1, min(row_chunk, _BLOCK_BYTES // (4 * vocab_chunk)))
 
 
 def _spans(total: int, step: int):
@@ -54,8 +62,29 @@ def _as_2d_targets(targets: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return targets, False
 
 
+class _Rows:
+    """The compacted rows, by chunk: slices when they are one contiguous range (the usual case:
+    no copy of hidden, gradients written in place), else gathers."""
+
+    def __init__(self, rows: torch.Tensor):
+        self.index = rows.long()
+        self.count = rows.numel()
+        first = int(self.index[0]) if self.count else 0
+        self.offset = first if self.count and int(self.index[-1]) - first + 1 == self.count and bool(
+            (self.index.diff() == 1).all()) else None
+
+    def take(self, tensor, r0, r1):
+        if self.offset is not None:
+            return tensor[self.offset + r0:self.offset + r1]
+        return tensor.index_select(0, self.index[r0:r1])
+
+    def float_rows(self, hidden, r0, r1):
+        rows = self.take(hidden, r0, r1)
+        return rows if rows.dtype == torch.float32 else rows.float()
+
+
 class _Head:
-    """The LM head's logits tile by tile: z[rows, v0:v1] into a slab, in place."""
+    """The LM head's logits tile by tile: z[rows, v0:v1] into the slab."""
 
     def __init__(self, weight, bias, temperature, softcap):
         self.weight, self.bias = weight, bias
@@ -63,38 +92,53 @@ class _Head:
         self._chunk_key, self._chunk = None, None
 
     def weight_chunk(self, v0: int, v1: int) -> torch.Tensor:
-        """float32 W[v0:v1] (a view for float32 weights; 16-bit chunks are converted once and cached)."""
+        """float32 W[v0:v1] (a view for float32 weights; a 16-bit chunk is converted once, cached)."""
         if self.weight.dtype == torch.float32:
             return self.weight[v0:v1]
         if self._chunk_key != (v0, v1):
+            self._chunk_key, self._chunk = None, None  # free the previous chunk first
             self._chunk_key, self._chunk = (v0, v1), self.weight[v0:v1].float()
         return self._chunk
 
-    def logits_into(self, slab, hidden_rows, v0, v1, need_cap_derivative=None):
-        """slab [r, v1 - v0] <- z of hidden_rows [r, D] (float32). With a softcap and
-        ``need_cap_derivative`` (a slab), also writes 1 - tanh^2(y / softcap) there."""
-        weight_chunk = self.weight_chunk(v0, v1)
+    def pre_activation_into(self, slab, hidden_rows, v0, v1):
+        """slab [r, v1 - v0] <- z, or y / softcap under a softcap (``activate`` finishes it)."""
         # The scalar factor goes onto the [r, D] operand rather than over the [r, V] tile.
         scale = 1.0 / (self.softcap if self.softcap is not None else self.temperature)
         hidden_scaled = hidden_rows * scale if scale != 1.0 else hidden_rows
+        weight_chunk = self.weight_chunk(v0, v1)
         if self.bias is not None:
             bias_chunk = self.bias[v0:v1].float()
-            if scale != 1.0:
-                bias_chunk = bias_chunk * scale
-            torch.addmm(bias_chunk, hidden_scaled, weight_chunk.t(), out=slab)
+            torch.addmm(bias_chunk * scale if scale != 1.0 else bias_chunk, hidden_scaled, weight_chunk.t(),
+                        out=slab)
         else:
             torch.mm(hidden_scaled, weight_chunk.t(), out=slab)
-        if self.softcap is not None:
-            slab.tanh_()
-            if need_cap_derivative is not None:
-                torch.addcmul(_ONE, slab, slab, value=-1.0, out=need_cap_derivative)
-            slab.mul_(self.softcap / self.temperature)
         return slab
 
+    def activate(self, block, cap_derivative=None):
+        """In place on a row block: y / softcap -> z (no-op without a softcap); optionally writes
+        1 - tanh^2(y / softcap) into ``cap_derivative``."""
+        if self.softcap is not None:
+            block.tanh_()
+            if cap_derivative is not None:
+                torch.addcmul(_ONE, block, block, value=-1.0, out=cap_derivative)
+            block.mul_(self.softcap / self.temperature)
+        return block
 
-def _float_rows(hidden, idx):
-    rows = hidden.index_select(0, idx)
-    return rows if rows.dtype == torch.float32 else rows.float()
+    def activated(self, values):
+        """z of a few gathered pre-activation values (out of place): what ``activate`` gives."""
+        return values if self.softcap is None else self.activate(values.clone())
+
+    def cap_derivative(self, values):
+        """1 - tanh^2(y / softcap) of gathered pre-activation values y / softcap (1 without a softcap)."""
+        return None if self.softcap is None else 1.0 - values.tanh().square()
+
+
+def _scratch(numel, device, needed=True):
+    return torch.empty(numel, device=device, dtype=torch.float32) if needed else None
+
+
+def _view(buffer, shape):
+    return buffer[:shape[0] * shape[1]].view(shape) if buffer is not None else None
 
 
 def _target_columns(targets_rows, v0, v1):
@@ -102,6 +146,19 @@ def _target_columns(targets_rows, v0, v1):
     inside = (targets_rows >= v0) & (targets_rows < v1)
     columns = torch.where(inside, targets_rows - v0, 0)
     return columns, inside
+
+
+def _merge(run_max, run_sum, run_ent, tile_max, tile_sum, tile_ent):
+    """Online logsumexp (and sum e^{z-m} (z-m)) state merged with a tile's, in place into run_*."""
+    new_max = torch.maximum(run_max, tile_max)
+    old_scale, tile_scale = torch.exp(run_max - new_max), torch.exp(tile_max - new_max)
+    if run_ent is not None:
+        # re-base each sum to the new max: sum e^{z-m'}(z-m') = r (sum e^{z-m}(z-m) + s (m - m'))
+        old_shift = torch.where(run_sum > 0, run_max - new_max, 0.0)
+        run_ent.copy_(old_scale * (run_ent + run_sum * old_shift)
+                      + tile_scale * (tile_ent + tile_sum * (tile_max - new_max)))
+    run_sum.copy_(run_sum * old_scale + tile_sum * tile_scale)
+    run_max.copy_(new_max)
 
 
 def torch_forward(hidden, weight, bias, targets, rows, temperature, compute_entropy, *, softcap=None):
@@ -115,40 +172,39 @@ def torch_forward(hidden, weight, bias, targets, rows, temperature, compute_entr
     device = hidden.device
     head = _Head(weight, bias, temperature, softcap)
     row_chunk, vocab_chunk = _tile_sizes(num_rows, vocab)
+    block = _block_rows(row_chunk, vocab_chunk)
     slab = torch.empty(row_chunk * vocab_chunk, device=device, dtype=torch.float32)
-    slab_exp = torch.empty_like(slab) if compute_entropy else None
+    scratch = _scratch(block * vocab_chunk, device, compute_entropy)
+    by_rows = _Rows(rows)
 
     # Online logsumexp state per row, merged over vocabulary tiles (one tile when V fits).
     run_max = torch.full((num_rows,), float("-inf"), device=device)
     run_sum = torch.zeros(num_rows, device=device)
-    run_ent = torch.zeros(num_rows, device=device)  # sum_v e^{z - run_max} (z - run_max)
+    run_ent = torch.zeros(num_rows, device=device) if compute_entropy else None
     target_logit = torch.zeros((num_rows, targets.shape[1]), device=device)
-    row_idx = rows.long()
+    tile_max, tile_sum = torch.empty(row_chunk, device=device), torch.empty(row_chunk, device=device)
+    tile_ent = torch.empty(row_chunk, device=device) if compute_entropy else None
 
     # Vocabulary outermost: a 16-bit weight chunk is converted once, and W streams through once.
     for v0, v1 in _spans(vocab, vocab_chunk):
         for r0, r1 in _spans(num_rows, row_chunk):
-            idx = row_idx[r0:r1]
             shape = (r1 - r0, v1 - v0)
-            z = head.logits_into(slab[:shape[0] * shape[1]].view(shape), _float_rows(hidden, idx), v0, v1)
-            columns, inside = _target_columns(targets.index_select(0, idx), v0, v1)
-            target_logit[r0:r1] += torch.where(inside, z.gather(1, columns), 0.0)
-
-            old_max = run_max[r0:r1]
-            new_max = torch.maximum(old_max, z.amax(dim=1))
-            x = z.sub_(new_max[:, None])  # x = z - max <= 0
-            rescale = torch.exp(old_max - new_max)  # 0 on the first tile (old max -inf)
-            if compute_entropy:
-                e = torch.exp(x, out=slab_exp[:x.numel()].view(shape))
-                tile_sum = e.sum(dim=1)
-                tile_ent = e.mul_(x).sum(dim=1)
-                # re-base the old sum to the new max: sum e^{z-m'}(z-m') = r (sum e^{z-m}(z-m) + s (m - m'))
-                shift = torch.where(run_sum[r0:r1] > 0, old_max - new_max, 0.0)
-                run_ent[r0:r1] = rescale * (run_ent[r0:r1] + run_sum[r0:r1] * shift) + tile_ent
-            else:
-                tile_sum = x.exp_().sum(dim=1)
-            run_sum[r0:r1] = run_sum[r0:r1] * rescale + tile_sum
-            run_max[r0:r1] = new_max
+            z = head.pre_activation_into(_view(slab, shape), by_rows.float_rows(hidden, r0, r1), v0, v1)
+            columns, inside = _target_columns(by_rows.take(targets, r0, r1), v0, v1)
+            target_logit[r0:r1] += torch.where(inside, head.activated(z.gather(1, columns)), 0.0)
+            for b0, b1 in _spans(shape[0], block):
+                x = head.activate(z[b0:b1])
+                row_max = torch.amax(x, dim=1, out=tile_max[b0:b1])
+                x.sub_(row_max[:, None])  # x = z - max <= 0
+                if compute_entropy:
+                    e = torch.exp(x, out=_view(scratch, x.shape))
+                    torch.sum(e, dim=1, out=tile_sum[b0:b1])
+                    torch.sum(e.mul_(x), dim=1, out=tile_ent[b0:b1])
+                else:
+                    torch.sum(x.exp_(), dim=1, out=tile_sum[b0:b1])
+            n = shape[0]
+            _merge(run_max[r0:r1], run_sum[r0:r1], run_ent[r0:r1] if compute_entropy else None,
+                   tile_max[:n], tile_sum[:n], tile_ent[:n] if compute_entropy else None)
 
     log_sum = torch.log(run_sum)
     lse = run_max + log_sum
@@ -163,9 +219,10 @@ def torch_backward(hidden, weight, bias, targets, rows, lse, mean_logit, grad_lo
     """Chunked PyTorch backward: float32 accumulation throughout.
 
     targets [N, K] (or [N], then grad_logp [M]); lse, mean_logit (= E_p[z], or None), grad_ent
-    (or None) [M]; grad_logp [M, K]. Writes grad_hidden's ``rows``; adds into grad_weight [V, D]
-    and grad_bias [V] float32 (either may be None). ``filter_eps`` and ``exact`` do not apply
-    (every tile is exact, in float32); the result is deterministic whatever ``deterministic``.
+    (or None) [M]; grad_logp [M, K]. Writes grad_hidden's ``rows`` (grad_hidden may be None);
+    adds into grad_weight [V, D] and grad_bias [V] float32 (either may be None). ``filter_eps``
+    and ``exact`` do not apply (every tile is exact, in float32); the result is deterministic
+    whatever ``deterministic`` says (fixed-order float32 sums, no atomics).
     """
     del filter_eps, exact, deterministic
     targets, was_1d = _as_2d_targets(targets)
@@ -175,9 +232,11 @@ def torch_backward(hidden, weight, bias, targets, rows, lse, mean_logit, grad_lo
     device = hidden.device
     head = _Head(weight, bias, temperature, softcap)
     row_chunk, vocab_chunk = _tile_sizes(num_rows, vocab)
+    block = _block_rows(row_chunk, vocab_chunk)
     slab = torch.empty(row_chunk * vocab_chunk, device=device, dtype=torch.float32)
-    slab_exp = torch.empty_like(slab) if grad_ent is not None else None
-    slab_cap = torch.empty_like(slab) if softcap is not None else None
+    scratch_p = _scratch(block * vocab_chunk, device, grad_ent is not None)
+    scratch_cap = _scratch(block * vocab_chunk, device, softcap is not None)
+    by_rows = _Rows(rows)
 
     inv_temp = 1.0 / float(temperature)
     # d z_v = sum_k g_k [v == t_k] - p_v (G + g_ent (z_v - E_p[z])), G = sum_k g_k, all / T.
@@ -190,43 +249,56 @@ def torch_backward(hidden, weight, bias, targets, rows, lse, mean_logit, grad_lo
     # accumulators smaller ([M, D] for d hidden + a [vocab chunk, D] chunk instead of [V, D]).
     weight_acc_full = grad_weight is not None and grad_weight.dtype != torch.float32
     vocab_outer = weight_acc_full and num_rows < vocab
-    hidden_acc = torch.zeros((num_rows if vocab_outer else row_chunk, dim), device=device)
+    # d hidden goes straight into grad_hidden when its rows are one float32 range, else into a
+    # float32 buffer that is copied into grad_hidden's rows.
+    hidden_in_place = (grad_hidden is not None and grad_hidden.dtype == torch.float32
+                       and by_rows.offset is not None)
+    hidden_acc = None
+    if grad_hidden is not None and not hidden_in_place:
+        hidden_acc = torch.zeros((num_rows if vocab_outer else row_chunk, dim), device=device)
     weight_acc = None
     if weight_acc_full and not vocab_outer:
         weight_acc = torch.zeros((vocab, dim), device=device)
     row_spans, vocab_spans = _spans(num_rows, row_chunk), _spans(vocab, vocab_chunk)
     tiles = ([(r, v) for v in vocab_spans for r in row_spans] if vocab_outer
              else [(r, v) for r in row_spans for v in vocab_spans])
-    row_idx = rows.long()
 
     for (r0, r1), (v0, v1) in tiles:
-        idx = row_idx[r0:r1]
         shape = (r1 - r0, v1 - v0)
-        numel = shape[0] * shape[1]
-        hidden_rows = _float_rows(hidden, idx)
-        cap = slab_cap[:numel].view(shape) if slab_cap is not None else None
-        dz = head.logits_into(slab[:numel].view(shape), hidden_rows, v0, v1, need_cap_derivative=cap)
-        if grad_ent is not None:
-            # p = exp(z - lse) = exp((z - E_p[z]) - H)
-            centered = dz.sub_(mean_logit[r0:r1, None])
-            p = torch.sub(centered, entropy[r0:r1, None], out=slab_exp[:numel].view(shape)).exp_()
-            torch.addcmul(neg_total[r0:r1, None], centered, neg_ent[r0:r1, None], out=dz)
-            dz.mul_(p)
-        else:
-            dz.sub_(lse[r0:r1, None]).exp_().mul_(neg_total[r0:r1, None])
-        columns, inside = _target_columns(targets.index_select(0, idx), v0, v1)
-        dz.scatter_add_(1, columns, torch.where(inside, grad_logp_scaled[r0:r1], 0.0))
-        if cap is not None:
-            dz.mul_(cap)
+        hidden_rows = by_rows.float_rows(hidden, r0, r1)
+        dz = head.pre_activation_into(_view(slab, shape), hidden_rows, v0, v1)
+        # the one-hot term sum_k g_k [v == t_k] (times d z / d y at t_k), added after the blocks
+        columns, inside = _target_columns(by_rows.take(targets, r0, r1), v0, v1)
+        target_grad = torch.where(inside, grad_logp_scaled[r0:r1], 0.0)
+        if softcap is not None:
+            target_grad = target_grad * head.cap_derivative(dz.gather(1, columns))
+        for b0, b1 in _spans(shape[0], block):
+            rb = slice(r0 + b0, r0 + b1)
+            cap = _view(scratch_cap, (b1 - b0, shape[1]))
+            d = head.activate(dz[b0:b1], cap_derivative=cap)
+            if grad_ent is not None:
+                # p = exp(z - lse) = exp((z - E_p[z]) - H)
+                centered = d.sub_(mean_logit[rb, None])
+                p = torch.sub(centered, entropy[rb, None], out=_view(scratch_p, d.shape)).exp_()
+                torch.addcmul(neg_total[rb, None], centered, neg_ent[rb, None], out=d)
+                d.mul_(p)
+            else:
+                d.sub_(lse[rb, None]).exp_().mul_(neg_total[rb, None])
+            if cap is not None:
+                d.mul_(cap)
+        dz.scatter_add_(1, columns, target_grad)
 
         if grad_hidden is not None:
-            acc = hidden_acc[r0:r1] if vocab_outer else hidden_acc[:shape[0]]
-            if not vocab_outer and v0 == 0:
+            if hidden_in_place:
+                acc = by_rows.take(grad_hidden, r0, r1)
+            else:
+                acc = hidden_acc[r0:r1] if vocab_outer else hidden_acc[:shape[0]]
+            if v0 == 0 and not vocab_outer:
                 torch.mm(dz, head.weight_chunk(v0, v1), out=acc)
             else:
                 acc.addmm_(dz, head.weight_chunk(v0, v1))
-            if not vocab_outer and v1 == vocab:
-                grad_hidden.index_copy_(0, idx, acc.to(grad_hidden.dtype))
+            if not hidden_in_place and not vocab_outer and v1 == vocab:
+                grad_hidden.index_copy_(0, by_rows.index[r0:r1], acc.to(grad_hidden.dtype))
         if grad_weight is not None:
             if weight_acc_full and vocab_outer:
                 if r0 == 0:
@@ -240,7 +312,7 @@ def torch_backward(hidden, weight, bias, targets, rows, lse, mean_logit, grad_lo
         if grad_bias is not None:
             grad_bias[v0:v1] += dz.sum(dim=0)
 
-    if grad_hidden is not None and vocab_outer:
-        grad_hidden.index_copy_(0, row_idx, hidden_acc.to(grad_hidden.dtype))
+    if hidden_acc is not None and vocab_outer:
+        grad_hidden.index_copy_(0, by_rows.index, hidden_acc.to(grad_hidden.dtype))
     if weight_acc is not None and not vocab_outer:
         grad_weight += weight_acc.to(grad_weight.dtype)
