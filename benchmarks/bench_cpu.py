@@ -161,7 +161,8 @@ def write_report(records: list[dict], environment: dict, out_dir: Path) -> Path:
         "completion token; `torch.autograd.grad(loss, [hidden, weight])`. Each (impl, shape) in a fresh "
         "process; peak = VmHWM - VmRSS before the first step, the high-water mark reset just before it "
         "(/proc/self/clear_refs 5): RSS above the inputs, including the two gradients returned. Time: "
-        f"median of the steps after the first ({environment['runs']} steps per process). "
+        f"median of the steps after the first, or the first when only one ran ({environment['runs']} "
+        "steps per process). "
         f"{environment['repeats']} repetition(s), each in new processes; a range is min-max over them.",
         "",
         "| N, D, V | " + " | ".join(impls) + " | ours: peak over grads |",
@@ -198,6 +199,10 @@ def main(argv=None) -> None:
     parser.add_argument("--impls", nargs="+", default=list(CPU_IMPLS), choices=CPU_IMPLS)
     parser.add_argument("--shapes", nargs="+", default=None, help="N,D,V triples (default: issue 15's three)")
     parser.add_argument("--runs", type=int, default=2, help="steps per process (the first gives the peak)")
+    parser.add_argument("--peer-runs", type=int, default=None,
+                        help="steps per process for liger and trl_fused (default: --runs)")
+    parser.add_argument("--append", action="store_true",
+                        help="add to the results folder's cpu.json instead of replacing it")
     parser.add_argument("--repeats", type=int, default=1, help="repetitions of the whole table")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per process")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default results/cpu-<model>)")
@@ -216,13 +221,15 @@ def main(argv=None) -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python -m benchmarks.bench_cpu " + " ".join(sys.argv[1:] if argv is None else argv),
         "loadavg_before": " ".join(f"{x:.1f}" for x in os.getloadavg()), "impls": args.impls,
-        "shapes": shapes, "runs": args.runs, "repeats": args.repeats,
+        "shapes": shapes, "repeats": args.repeats,
+        "runs": f"{args.runs}" + (f" (liger, trl_fused: {args.peer_runs})" if args.peer_runs else ""),
     }
     records = []
     for repeat in range(args.repeats):
         for shape in shapes:
             for impl in args.impls:
-                record = _run_in_fresh_process(impl, shape, args.runs, args.timeout)
+                runs = args.runs if impl in ("torch", "ours") or args.peer_runs is None else args.peer_runs
+                record = _run_in_fresh_process(impl, shape, runs, args.timeout)
                 record["repeat"] = repeat
                 records.append(record)
                 if record["status"] == "ok":
@@ -231,7 +238,23 @@ def main(argv=None) -> None:
                 else:
                     print(f"[bench_cpu] {impl:9s} N={shape[0]} D={shape[1]} V={shape[2]}: {record['status']}", flush=True)
     environment["loadavg_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    path = write_report(records, environment, args.out or RESULTS / cpu_slug())
+    out_dir = args.out or RESULTS / cpu_slug()
+    if args.append and (out_dir / "cpu.json").exists():
+        previous = json.loads((out_dir / "cpu.json").read_text())
+        records = previous["records"] + records
+        old = previous["environment"]
+        environment = {
+            **environment,
+            "command": f"{old['command']}; then {environment['command']}",
+            "date": f"{old['date']} and {environment['date']}",
+            "loadavg_before": f"{old['loadavg_before']}; {environment['loadavg_before']}",
+            "loadavg_after": f"{old['loadavg_after']}; {environment['loadavg_after']}",
+            "impls": [i for i in CPU_IMPLS if i in set(old["impls"]) | set(environment["impls"])],
+            "shapes": [tuple(s) for s in old["shapes"]] + [s for s in environment["shapes"]
+                                                            if list(s) not in old["shapes"]],
+            "runs": f"{old['runs']}; {environment['runs']}",
+        }
+    path = write_report(records, environment, out_dir)
     print(f"[bench_cpu] wrote {path}")
 
 

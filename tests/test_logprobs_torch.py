@@ -121,6 +121,7 @@ def small_tiles(monkeypatch):
         (1, 7, 13, 1, False, 0, 1.0, None),  # N = 1
         (23, 29, 101, 3, True, 4, 0.7, None),  # D odd, V prime, K = 3, ignored rows, bias, T != 1
         (17, 16, 61, 2, True, 2, 1.3, 2.0),  # soft-cap, logits near and beyond the cap
+        (41, 9, 17, 2, False, 0, 1.0, None),  # more rows than ids: 16-bit d weight rows-outer
     ],
 )
 def test_drivers_match_float64(small_tiles, dtype, num_rows, dim, vocab, num_targets, bias, ignored_rows,

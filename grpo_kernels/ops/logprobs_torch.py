@@ -28,10 +28,10 @@ from __future__ import annotations
 import torch
 
 # The float32 [rows, vocab] logits slab of one call: the only buffer that grows with N or V.
-_SLAB_BYTES = 96 * 2**20
+_SLAB_BYTES = 64 * 2**20
 # The slab's row count never drops below this (GEMM efficiency): a vocabulary wider than
 # _SLAB_BYTES / (4 * _MIN_SLAB_ROWS) is tiled instead.
-_MIN_SLAB_ROWS = 64
+_MIN_SLAB_ROWS = 512
 # Rows of a tile whose elementwise passes run together: each such block (and its scratch
 # buffers) stays in cache across the passes.
 _BLOCK_BYTES = 4 * 2**20
