@@ -11,6 +11,7 @@ import torch
 
 import grpo_kernels as gk
 from grpo_kernels.ops import logprobs as logprobs_module
+from grpo_kernels.ops import logprobs_torch as logprobs_torch_module
 from grpo_kernels.reference import token_logprobs_reference
 
 BACKENDS = ["triton", "torch"]
@@ -187,7 +188,7 @@ def test_no_grad_runs_forward_only(device):
 def test_chunked_paths(device, backend, dtype, monkeypatch):
     # Several row chunks in the torch path; several row-chunk launches and (bf16, exact) several
     # vocabulary-chunk launches of the d-weight pass in the Triton path.
-    monkeypatch.setattr(logprobs_module, "_TORCH_CHUNK_BYTES", 4 * 47 * 5)
+    monkeypatch.setattr(logprobs_torch_module, "_SLAB_BYTES", 4 * 47 * 5)
     monkeypatch.setattr(logprobs_module, "_GRAD_CHUNK_BYTES", 4 * 24 * 16)
     hidden, weight, bias, targets = make_inputs((45,), 24, 47, dtype, device, bias=True, masked=3)
     check_against_reference(hidden, weight, bias, targets, backend=backend, dtype=dtype,

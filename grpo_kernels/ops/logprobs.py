@@ -44,8 +44,8 @@ in registers. No atomics at all (the sm_90 check verifies the PTX has no ``atom.
 the gradients are bitwise identical run to run; the logits are recomputed in both kernels (6
 matmuls in all instead of 4-5).
 
-On CPU tensors the same Triton kernels run under ``TRITON_INTERPRET=1``; otherwise a chunked
-PyTorch path computes the same thing, never holding more than a row chunk of logits.
+On CPU tensors the same Triton kernels run under ``TRITON_INTERPRET=1``; otherwise the chunked
+PyTorch path of ``grpo_kernels.ops.logprobs_torch`` computes the same thing.
 """
 
 from typing import Optional
@@ -54,6 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
+from grpo_kernels.ops.logprobs_torch import torch_backward, torch_forward
 from grpo_kernels.ops.utils import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -70,8 +71,6 @@ from grpo_kernels.ops.utils import (
 _GRAD_CHUNK_BYTES = 32 * 2**20
 # per-split partial states held at once by the forward (3 float32 per row and split).
 _FWD_PART_BYTES = 32 * 2**20
-# logits held at once by the PyTorch path (one row chunk x V, float32).
-_TORCH_CHUNK_BYTES = 32 * 2**20
 # ignore_index is compared with int32 ids on the device: it must be an int32 itself.
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
@@ -682,81 +681,7 @@ def _triton_backward(hidden, weight, bias, targets, rows, lse, mean_logit, grad_
             grad_weight[v_begin:v_end] = grad_weight_acc
 
 
-def _torch_logits(hidden_chunk, weight32, bias32, temperature, softcap):
-    """(z, dz/dy or None) for one row chunk, float32 [chunk, V]."""
-    logits = hidden_chunk.float() @ weight32.t()
-    if bias32 is not None:
-        logits += bias32
-    if softcap is None:
-        return logits.div_(temperature), None
-    # 1 - tanh^2(x) = 4 sigmoid(2x) sigmoid(-2x), accurate where tanh saturates
-    dcap = 4 * torch.sigmoid(2 * logits / softcap) * torch.sigmoid(-2 * logits / softcap)
-    return torch.tanh(logits / softcap) * (softcap / temperature), dcap / temperature
-
-
-def _target_columns(targets_chunk, vocab):
-    """(ids clamped into [0, V) as int64, float mask of the ids that are real tokens), [chunk, K]."""
-    live = (targets_chunk >= 0) & (targets_chunk < vocab)
-    return torch.where(live, targets_chunk, 0).long(), live
-
-
-def _torch_forward(hidden, weight, bias, targets, rows, temperature, compute_entropy, *, softcap=None):
-    """Chunked PyTorch forward over the compacted rows: float32, one [chunk, V] slab at a time."""
-    weight32 = weight.float()
-    bias32 = bias.float() if bias is not None else None
-    vocab = weight.shape[0]
-    chunk = max(1, _TORCH_CHUNK_BYTES // (4 * vocab))
-    logp = torch.empty((rows.numel(), targets.shape[1]), device=hidden.device)
-    lse, entropy = (torch.empty(rows.numel(), device=hidden.device) for _ in range(2))
-    for start in range(0, rows.numel(), chunk):
-        idx = rows[start:start + chunk].long()
-        logits, _ = _torch_logits(hidden[idx], weight32, bias32, temperature, softcap)
-        chunk_lse = torch.logsumexp(logits, dim=-1)
-        lse[start:start + chunk] = chunk_lse
-        ids, live = _target_columns(targets[idx], vocab)
-        logp[start:start + chunk] = torch.where(live, logits.gather(1, ids), 0.0) - chunk_lse[:, None]
-        if compute_entropy:
-            log_p = logits.sub_(chunk_lse[:, None])
-            entropy[start:start + chunk] = -(log_p.exp() * log_p).sum(-1)
-    return logp, lse, (entropy if compute_entropy else None)
-
-
-def _torch_backward(hidden, weight, bias, targets, rows, lse, mean_logit, grad_logp, grad_ent,
-                    temperature, filter_eps, exact, grad_hidden, grad_weight, grad_bias, *, softcap=None,
-                    deterministic=False):
-    """Chunked PyTorch backward: float32 throughout (``filter_eps`` and ``exact`` do not apply; it is
-    deterministic on CPU whatever ``deterministic`` says)."""
-    weight32 = weight.float()
-    bias32 = bias.float() if bias is not None else None
-    vocab = weight.shape[0]
-    # float32 weights (the usual CPU case) accumulate straight into their gradient: no extra copy.
-    grad_weight32 = grad_weight
-    if grad_weight is not None and grad_weight.dtype != torch.float32:
-        grad_weight32 = torch.zeros_like(weight32)
-    chunk = max(1, _TORCH_CHUNK_BYTES // (4 * vocab))
-    for start in range(0, rows.numel(), chunk):
-        sl = slice(start, start + chunk)
-        idx = rows[sl].long()
-        hidden_chunk = hidden[idx].float()
-        logits, dz_dy = _torch_logits(hidden_chunk, weight32, bias32, temperature, softcap)
-        probs = torch.exp(logits - lse[sl, None])
-        coeff = grad_logp[sl].sum(1, keepdim=True)
-        if grad_ent is not None:
-            coeff = coeff + grad_ent[sl, None] * (logits - mean_logit[sl, None])
-        grad_z = -probs * coeff
-        ids, live = _target_columns(targets[idx], vocab)
-        grad_z.scatter_add_(1, ids, torch.where(live, grad_logp[sl], 0.0))
-        grad_z = grad_z / temperature if dz_dy is None else grad_z * dz_dy
-        grad_hidden.index_copy_(0, idx, (grad_z @ weight32).to(grad_hidden.dtype))
-        if grad_weight32 is not None:
-            grad_weight32 += grad_z.t() @ hidden_chunk
-        if grad_bias is not None:
-            grad_bias += grad_z.sum(0)
-    if grad_weight is not None and grad_weight32 is not grad_weight:
-        grad_weight.copy_(grad_weight32)
-
-
-_BACKENDS = {"triton": (_triton_forward, _triton_backward), "torch": (_torch_forward, _torch_backward)}
+_BACKENDS = {"triton": (_triton_forward, _triton_backward), "torch": (torch_forward, torch_backward)}
 
 
 # ---------------------------------------------------------------------------------------------
