@@ -24,31 +24,44 @@ def token_logprobs_reference(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    return_lse: bool = False,
+    softcap: float | None = None,
 ):
-    """Per-token log-prob (and entropy) of ``targets`` under ``softmax((hidden @ weight.T + bias) / T)``.
+    """Per-token log-prob (and entropy, logsumexp) of ``targets`` under ``softmax(z)``, with
+    ``z = (hidden @ weight.T + bias) / T``, or ``z = softcap * tanh((hidden @ weight.T + bias) / softcap) / T``.
 
-    hidden ``[..., D]``, weight ``[V, D]``, bias ``[V]``, targets ``[...]``. Computes in float64
-    and returns float32 tensors of the shape of ``targets``; autograd flows to hidden, weight and
-    bias (their gradients come back in their own dtype).
+    hidden ``[..., D]``, weight ``[V, D]``, bias ``[V]``, targets ``[...]`` or ``[..., K]`` (K
+    targets per row when ``targets.dim() == hidden.dim()``). Computes in float64 and returns
+    float32 tensors: log-probs of the shape of ``targets`` (0 where ignored), then entropy and lse
+    of hidden's leading shape if asked for (0 on rows with no live target); autograd flows to
+    hidden, weight and bias (their gradients come back in their own dtype).
     """
-    lead_shape = targets.shape
+    lead_shape = hidden.shape[:-1]
     hidden64 = hidden.reshape(-1, hidden.shape[-1]).double()
     logits = hidden64 @ weight.double().t()
     if bias is not None:
         logits = logits + bias.double()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     logits = logits / temperature
-    flat_targets = targets.reshape(-1)
+    flat_targets = targets.reshape(logits.shape[0], -1)
     valid = flat_targets != ignore_index
     log_probs = torch.log_softmax(logits, dim=-1)
     safe_targets = torch.where(valid, flat_targets, torch.zeros_like(flat_targets)).long()
-    logp = log_probs.gather(-1, safe_targets[:, None]).squeeze(-1)
+    logp = log_probs.gather(-1, safe_targets)
     logp = torch.where(valid, logp, torch.zeros_like(logp))
-    logp = logp.float().reshape(lead_shape)
-    if not return_entropy:
-        return logp
-    entropy = -(log_probs.exp() * log_probs).sum(-1)
-    entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
-    return logp, entropy.float().reshape(lead_shape)
+    logp = logp.float().reshape(targets.shape)
+    row_live = valid.any(-1)
+    outputs = (logp,)
+    if return_entropy:
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        entropy = torch.where(row_live, entropy, torch.zeros_like(entropy))
+        outputs += (entropy.float().reshape(lead_shape),)
+    if return_lse:
+        lse = torch.logsumexp(logits, dim=-1)
+        lse = torch.where(row_live, lse, torch.zeros_like(lse))
+        outputs += (lse.float().reshape(lead_shape),)
+    return outputs if len(outputs) > 1 else outputs[0]
 
 
 # ---------------------------------------------------------------------------------------------

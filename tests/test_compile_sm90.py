@@ -3,6 +3,7 @@ error, no register spill, shared memory within the H100 limit. Runs the real Tri
 this CPU-only machine (grpo_kernels.ops.sm90_check), in a subprocess without TRITON_INTERPRET."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -21,3 +22,22 @@ def test_every_kernel_config_compiles_for_sm90(module):
     print(result.stdout[-5000:], result.stderr[-5000:])
     assert result.returncode == 0, f"sm_90 compile check failed:\n{result.stdout[-5000:]}\n{result.stderr[-3000:]}"
     assert " 0 failed" in result.stdout
+
+
+def test_deterministic_backward_has_no_atomics():
+    # The full check above fails on an atomic in a forbid_atomics spec; this shows the PTX scan
+    # sees atomics where there are some (the default backward), so that the check can fail.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    counts = {}
+    for name in ("logprobs_bwd[bf16,bias=True,softcap=True,entropy=True,dH=True,dW=False]",
+                 "logprobs_bwd_det[bf16,bias=True,softcap=True,entropy=True,dWdB]",
+                 "logprobs_bwd_det[bf16,bias=True,softcap=True,entropy=True,dH]"):
+        result = subprocess.run(
+            [sys.executable, "-m", "grpo_kernels.ops.sm90_check", "--module", "grpo_kernels.ops.logprobs",
+             "--filter", name], env=env, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        counts[name] = [int(m) for m in re.findall(r"atomics=(\d+)", result.stdout)]
+        assert len(counts[name]) == 2, result.stdout  # aligned and unaligned
+    atomic, *deterministic = counts.values()
+    assert min(atomic) > 0
+    assert all(c == 0 for det in deterministic for c in det)

@@ -366,12 +366,12 @@ def check_compute_loss(trl_trainer, ours, case):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16-autocast", "bf16-model-fp32-head"])
 @pytest.mark.parametrize("shifted", [False, True])
-def test_fused_lm_head_matches_trl(precision, shifted):
+def test_fused_lm_head_matches_trl(precision, shifted, model_config=(("logit_scale", 1.25),)):
     from trl.trainer.utils import add_fused_lm_head
 
     from grpo_kernels.integrations.trl import install_fused_lm_head
 
-    trl_model = make_model(logit_scale=1.25)
+    trl_model = make_model(**dict(model_config))
     cast_head = precision == "bf16-model-fp32-head"
     if cast_head:  # what GRPOTrainer does for cast_lm_head_to_fp32=True on a bf16 model
         trl_model = trl_model.to(torch.bfloat16)
@@ -440,9 +440,10 @@ def test_entropy_mask_on_several_processes_raises():
     check_grpo_config(SimpleNamespace(**{**vars(config), "world_size": 1}))
 
 
-def test_unsupported_model_raises(model_dir, tmp_path):
-    with pytest.raises(ValueError, match="final_logit_softcapping"):
-        build(FusedGRPOTrainer, model_dir(final_logit_softcapping=30.0), make_config(tmp_path))
+def test_softcapped_model_fused_lm_head_matches_trl():
+    # Gemma 2/3's final_logit_softcapping, applied after the logit scale as TRL does; the tiny
+    # model's logits reach ~10, so a cap of 2 changes every distribution.
+    test_fused_lm_head_matches_trl("fp32", False, model_config=(("logit_scale", 1.25), ("final_logit_softcapping", 2.0)))
 
 
 def test_bad_backend_and_trl_version_raise(model_dir, tmp_path, monkeypatch):

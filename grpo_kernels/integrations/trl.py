@@ -141,10 +141,6 @@ def _check_model(trainer) -> None:
     if trainer._is_vlm:
         problems.append("multimodal (vision-language) models and processors are not supported")
     text_config = trainer.model.config.get_text_config()
-    if getattr(text_config, "final_logit_softcapping", None) is not None:
-        problems.append(
-            f"{type(text_config).__name__}.final_logit_softcapping is set: logit soft-capping is not "
-            "supported by the grpo-kernels log-prob kernel")
     if _logit_scale(text_config) <= 0:
         problems.append(f"a non-positive logit scale ({_logit_scale(text_config)}) is not supported")
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
@@ -198,13 +194,14 @@ def install_fused_lm_head(model, *, temperature: float = 1.0, cast_lm_head_to_fp
     """
     previous_forward = model.forward
     text_config = model.config.get_text_config()
-    if getattr(text_config, "final_logit_softcapping", None) is not None:
-        raise ValueError("logit soft-capping (final_logit_softcapping) is not supported by grpo-kernels")
     logit_scale = _logit_scale(text_config)
     if logit_scale <= 0:
         raise ValueError(f"a non-positive logit scale ({logit_scale}) is not supported")
-    # logit_scale * (h W^T + b) / T is the distribution of (h W^T + b) / (T / logit_scale)
+    # logit_scale * (h W^T + b) / T is the distribution of (h W^T + b) / (T / logit_scale); TRL
+    # soft-caps after the scale, c tanh(s y / c) / T = (c / s) tanh(y / (c / s)) / (T / s).
     kernel_temperature = float(temperature) / logit_scale
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    kernel_softcap = None if softcap is None else float(softcap) / logit_scale
     backbone_attr = "base_model"
     if text_config is not model.config and Version(transformers.__version__) < Version("5.0.0"):
         backbone_attr = "model"
@@ -245,8 +242,8 @@ def install_fused_lm_head(model, *, temperature: float = 1.0, cast_lm_head_to_fp
             aux_loss = _load_balancing_loss(self, text_config, backbone_outputs, kwargs.get("attention_mask"))
         with torch.autocast(hidden.device.type, enabled=False):
             log_probs, entropy = token_logprobs(
-                hidden, weight, targets, bias=bias, temperature=kernel_temperature, return_entropy=True,
-                backend=backend)
+                hidden, weight, targets, bias=bias, temperature=kernel_temperature, softcap=kernel_softcap,
+                return_entropy=True, backend=backend)
             if grpo_loss is not None:
                 # grpo_kernels.fused_linear_grpo_loss spelled out (token_logprobs chained with
                 # grpo_loss; the loss's backward feeds the log-prob kernel's backward), so that the

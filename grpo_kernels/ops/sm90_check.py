@@ -7,8 +7,9 @@ Triton's interpreter does not catch what the real GPU compiler rejects (``tl.dot
 (``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))``) for every
 ``CompileSpec`` that the ops modules declare, in two alignment variants (16-divisible pointers
 and sizes, as the launcher sees for usual shapes, and none, for odd shapes), reads register,
-spill and shared-memory use from the cubin, and exits non-zero on a compile error, a spill, or
-shared memory over the H100 limit. Must run with ``TRITON_INTERPRET`` unset.
+spill and shared-memory use from the cubin and the atomic instructions from the PTX, and exits
+non-zero on a compile error, a spill, shared memory over the H100 limit, or an atomic instruction
+in a spec marked ``forbid_atomics``. Must run with ``TRITON_INTERPRET`` unset.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from concurrent.futures import ProcessPoolExecutor
 SPEC_MODULES = ("grpo_kernels.ops.logprobs", "grpo_kernels.ops.grpo_loss", "grpo_kernels.ops.advantages")
 H100_MAX_SHARED_BYTES = 227 * 1024  # per block, opt-in maximum on sm_90
 _RESOURCE_RE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+_ATOMIC_RE = re.compile(r"^\s*(?:@!?%\w+\s+)?(?:atom|red)\.", re.MULTILINE)  # PTX atomic instructions
 
 
 def all_specs(modules=SPEC_MODULES):
@@ -75,8 +77,11 @@ def compile_one(args):
                               capture_output=True, text=True, check=True).stdout
     regs, stack, static_shared, local = (int(x) for x in _RESOURCE_RE.search(dump).groups())
     shared = compiled.metadata.shared + static_shared
-    usage = {"registers": regs, "stack": stack, "local": local, "shared": shared}
+    atomics = len(_ATOMIC_RE.findall(compiled.asm["ptx"]))
+    usage = {"registers": regs, "stack": stack, "local": local, "shared": shared, "atomics": atomics}
     problems = []
+    if spec.forbid_atomics and atomics:
+        problems.append(f"{atomics} atomic instruction(s) in a kernel that must have none")
     if local > 0:
         problems.append(f"register spill ({local} bytes of local memory)")
     if shared > H100_MAX_SHARED_BYTES:
@@ -100,8 +105,8 @@ def main(argv=None) -> int:
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         for label, problem, usage in pool.map(compile_one, work):
             status = "FAIL " + problem if problem else "ok"
-            detail = (f"regs={usage['registers']:3d} shared={usage['shared']:6d}B local={usage['local']}"
-                      if usage else "")
+            detail = (f"regs={usage['registers']:3d} shared={usage['shared']:6d}B local={usage['local']} "
+                      f"atomics={usage['atomics']}" if usage else "")
             print(f"{status:4s} {label:90s} {detail}")
             failures += bool(problem)
     print(f"sm90_check: {len(work) - failures} compiled clean, {failures} failed, of {len(work)} configurations")

@@ -65,53 +65,27 @@ def _shard_driver(direction, backend, hidden, weight, bias, local_targets, rows,
     """One vocabulary shard through ``logprobs._BACKENDS[backend]`` (see docs: logprob-drivers).
 
     ``local_targets`` ``[N]`` int32 are shard-local ids, ``-1`` where the target lies in another
-    shard. ``direction="forward"``: ``args = (compute_entropy,)``; returns ``(target_logit, lse,
-    entropy or None)``, float32 ``[M]`` over ``rows``, with target_logit 0 off-shard.
-    ``direction="backward"``: ``args = (lse, mean_logit, grad_logp, grad_ent, filter_eps, exact,
-    grad_hidden, grad_weight, grad_bias)`` with the *global* lse and mean logit; adds this shard's
-    exact gradients into the buffers (``grad_hidden`` float32 ``[N, D]``).
-
-    The drivers of this release take ``[N]`` targets; the Triton driver matches ``-1`` to no
-    logit, while the torch driver gathers/scatters at the id and cannot take it. For the torch
-    driver the off-shard rows point at shard id 0 and the one-hot term that this adds to the
-    backward (``g / T`` at id 0) is subtracted again; in the forward only the target logit is
-    read, masked where off-shard.
+    shard (an id outside ``[0, V_r)`` matches no logit in either driver). ``direction="forward"``:
+    ``args = (compute_entropy,)``; returns ``(target_logit, lse, entropy or None)``, float32 ``[M]``
+    over ``rows``, with target_logit 0 off-shard. ``direction="backward"``: ``args = (lse,
+    mean_logit, grad_logp, grad_ent, filter_eps, exact, grad_hidden, grad_weight, grad_bias)`` with
+    the *global* lse and mean logit; adds this shard's exact gradients into the buffers
+    (``grad_hidden`` float32 ``[N, D]``).
     """
     forward_fn, backward_fn = _logprobs._BACKENDS[backend]
-    off_shard = local_targets[rows.long()] < 0
-    driver_targets = local_targets.clamp(min=0) if backend == "torch" or direction == "forward" else local_targets
+    driver_targets = local_targets.reshape(-1, 1)  # the drivers take [N, K] targets; K = 1 here
     if direction == "forward":
         (compute_entropy,) = args
         logp, lse, entropy = forward_fn(hidden, weight, bias, driver_targets, rows, temperature, compute_entropy)
         # the drivers return target - lse; the shard's target logit is recovered exactly where it
         # exists and is 0 elsewhere
-        return torch.where(off_shard, 0.0, logp + lse), lse, entropy
+        off_shard = local_targets[rows.long()] < 0
+        return torch.where(off_shard, 0.0, logp[:, 0] + lse), lse, entropy
     lse, mean_logit, grad_logp, grad_ent, filter_eps, exact, grad_hidden, grad_weight, grad_bias = args
-    if backend != "torch":
-        backward_fn(hidden, weight, bias, driver_targets, rows, lse, mean_logit, grad_logp, grad_ent,
-                    temperature, filter_eps, exact, grad_hidden, grad_weight, grad_bias)
-        return
-    grad_weight32 = grad_weight if grad_weight is None or grad_weight.dtype == torch.float32 else \
-        torch.zeros(grad_weight.shape, device=grad_weight.device, dtype=torch.float32)
-    backward_fn(hidden, weight, bias, driver_targets, rows, lse, mean_logit, grad_logp, grad_ent,
-                temperature, filter_eps, exact, grad_hidden, grad_weight32, grad_bias)
-    if bool(off_shard.any()):
-        wrong_rows = rows[off_shard].long()
-        wrong = grad_logp[off_shard] / temperature  # [K] the spurious d z at shard id 0
-        grad_hidden.index_add_(0, wrong_rows, -wrong[:, None] * weight[0].float())
-        if grad_weight32 is not None:
-            grad_weight32[0] -= wrong @ hidden[wrong_rows].float()
-        if grad_bias is not None:
-            grad_bias[0] -= wrong.sum()
-    if grad_weight32 is not grad_weight:
-        grad_weight.copy_(grad_weight32)
+    backward_fn(hidden, weight, bias, driver_targets, rows, lse, mean_logit, grad_logp.reshape(-1, 1), grad_ent,
+                temperature, filter_eps, exact, grad_hidden, grad_weight, grad_bias)
 
 
-# ---------------------------------------------------------------------------------------------
-# Group metadata: shard sizes, input checks, all in one small all-gather
-# ---------------------------------------------------------------------------------------------
-
-# per-rank float64 record: [ok, V_local, D, N_local, target min, target max, checksum, checksum]
 _META = 8
 
 

@@ -1,0 +1,318 @@
+"""The chunked PyTorch backend of ``token_logprobs``: what CPU users, the demo and CI run.
+
+Same drivers, same numbers as the Triton kernels in ``logprobs.py`` (see the interface there):
+for each compacted row ``n`` and each of its ``K`` targets ``t_k``::
+
+    y    = h_n @ W.T + b                                    # [V]
+    z    = softcap * tanh(y / softcap) / T   (or y / T)     # [V]
+    lse  = logsumexp_v z ;  logp_k = z[t_k] - lse           # 0 - lse for an id outside [0, V)
+    H    = lse - E_p[z]                                     # shift-invariant form, below
+
+Memory: the ``[M, V]`` logits never exist. A call allocates one float32 ``[rows, vocab]`` slab
+(``_SLAB_BYTES``) and forms every tile of logits in it with one matmul (``out=``); the
+elementwise work then runs over cache-sized row blocks of the slab, in place, with scratch
+buffers of ``_BLOCK_BYTES``; gradients are accumulated in place (``addmm_`` into the gradient).
+So the memory above the inputs and gradients is the slab plus O(rows) vectors: flat in N and V.
+
+Time: 4 matmuls of ``2 M D V`` FLOPs (forward; backward recompute, d hidden, d weight) against
+the 3 of a materialized-logits loss; the elementwise passes touch each tile in cache.
+
+Numerics: float32 throughout (16-bit inputs are upcast tile by tile). The entropy uses the same
+shift-invariant form as the Triton kernel, ``H = log s - (sum_v e^x x) / s`` with ``x = z - max z``
+and ``s = sum_v e^x``: the naive ``-sum p log p`` loses 1e-3 absolute at ``|z| ~ 1e4`` because
+``log p = z - lse`` cancels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# The float32 [rows, vocab] logits slab of one call: the only buffer that grows with N or V.
+_SLAB_BYTES = 64 * 2**20
+# The slab's row count never drops below this (GEMM efficiency): a vocabulary wider than
+# _SLAB_BYTES / (4 * _MIN_SLAB_ROWS) is tiled instead.
+_MIN_SLAB_ROWS = 512
+# Rows of a tile whose elementwise passes run together: each such block (and its scratch
+# buffers) stays in cache across the passes.
+_BLOCK_BYTES = 4 * 2**20
+# 1 in ``1 - tanh^2`` (one fused addcmul instead of three passes).
+_ONE = torch.ones(())
+
+
+def _tile_sizes(num_rows: int, vocab: int) -> tuple[int, int]:
+    """(rows, vocab ids) per tile so that a [rows, vocab ids] float32 slab fits _SLAB_BYTES."""
+    elements = max(1, _SLAB_BYTES // 4)
+    vocab_chunk = min(vocab, max(1, elements // _MIN_SLAB_ROWS))
+    row_chunk = max(1, min(num_rows, elements // vocab_chunk))
+    return row_chunk, vocab_chunk
+
+
+def _block_rows(row_chunk: int, vocab_chunk: int) -> int:
+    return max(1, min(row_chunk, _BLOCK_BYTES // (4 * vocab_chunk)))
+
+
+def _spans(total: int, step: int):
+    return [(start, min(start + step, total)) for start in range(0, total, step)]
+
+
+def _as_2d_targets(targets: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """[N] (callers of the single-target interface) or [N, K] -> ([N, K], was_1d)."""
+    if targets.dim() == 1:
+        return targets[:, None], True
+    return targets, False
+
+
+class _Rows:
+    """The compacted rows, by chunk: slices when they are one contiguous range (the usual case:
+    no copy of hidden, gradients written in place), else gathers."""
+
+    def __init__(self, rows: torch.Tensor):
+        self.index = rows.long()
+        self.count = rows.numel()
+        first = int(self.index[0]) if self.count else 0
+        self.offset = first if self.count and int(self.index[-1]) - first + 1 == self.count and bool(
+            (self.index.diff() == 1).all()) else None
+
+    def take(self, tensor, r0, r1):
+        if self.offset is not None:
+            return tensor[self.offset + r0:self.offset + r1]
+        return tensor.index_select(0, self.index[r0:r1])
+
+    def float_rows(self, hidden, r0, r1):
+        rows = self.take(hidden, r0, r1)
+        return rows if rows.dtype == torch.float32 else rows.float()
+
+
+class _Head:
+    """The LM head's logits tile by tile: z[rows, v0:v1] into the slab."""
+
+    def __init__(self, weight, bias, temperature, softcap):
+        self.weight, self.bias = weight, bias
+        self.temperature, self.softcap = float(temperature), softcap
+        self._chunk_key, self._chunk = None, None
+
+    def weight_chunk(self, v0: int, v1: int) -> torch.Tensor:
+        """float32 W[v0:v1] (a view for float32 weights; a 16-bit chunk is converted once, cached)."""
+        if self.weight.dtype == torch.float32:
+            return self.weight[v0:v1]
+        if self._chunk_key != (v0, v1):
+            self._chunk_key, self._chunk = None, None  # free the previous chunk first
+            self._chunk_key, self._chunk = (v0, v1), self.weight[v0:v1].float()
+        return self._chunk
+
+    def pre_activation_into(self, slab, hidden_rows, v0, v1):
+        """slab [r, v1 - v0] <- z, or y / softcap under a softcap (``activate`` finishes it)."""
+        # The scalar factor goes onto the [r, D] operand rather than over the [r, V] tile.
+        scale = 1.0 / (self.softcap if self.softcap is not None else self.temperature)
+        hidden_scaled = hidden_rows * scale if scale != 1.0 else hidden_rows
+        weight_chunk = self.weight_chunk(v0, v1)
+        if self.bias is not None:
+            bias_chunk = self.bias[v0:v1].float()
+            torch.addmm(bias_chunk * scale if scale != 1.0 else bias_chunk, hidden_scaled, weight_chunk.t(),
+                        out=slab)
+        else:
+            torch.mm(hidden_scaled, weight_chunk.t(), out=slab)
+        return slab
+
+    def activate(self, block, cap_derivative=None):
+        """In place on a row block: y / softcap -> z (no-op without a softcap); optionally writes
+        1 - tanh^2(y / softcap) into ``cap_derivative``."""
+        if self.softcap is not None:
+            block.tanh_()
+            if cap_derivative is not None:
+                torch.addcmul(_ONE, block, block, value=-1.0, out=cap_derivative)
+            block.mul_(self.softcap / self.temperature)
+        return block
+
+    def activated(self, values):
+        """z of a few gathered pre-activation values (out of place): what ``activate`` gives."""
+        return values if self.softcap is None else self.activate(values.clone())
+
+    def cap_derivative(self, values):
+        """1 - tanh^2(y / softcap) of gathered pre-activation values y / softcap (1 without a softcap)."""
+        return None if self.softcap is None else 1.0 - values.tanh().square()
+
+
+def _scratch(numel, device, needed=True):
+    return torch.empty(numel, device=device, dtype=torch.float32) if needed else None
+
+
+def _view(buffer, shape):
+    return buffer[:shape[0] * shape[1]].view(shape) if buffer is not None else None
+
+
+def _target_columns(targets_rows, v0, v1):
+    """(column index [r, K] clamped into the tile, bool [r, K] whether the id lies in [v0, v1))."""
+    inside = (targets_rows >= v0) & (targets_rows < v1)
+    columns = torch.where(inside, targets_rows - v0, 0)
+    return columns, inside
+
+
+def _merge(run_max, run_sum, run_ent, tile_max, tile_sum, tile_ent):
+    """Online logsumexp (and sum e^{z-m} (z-m)) state merged with a tile's, in place into run_*."""
+    new_max = torch.maximum(run_max, tile_max)
+    old_scale, tile_scale = torch.exp(run_max - new_max), torch.exp(tile_max - new_max)
+    if run_ent is not None:
+        # re-base each sum to the new max: sum e^{z-m'}(z-m') = r (sum e^{z-m}(z-m) + s (m - m'))
+        old_shift = torch.where(run_sum > 0, run_max - new_max, 0.0)
+        run_ent.copy_(old_scale * (run_ent + run_sum * old_shift)
+                      + tile_scale * (tile_ent + tile_sum * (tile_max - new_max)))
+    run_sum.copy_(run_sum * old_scale + tile_sum * tile_scale)
+    run_max.copy_(new_max)
+
+
+def torch_forward(hidden, weight, bias, targets, rows, temperature, compute_entropy, *, softcap=None):
+    """Chunked PyTorch forward over the compacted rows.
+
+    hidden [N, D], weight [V, D], bias [V] or None, targets [N, K] (or [N]) int, rows [M] int32.
+    Returns (logp [M, K] ([M] for [N] targets), lse [M], entropy [M] or None), float32.
+    """
+    targets, was_1d = _as_2d_targets(targets)
+    num_rows, (vocab, _) = rows.numel(), weight.shape
+    device = hidden.device
+    head = _Head(weight, bias, temperature, softcap)
+    row_chunk, vocab_chunk = _tile_sizes(num_rows, vocab)
+    block = _block_rows(row_chunk, vocab_chunk)
+    slab = torch.empty(row_chunk * vocab_chunk, device=device, dtype=torch.float32)
+    scratch = _scratch(block * vocab_chunk, device, compute_entropy)
+    by_rows = _Rows(rows)
+
+    # Online logsumexp state per row, merged over vocabulary tiles (one tile when V fits).
+    run_max = torch.full((num_rows,), float("-inf"), device=device)
+    run_sum = torch.zeros(num_rows, device=device)
+    run_ent = torch.zeros(num_rows, device=device) if compute_entropy else None
+    target_logit = torch.zeros((num_rows, targets.shape[1]), device=device)
+    tile_max, tile_sum = torch.empty(row_chunk, device=device), torch.empty(row_chunk, device=device)
+    tile_ent = torch.empty(row_chunk, device=device) if compute_entropy else None
+
+    # Vocabulary outermost: a 16-bit weight chunk is converted once, and W streams through once.
+    for v0, v1 in _spans(vocab, vocab_chunk):
+        for r0, r1 in _spans(num_rows, row_chunk):
+            shape = (r1 - r0, v1 - v0)
+            z = head.pre_activation_into(_view(slab, shape), by_rows.float_rows(hidden, r0, r1), v0, v1)
+            columns, inside = _target_columns(by_rows.take(targets, r0, r1), v0, v1)
+            target_logit[r0:r1] += torch.where(inside, head.activated(z.gather(1, columns)), 0.0)
+            for b0, b1 in _spans(shape[0], block):
+                x = head.activate(z[b0:b1])
+                row_max = torch.amax(x, dim=1, out=tile_max[b0:b1])
+                x.sub_(row_max[:, None])  # x = z - max <= 0
+                if compute_entropy:
+                    e = torch.exp(x, out=_view(scratch, x.shape))
+                    torch.sum(e, dim=1, out=tile_sum[b0:b1])
+                    torch.sum(e.mul_(x), dim=1, out=tile_ent[b0:b1])
+                else:
+                    torch.sum(x.exp_(), dim=1, out=tile_sum[b0:b1])
+            n = shape[0]
+            _merge(run_max[r0:r1], run_sum[r0:r1], run_ent[r0:r1] if compute_entropy else None,
+                   tile_max[:n], tile_sum[:n], tile_ent[:n] if compute_entropy else None)
+
+    log_sum = torch.log(run_sum)
+    lse = run_max + log_sum
+    logp = target_logit - lse[:, None]
+    entropy = log_sum - run_ent / run_sum if compute_entropy else None
+    return (logp.squeeze(1) if was_1d else logp), lse, entropy
+
+
+def torch_backward(hidden, weight, bias, targets, rows, lse, mean_logit, grad_logp, grad_ent,
+                   temperature, filter_eps, exact, grad_hidden, grad_weight, grad_bias,
+                   *, softcap=None, deterministic=False):
+    """Chunked PyTorch backward: float32 accumulation throughout.
+
+    targets [N, K] (or [N], then grad_logp [M]); lse, mean_logit (= E_p[z], or None), grad_ent
+    (or None) [M]; grad_logp [M, K]. Writes grad_hidden's ``rows`` (grad_hidden may be None);
+    adds into grad_weight [V, D] and grad_bias [V] float32 (either may be None). ``filter_eps``
+    and ``exact`` do not apply (every tile is exact, in float32); the result is deterministic
+    whatever ``deterministic`` says (fixed-order float32 sums, no atomics).
+    """
+    del filter_eps, exact, deterministic
+    targets, was_1d = _as_2d_targets(targets)
+    if was_1d:
+        grad_logp = grad_logp[:, None]
+    num_rows, (vocab, dim) = rows.numel(), weight.shape
+    device = hidden.device
+    head = _Head(weight, bias, temperature, softcap)
+    row_chunk, vocab_chunk = _tile_sizes(num_rows, vocab)
+    block = _block_rows(row_chunk, vocab_chunk)
+    slab = torch.empty(row_chunk * vocab_chunk, device=device, dtype=torch.float32)
+    scratch_p = _scratch(block * vocab_chunk, device, grad_ent is not None)
+    scratch_cap = _scratch(block * vocab_chunk, device, softcap is not None)
+    by_rows = _Rows(rows)
+
+    inv_temp = 1.0 / float(temperature)
+    # d z_v = sum_k g_k [v == t_k] - p_v (G + g_ent (z_v - E_p[z])), G = sum_k g_k, all / T.
+    neg_total = grad_logp.sum(dim=1) * -inv_temp
+    neg_ent = grad_ent * -inv_temp if grad_ent is not None else None
+    entropy = lse - mean_logit if grad_ent is not None else None
+    grad_logp_scaled = grad_logp * inv_temp
+
+    # A 16-bit weight gets a float32 accumulator; vocabulary outermost when that keeps the
+    # accumulators smaller ([M, D] for d hidden + a [vocab chunk, D] chunk instead of [V, D]).
+    weight_acc_full = grad_weight is not None and grad_weight.dtype != torch.float32
+    vocab_outer = weight_acc_full and num_rows < vocab
+    # d hidden goes straight into grad_hidden when its rows are one float32 range, else into a
+    # float32 buffer that is copied into grad_hidden's rows.
+    hidden_in_place = (grad_hidden is not None and grad_hidden.dtype == torch.float32
+                       and by_rows.offset is not None)
+    hidden_acc = None
+    if grad_hidden is not None and not hidden_in_place:
+        hidden_acc = torch.zeros((num_rows if vocab_outer else row_chunk, dim), device=device)
+    weight_acc = None
+    if weight_acc_full and not vocab_outer:
+        weight_acc = torch.zeros((vocab, dim), device=device)
+    row_spans, vocab_spans = _spans(num_rows, row_chunk), _spans(vocab, vocab_chunk)
+    tiles = ([(r, v) for v in vocab_spans for r in row_spans] if vocab_outer
+             else [(r, v) for r in row_spans for v in vocab_spans])
+
+    for (r0, r1), (v0, v1) in tiles:
+        shape = (r1 - r0, v1 - v0)
+        hidden_rows = by_rows.float_rows(hidden, r0, r1)
+        dz = head.pre_activation_into(_view(slab, shape), hidden_rows, v0, v1)
+        # the one-hot term sum_k g_k [v == t_k] (times d z / d y at t_k), added after the blocks
+        columns, inside = _target_columns(by_rows.take(targets, r0, r1), v0, v1)
+        target_grad = torch.where(inside, grad_logp_scaled[r0:r1], 0.0)
+        if softcap is not None:
+            target_grad = target_grad * head.cap_derivative(dz.gather(1, columns))
+        for b0, b1 in _spans(shape[0], block):
+            rb = slice(r0 + b0, r0 + b1)
+            cap = _view(scratch_cap, (b1 - b0, shape[1]))
+            d = head.activate(dz[b0:b1], cap_derivative=cap)
+            if grad_ent is not None:
+                # p = exp(z - lse) = exp((z - E_p[z]) - H)
+                centered = d.sub_(mean_logit[rb, None])
+                p = torch.sub(centered, entropy[rb, None], out=_view(scratch_p, d.shape)).exp_()
+                torch.addcmul(neg_total[rb, None], centered, neg_ent[rb, None], out=d)
+                d.mul_(p)
+            else:
+                d.sub_(lse[rb, None]).exp_().mul_(neg_total[rb, None])
+            if cap is not None:
+                d.mul_(cap)
+        dz.scatter_add_(1, columns, target_grad)
+
+        if grad_hidden is not None:
+            if hidden_in_place:
+                acc = by_rows.take(grad_hidden, r0, r1)
+            else:
+                acc = hidden_acc[r0:r1] if vocab_outer else hidden_acc[:shape[0]]
+            if v0 == 0 and not vocab_outer:
+                torch.mm(dz, head.weight_chunk(v0, v1), out=acc)
+            else:
+                acc.addmm_(dz, head.weight_chunk(v0, v1))
+            if not hidden_in_place and not vocab_outer and v1 == vocab:
+                grad_hidden.index_copy_(0, by_rows.index[r0:r1], acc.to(grad_hidden.dtype))
+        if grad_weight is not None:
+            if weight_acc_full and vocab_outer:
+                if r0 == 0:
+                    weight_acc = torch.mm(dz.t(), hidden_rows)
+                else:
+                    weight_acc.addmm_(dz.t(), hidden_rows)
+                if r1 == num_rows:
+                    grad_weight[v0:v1] += weight_acc.to(grad_weight.dtype)
+            else:
+                (weight_acc[v0:v1] if weight_acc is not None else grad_weight[v0:v1]).addmm_(dz.t(), hidden_rows)
+        if grad_bias is not None:
+            grad_bias[v0:v1] += dz.sum(dim=0)
+
+    if hidden_acc is not None and vocab_outer:
+        grad_hidden.index_copy_(0, by_rows.index, hidden_acc.to(grad_hidden.dtype))
+    if weight_acc is not None and not vocab_outer:
+        grad_weight += weight_acc.to(grad_weight.dtype)
