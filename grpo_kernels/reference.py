@@ -64,6 +64,7 @@ def group_advantages_reference(
     eps: float = 1e-4,
     reward_weights=None,
     keep_mask: torch.Tensor | None = None,
+    multi_objective_aggregation: str = "sum_then_normalize",
 ):
     """Group-relative advantages, one group at a time, in float64, from the contract.
 
@@ -71,8 +72,13 @@ def group_advantages_reference(
     ``(advantages [B], group_mean [B/G], group_std [B/G], zero_std [B/G])``, float64 and bool.
     Conventions (also those of ``grpo_kernels.ops.advantages``): a completion with every component
     NaN, or not kept, is *excluded*: out of every statistic, advantage 0; the std of fewer than
-    two rewards is 0; a group with no included reward has mean 0; zero_std is std <= 1e-8
+    two values is 0; a group with no included value has mean 0; zero_std is std <= 1e-8
     (TRL's ``torch.isclose(std, 0)``); group_std is the group's own std for every scale.
+
+    ``multi_objective_aggregation="normalize_then_sum"`` (GDPO): per function k and group,
+    z_k = (r_k - mean_k) / (std_k + eps) over the included completions it scored (no division for
+    ``scale="none"``); r = sum_k w_k z_k over the scored components; advantages
+    (r - mean_batch(r)) / (std_batch(r) + eps); the group statistics are those of r.
     """
     per_function = rewards.detach().double().cpu()
     if per_function.dim() == 1:
@@ -81,36 +87,55 @@ def group_advantages_reference(
     weights = torch.ones(num_functions, dtype=torch.float64)
     if reward_weights is not None:
         weights = torch.as_tensor(reward_weights, dtype=torch.float64).cpu().reshape(num_functions)
-
-    # r_i = sum_k w_k r_ik over the components that scored.
-    reward = torch.zeros(batch, dtype=torch.float64)
-    included = torch.zeros(batch, dtype=torch.bool)
-    for i in range(batch):
-        for k in range(num_functions):
-            if not torch.isnan(per_function[i, k]):
-                reward[i] += weights[k] * per_function[i, k]
-                included[i] = True
+    scored = ~torch.isnan(per_function)
+    included = scored.any(dim=1)
     if keep_mask is not None:
         included &= keep_mask.detach().cpu().bool()
+    num_groups = batch // group_size
 
     def mean_and_std(values: torch.Tensor) -> tuple[float, float]:
         mean = values.mean().item() if values.numel() > 0 else 0.0
         std = values.std(correction=1).item() if values.numel() > 1 else 0.0
         return mean, std
 
-    num_groups = batch // group_size
+    reward = torch.zeros(batch, dtype=torch.float64)
+    if multi_objective_aggregation == "sum_then_normalize":
+        # r_i = sum_k w_k r_ik over the components that scored.
+        for i in range(batch):
+            for k in range(num_functions):
+                if scored[i, k]:
+                    reward[i] += weights[k] * per_function[i, k]
+    elif multi_objective_aggregation == "normalize_then_sum":
+        if scale not in ("group", "none"):
+            raise ValueError(f"GDPO takes scale 'group' or 'none', got {scale!r}")
+        for g in range(num_groups):
+            members = range(g * group_size, (g + 1) * group_size)
+            for k in range(num_functions):
+                uses = [i for i in members if included[i] and scored[i, k]]
+                mean_k, std_k = mean_and_std(per_function[uses, k])
+                for i in uses:
+                    z = per_function[i, k] - mean_k
+                    if scale == "group":
+                        z = z / (std_k + eps)
+                    reward[i] += weights[k] * z
+    else:
+        raise ValueError(f"unknown multi_objective_aggregation {multi_objective_aggregation!r}")
+
     group_mean = torch.zeros(num_groups, dtype=torch.float64)
     group_std = torch.zeros(num_groups, dtype=torch.float64)
     for g in range(num_groups):
         members = slice(g * group_size, (g + 1) * group_size)
         group_mean[g], group_std[g] = mean_and_std(reward[members][included[members]])
-    _, batch_std = mean_and_std(reward[included])
+    batch_mean, batch_std = mean_and_std(reward[included])
 
     advantages = torch.zeros(batch, dtype=torch.float64)
     for i in range(batch):
         if not included[i]:
             continue
         g = i // group_size
+        if multi_objective_aggregation == "normalize_then_sum":
+            advantages[i] = (reward[i] - batch_mean) / (batch_std + eps)
+            continue
         centered = reward[i] - group_mean[g]
         if scale == "group":
             advantages[i] = centered / (group_std[g] + eps)
