@@ -297,3 +297,106 @@ def grpo_loss_reference(
         "entropy": masked_mean(entropy64.detach()) if entropy is not None else nan,
     }
     return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# verl 0.9.1's policy terms: GMPO, DPPO, KL-Cov / Clip-Cov (per-token losses from the formulas)
+# ---------------------------------------------------------------------------------------------
+
+
+def covariance_selection_reference(kind, logprobs, advantages, completion_mask, *, old_logprobs=None,
+                                   epsilon_low=0.2, epsilon_high=0.2, ratio=2e-4, lb=1.0, ub=5.0,
+                                   generator=None):
+    """The tokens KL-Cov / Clip-Cov single out, over the micro-batch's masked tokens (float64).
+
+    cov_t = (A_t - mean A) (logp_t - mean logp), means over the masked tokens (Clip-Cov: verl's
+    masked_mean, sum / (n + 1e-8)). ``"kl_cov"``: the top max(1, floor(ratio * n)) tokens by cov.
+    ``"clip_cov"``: among masked tokens not already clipped (-A clip(r) > -A r) with lb < cov < ub,
+    max(1, floor(ratio * sum m)) drawn uniformly without replacement: ``torch.randperm`` over the
+    candidates in row-major order, on ``generator`` (None: torch's global CPU generator, as verl).
+    Returns a ``[B, T]`` bool tensor.
+    """
+    logp = logprobs.detach().double()
+    adv = advantages.detach().double().reshape(logp.shape[0], -1).expand_as(logp)
+    valid = completion_mask.detach() > 0
+    n = int(valid.sum())
+    selected = torch.zeros_like(valid)
+    if n == 0:
+        return selected
+    if kind == "kl_cov":
+        cov = (adv[valid] - adv[valid].mean()) * (logp[valid] - logp[valid].mean())
+        count = max(1, int(n * ratio))
+        flat = torch.nonzero(valid.reshape(-1)).squeeze(1)
+        selected.view(-1)[flat[torch.topk(cov, count, largest=True).indices]] = True
+        return selected
+    if kind != "clip_cov":
+        raise ValueError(f"unknown covariance selection {kind!r}")
+    m = completion_mask.detach().double()
+    mean_adv = (adv * m).sum() / (m.sum() + 1e-8)
+    mean_logp = (logp * m).sum() / (m.sum() + 1e-8)
+    cov = (adv - mean_adv) * (logp - mean_logp)
+    old = logp if old_logprobs is None else old_logprobs.detach().double()
+    r = torch.exp(logp - old)
+    clipped = (-adv * r.clamp(1 - epsilon_low, 1 + epsilon_high) > -adv * r) & valid
+    candidates = torch.nonzero((cov < ub) & (cov > lb) & valid & ~clipped)
+    count = max(int(ratio * float(m.sum())), 1)
+    if len(candidates) > 0:
+        device = generator.device if generator is not None else torch.device("cpu")
+        order = torch.randperm(len(candidates), generator=generator, device=device).cpu()
+        chosen = candidates[order[: min(count, len(candidates))]]
+        selected[chosen[:, 0], chosen[:, 1]] = True
+    return selected
+
+
+def verl_policy_reference(loss_type, logprobs, old_logprobs, advantages, completion_mask, *, epsilon_low=0.2,
+                          epsilon_high=None, clip_ratio_c=None, kl_cov_ratio=2e-4, ppo_kl_coef=1.0,
+                          clip_cov_ratio=2e-4, clip_cov_lb=1.0, clip_cov_ub=5.0, generator=None):
+    """Per-token policy loss ``[B, T]`` (float64, differentiable w.r.t. ``logprobs``) and flags of
+    verl's geo_mean, dppo_tv, dppo_kl, kl_cov and clip_cov, written from the formulas.
+
+    For ``geo_mean`` the per-token loss is -A_t rho_i (rho_i the row's clipped geometric-mean ratio):
+    averaged per row with sum_t m / (sum_t m + 1e-8) and then over rows it is GMPO's loss. Flags:
+    ``low``/``high``/``lower`` ``[B, T]`` bool, as the metrics count them.
+    """
+    logp = logprobs.double()
+    B, T = logp.shape
+    old = old_logprobs.detach().double()
+    adv = advantages.detach().double().reshape(B, -1).expand(B, T)
+    mask = completion_mask.double()
+    eps_high = epsilon_low if epsilon_high is None else epsilon_high
+    l = logp - old
+    none = torch.zeros(B, T, dtype=torch.bool)
+    if loss_type == "geo_mean":
+        s = torch.sign(adv)
+        c = torch.clamp(l, -epsilon_low, eps_high)
+        g = s * torch.min(s * l, s * c)
+        n = mask.sum(-1, keepdim=True)
+        rho = torch.exp((g * mask).sum(-1, keepdim=True) / (n + 1e-8))
+        clipped = l.detach() != c.detach()
+        return -adv * rho, {"low": clipped & (adv < 0), "high": clipped & (adv > 0), "lower": none}
+    if loss_type in ("dppo_tv", "dppo_kl"):
+        cap = 20.0 if clip_ratio_c is None else clip_ratio_c
+        r = torch.exp(torch.clamp(l.detach(), -20.0, 20.0))
+        tis = torch.clamp(r, max=cap)
+        p, q = torch.exp(logp.detach()), torch.exp(old)
+        if loss_type == "dppo_tv":
+            valid = torch.where(adv > 0, p - q <= eps_high, p - q >= -epsilon_low)
+        else:
+            b = q * (old - logp.detach()) + (1 - q) * torch.log((1.0 - q + 1e-8) / (1.0 - p + 1e-8))
+            valid = torch.where(adv > 0, (b <= eps_high) | (p <= q), (b <= epsilon_low) | (p >= q))
+        invalid = ~valid
+        return (-adv * tis * valid.double() * logp,
+                {"low": invalid & (adv <= 0), "high": invalid & (adv > 0), "lower": (r > cap) & valid})
+    if loss_type == "kl_cov":
+        selected = covariance_selection_reference("kl_cov", logprobs, advantages, completion_mask,
+                                                  ratio=kl_cov_ratio)
+        loss = -adv * torch.exp(l) + selected.double() * ppo_kl_coef * l.abs()
+        return loss, {"low": none, "high": selected, "lower": none}
+    if loss_type == "clip_cov":
+        selected = covariance_selection_reference(
+            "clip_cov", logprobs, advantages, completion_mask, old_logprobs=old_logprobs, epsilon_low=epsilon_low,
+            epsilon_high=eps_high, ratio=clip_cov_ratio, lb=clip_cov_lb, ub=clip_cov_ub, generator=generator)
+        r = torch.exp(l)
+        loss = torch.maximum(-adv * r, -adv * torch.clamp(r, 1 - epsilon_low, 1 + eps_high))
+        return loss * (~selected).double(), {"low": none, "high": selected, "lower": none}
+    raise ValueError(f"unknown verl loss type {loss_type!r}")
