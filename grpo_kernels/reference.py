@@ -153,6 +153,29 @@ def group_advantages_reference(
 # ---------------------------------------------------------------------------------------------
 
 
+def kl_estimate_reference(logp, ref, estimator=None):
+    """Per-token KL estimate of ``shared/grpo-semantics.md`` in float64 (autograd gives its gradient).
+
+    ``None``: TRL's unclamped k3. verl's ``kl_penalty`` names otherwise; a ``+`` suffix keeps the
+    value and takes k2's gradient (straight-through).
+    """
+    if estimator is not None and estimator.endswith("+"):
+        k2 = 0.5 * (logp - ref) ** 2
+        return k2 - k2.detach() + kl_estimate_reference(logp, ref, estimator[:-1]).detach()
+    if estimator is None:
+        return torch.exp(ref - logp) - (ref - logp) - 1
+    if estimator in ("kl", "k1"):
+        return logp - ref
+    if estimator == "abs":
+        return (logp - ref).abs()
+    if estimator in ("mse", "k2"):
+        return 0.5 * (logp - ref) ** 2
+    if estimator in ("low_var_kl", "k3"):
+        d = torch.clamp(ref - logp, -20, 20)
+        return torch.clamp(torch.exp(d) - d - 1, -10, 10)
+    raise ValueError(f"unknown kl estimator {estimator!r}")
+
+
 def grpo_loss_reference(
     logprobs,
     completion_mask,
@@ -166,15 +189,26 @@ def grpo_loss_reference(
     epsilon_low=0.2,
     epsilon_high=None,
     delta=None,
+    clip_ratio_c=None,
+    kl_estimator=None,
     importance_sampling_level="token",
     max_completion_length=None,
     num_items_in_batch=None,
+    loss_agg_mode=None,
+    dp_size=1,
+    batch_num_tokens=None,
+    global_batch_size=None,
+    loss_scale_factor=None,
     rollout_is_ratio=None,
     rollout_is_mode=None,
     rollout_is_clip_min=None,
     rollout_is_clip_max=3.0,
     sapo_temperature_pos=1.0,
     sapo_temperature_neg=1.05,
+    vespo_k_pos=2.0,
+    vespo_lambda_pos=3.0,
+    vespo_k_neg=3.0,
+    vespo_lambda_neg=2.0,
     use_bias_correction_kl=False,
     entropy_coef=0.0,
     top_entropy_quantile=1.0,
@@ -182,7 +216,7 @@ def grpo_loss_reference(
     off_policy_mask_threshold=None,
     world_size=1,
 ):
-    """TRL 1.16 ``GRPOTrainer._compute_loss`` in float64, every intermediate materialized.
+    """TRL 1.16 ``GRPOTrainer._compute_loss`` (and verl 0.9.1's variants) in float64, every intermediate materialized.
 
     Same arguments as ``grpo_kernels.grpo_loss`` (``world_size`` stands in for the process count).
     Returns ``(loss, metrics)``: a float64 loss differentiable w.r.t. ``logprobs`` and ``entropy``
@@ -209,19 +243,32 @@ def grpo_loss_reference(
             threshold = torch.quantile(local, 1 - top_entropy_quantile)
             entropy_mask = ((entropy.detach().float() * completion_mask.float()) >= threshold) & completion_mask.bool()
 
+    is_ratio = None
+    if rollout_is_ratio is not None:
+        is_ratio = rollout_is_ratio.detach().double().reshape(B, -1)
+        if rollout_is_mode == "truncate":
+            is_ratio = torch.clamp(is_ratio, min=rollout_is_clip_min, max=rollout_is_clip_max)
+        elif rollout_is_mode == "mask":
+            lo = -math.inf if rollout_is_clip_min is None else rollout_is_clip_min
+            hi = math.inf if rollout_is_clip_max is None else rollout_is_clip_max
+            is_ratio = is_ratio.masked_fill((is_ratio < lo) | (is_ratio > hi), 0.0)
+
     log_ratio = logp - old
     if importance_sampling_level == "token":
         log_weights = log_ratio
     else:
         log_weights = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    if clip_ratio_c is not None:  # verl clamps the log-ratio before exp
+        log_weights = torch.clamp(log_weights, -20.0, 20.0)
     coef_1 = torch.exp(log_weights)
 
     if ref_logprobs is not None:
         ref = ref_logprobs.detach().double()
-        per_token_kl = torch.exp(ref - logp) - (ref - logp) - 1
+        per_token_kl = kl_estimate_reference(logp, ref, kl_estimator)
         if use_bias_correction_kl:
             per_token_kl = per_token_kl * coef_1
 
+    phi_seq = None
     if loss_type == "cispo":
         clamped = torch.clamp(coef_1, max=eps_high).detach()
         per_token_loss = -clamped * adv * logp
@@ -230,9 +277,27 @@ def grpo_loss_reference(
         if delta is not None:
             coef_1 = torch.clamp(coef_1, max=delta)
         per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
+        if clip_ratio_c is not None:
+            # dual clip: for A < 0, min(L, -A c)
+            bounded = torch.min(per_token_loss, -adv * clip_ratio_c)
+            clipped_lower = (per_token_loss > -adv * clip_ratio_c) & (adv < 0)
+            per_token_loss = torch.where(adv < 0, bounded, per_token_loss)
     elif loss_type == "sapo":
         tau = torch.where(adv > 0, sapo_temperature_pos, sapo_temperature_neg).double()
         per_token_loss = -torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau * adv
+    elif loss_type == "vespo":
+        # phi(w) = exp(lambda + k log w - lambda w), w from the summed (not mean) clamped log-ratio
+        with torch.no_grad():
+            seq_log_ratio = (torch.clamp(log_ratio, -20.0, 20.0) * mask).sum(-1, keepdim=True)
+            if is_ratio is not None:
+                seq_log_ratio = seq_log_ratio + torch.clamp(torch.log(is_ratio), math.log(1e-8), 20.0).sum(
+                    -1, keepdim=True)
+            log_w = torch.clamp(seq_log_ratio, math.log(1e-8), 20.0)
+            nonneg = adv >= 0
+            k = torch.where(nonneg, vespo_k_pos, vespo_k_neg).double()
+            lam = torch.where(nonneg, vespo_lambda_pos, vespo_lambda_neg).double().clamp(min=1e-4)
+            phi_seq = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+        per_token_loss = -phi_seq * adv * logp
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")
 
@@ -243,26 +308,37 @@ def grpo_loss_reference(
         per_token_loss = per_token_loss * ((adv >= 0) | (avg_seq_kl <= off_policy_mask_threshold)).double()
     if entropy_mask is not None:
         per_token_loss = per_token_loss * entropy_mask.double()
-    if rollout_is_ratio is not None:
-        is_ratio = rollout_is_ratio.detach().double().reshape(B, -1)
-        if rollout_is_mode == "truncate":
-            is_ratio = torch.clamp(is_ratio, min=rollout_is_clip_min, max=rollout_is_clip_max)
-        elif rollout_is_mode == "mask":
-            lo = -math.inf if rollout_is_clip_min is None else rollout_is_clip_min
-            hi = math.inf if rollout_is_clip_max is None else rollout_is_clip_max
-            is_ratio = is_ratio.masked_fill((is_ratio < lo) | (is_ratio > hi), 0.0)
+    if is_ratio is not None and loss_type != "vespo":
         per_token_loss = per_token_loss * is_ratio
     if beta != 0.0:
         per_token_loss = per_token_loss + beta * per_token_kl
     per_token_loss = per_token_loss.expand(B, T)
 
-    if loss_type in ("grpo", "sapo"):
-        loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    tokens_per_row = mask.sum(-1)
+    if loss_agg_mode is not None:
+        # verl's agg_loss (an empty micro-batch gives 0 here, NaN in verl)
+        rows_with_tokens = (tokens_per_row > 0).double().sum()
+        sequences = rows_with_tokens.clamp(min=1.0) if global_batch_size is None else float(global_batch_size)
+        if loss_agg_mode == "token-mean":
+            tokens = mask.sum().clamp(min=1.0) if batch_num_tokens is None else float(batch_num_tokens)
+            loss = (per_token_loss * mask).sum() / tokens * dp_size
+        elif loss_agg_mode == "token-sum":
+            loss = (per_token_loss * mask).sum() * dp_size
+        elif loss_agg_mode in ("seq-mean-token-sum", "seq-mean-token-sum-norm"):
+            loss = (per_token_loss * mask).sum(-1).sum() / sequences * dp_size
+            if loss_agg_mode == "seq-mean-token-sum-norm":
+                loss = loss / (T if loss_scale_factor is None else loss_scale_factor)
+        elif loss_agg_mode == "seq-mean-token-mean":
+            loss = ((per_token_loss * mask).sum(-1) / (tokens_per_row + 1e-8)).sum() / sequences * dp_size
+        else:
+            raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}")
+    elif loss_type in ("grpo", "sapo"):
+        loss = ((per_token_loss * mask).sum(-1) / tokens_per_row.clamp(min=1.0)).mean()
     elif loss_type == "bnpo":
         loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
     elif loss_type == "dr_grpo":
         loss = (per_token_loss * mask).sum() / (B * max_completion_length)
-    elif loss_type in ("dapo", "cispo"):
+    elif loss_type in ("dapo", "cispo", "vespo"):
         if num_items_in_batch is not None:
             normalizer = torch.as_tensor(num_items_in_batch, dtype=torch.float64).clamp(min=1.0) / world_size
         else:
@@ -281,14 +357,15 @@ def grpo_loss_reference(
 
     nan = torch.tensor(float("nan"), dtype=torch.float64)
     adv_bt = adv.expand(B, T)
+    no_flag = torch.zeros(B, T, dtype=torch.bool)
     if loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
         is_low = (coef_1 < 1 - epsilon_low).expand(B, T) & (adv_bt < 0)
         is_high = (coef_1 > 1 + eps_high).expand(B, T) & (adv_bt > 0)
     elif loss_type == "cispo":
-        is_low = torch.zeros(B, T, dtype=torch.bool)
+        is_low = no_flag
         is_high = (coef_1 > eps_high) & (adv_bt > 0)
     else:
-        is_low = is_high = torch.zeros(B, T, dtype=torch.bool)
+        is_low = is_high = no_flag
     metrics = {
         "kl": masked_mean(per_token_kl.detach()) if ref_logprobs is not None else nan,
         "clip_ratio/low_mean": masked_mean(is_low),
@@ -296,6 +373,10 @@ def grpo_loss_reference(
         "clip_ratio/region_mean": masked_mean(is_low | is_high),
         "entropy": masked_mean(entropy64.detach()) if entropy is not None else nan,
     }
+    if loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+        metrics["pg_clipfrac_lower"] = masked_mean(clipped_lower) if clip_ratio_c is not None else masked_mean(no_flag)
+    if loss_type == "vespo":
+        metrics["vespo/phi_seq_mean"] = phi_seq.mean()  # TRL: a mean over completions
     return loss, metrics
 
 

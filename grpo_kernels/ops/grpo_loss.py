@@ -1,42 +1,75 @@
 """GRPO-family policy loss from per-token log-probs: loss, metrics and d loss / d logp in one pass.
 
 For a batch of B completions of T tokens (``logprobs``, ``completion_mask`` ``[B, T]``) and one
-advantage per completion, the loss is TRL 1.16's ``GRPOTrainer._compute_loss`` (see
-``shared/grpo-semantics.md``)::
+advantage per completion (or per token), the loss is the per-token loss ``L_t`` of the chosen loss
+type, aggregated by its normalizer (``docs/semantics.md`` states every formula)::
 
     l_t   = logp_t - old_t                                   (old = logp.detach() when not given)
-    rho   = exp(l_t)                      token level
-          = exp(sum_t m l_t / max(sum_t m, 1))               sequence level (GSPO), one per row
-    P_t   = -min(min(rho, delta) A, clip(rho, 1-eps_low, 1+eps_high) A)     grpo/bnpo/dr_grpo/dapo/luspo
-          = -stopgrad(min(rho, eps_high)) A logp_t                          cispo
-          = -sigmoid(tau (rho-1)) 4/tau A,  tau = tau_pos if A > 0 else tau_neg      sapo
-    L_t   = P_t * entropy_mask_t * rollout_is_ratio * off_policy_mask + beta * KL_t (* rho if bias-corrected)
-    KL_t  = exp(ref - logp) - (ref - logp) - 1
+    rho   = exp(l_t)  token level,  exp(sum_t m l_t / max(sum_t m, 1))  sequence level (GSPO)
+    L_t   = P_t(rho, A, logp) * multiplier_t + beta * KL_t (* rho when bias-corrected)
+    loss  = aggregation(L) - entropy_coef * (mean entropy over the effective mask)
 
-aggregated per ``loss_type`` (grpo/sapo: mean over rows of the row's token mean; bnpo: token mean of
-the micro-batch; dr_grpo: sum / (B * max_completion_length); dapo/cispo: sum / num_items_in_batch
-per rank; luspo: mean over rows of the row's token sum), minus ``entropy_coef`` times the mean entropy
-over the effective mask.
+``P_t`` is the loss type's policy term, ``multiplier_t`` the entropy mask x rollout IS ratio x
+off-policy mask, ``KL_t`` the chosen KL estimator.
+
+How the family is organized
+---------------------------
+* ``LOSS_TYPES``: one ``LossType`` per ``loss_type`` value: its policy term (``POLICIES``), its
+  default aggregation (``AGGREGATIONS``), the type-specific options it reads, its metrics, whether
+  it allows sequence-level ratios, and which peer's semantics it follows.
+* ``OPTIONS``: every scalar option of ``grpo_loss``: default, validation, one line of doc.
+  ``validate_loss_options(**options)`` checks a set of options against both tables without any
+  tensor (trainers call it at construction); ``docs/semantics.md``'s options table is generated
+  from them (``options_markdown()``; a test keeps the file in sync).
+* Each policy term is one small ``@triton.jit`` function with the uniform signature of
+  ``_policy_clip`` and is handed to the kernel as the constexpr ``POLICY``; the KL estimators
+  likewise (``KL``). The CPU path (``backend="torch"``) runs *the same jit functions* on torch
+  tensors (``_on_torch``): the per-token formulas and their derivatives exist once. Only the data
+  movement (tiles and loops on the kernel side, whole ``[B, T]`` tensors on the torch side) is
+  written twice. ``grpo_kernels.reference`` is the independent float64 autograd oracle.
+
+Adding a loss type
+------------------
+1. Write its policy term as a ``@triton.jit`` function ``_policy_<name>(x, o, rho, a, row_value,
+   p0, p1, p2, p3)`` returning ``(P, dP/dx, dP/drho, flag_low, flag_high, flag_lower)`` for one
+   tile: ``x`` = logp, ``o`` = old logp, ``rho`` = the importance ratio (token or sequence),
+   ``a`` = advantage, ``row_value`` = the per-row quantity of ``row_log_ratio`` (see
+   ``_ROW_LOG_RATIO_*``), ``p0..p3`` = the options named in ``PolicyTerm.params`` (in that order).
+   Use only ``tl.where/exp/log/minimum/maximum/sigmoid/abs/zeros_like`` and arithmetic, so that
+   ``_on_torch`` can run it on tensors. Gradients follow torch's conventions (``torch.min`` splits
+   ties evenly; a clamp passes gradient on its closed range).
+2. Add a ``PolicyTerm`` to ``POLICIES`` and a ``LossType`` to ``LOSS_TYPES`` (and any new option
+   to ``OPTIONS``, with its check; type-specific options go in ``LossType.options``).
+3. Add it to ``grpo_kernels.reference.grpo_loss_reference`` from the formula (not from the
+   kernel), and to the tests; regenerate ``docs/semantics.md``'s table
+   (``python -m grpo_kernels.ops.grpo_loss --write-docs``).
+The launcher, the torch path, validation, metrics and the sm_90 compile specs pick it up from the
+tables.
 
 Kernel layout: one program owns ``BLOCK_B`` rows and walks along T in ``[BLOCK_B, BLOCK_T]`` tiles.
-An optional first walk reduces per-row quantities on chip (token count, the GSPO mean log-ratio, the
-off-policy KL); the main walk reads every input once and writes d loss / d logp, the weight of
-d loss / d entropy and nine per-row partial sums (loss and metrics); sequence-level ratios need one
-more walk that adds the row's d loss / d rho back onto its tokens. Everything normalized by a
-batch-wide quantity (token count of the micro-batch or of the generation batch, B) is applied to the
-``[B, 9]`` partial sums afterwards and folded into the scalar that the backward multiplies by, so the
-kernel never needs a second launch and the backward is one multiply.
+An optional first walk reduces per-row quantities on chip (token count, the GSPO mean log-ratio,
+VESPO's summed log-ratio, the off-policy KL); the main walk reads every input once and writes
+d loss / d logp, the weight of d loss / d entropy and the per-row partial sums (loss and
+metrics); sequence-level ratios need one more walk that adds the row's d loss / d rho back onto its
+tokens. Everything normalized by a batch-wide quantity is applied to the ``[B, NUM_STATS]``
+partial sums afterwards and folded into the scalar that the backward multiplies by, so the kernel
+never needs a second launch and the backward is one multiply.
 """
 
 from __future__ import annotations
 
-import inspect
+import json
 import math
 import numbers
+import types
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
 
 from grpo_kernels.ops.utils import (
     FLOAT_DTYPES,
@@ -45,27 +78,618 @@ from grpo_kernels.ops.utils import (
     resolve_backend,
 )
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
-CLIP_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 ROLLOUT_IS_MODES = (None, "truncate", "mask")
-METRIC_NAMES = ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "entropy")
+LOG_1E_8 = math.log(1e-8)
 
-# Policy-term family, a kernel constexpr.
-_CLIP, _CISPO, _SAPO = 0, 1, 2
-_FAMILY = {"cispo": _CISPO, "sapo": _SAPO, **{name: _CLIP for name in CLIP_LOSS_TYPES}}
+# ---------------------------------------------------------------------------------------------
+# Per-token terms: small jit functions, run by the kernel and (through _on_torch) by the torch path
+# ---------------------------------------------------------------------------------------------
 
-# Columns of the per-row partial sums written by the kernel.
-(_S_LOSS, _S_KL, _S_LOW, _S_HIGH, _S_REGION, _S_ENTROPY, _S_TOKENS, _S_EFF_ENTROPY, _S_EFF_TOKENS) = range(9)
-NUM_STATS = 9
 
-# Mask dtypes the kernel reads directly (anything else is cast to float32 first).
-_KERNEL_MASK_DTYPES = {torch.float32: "fp32", torch.bool: "i1", torch.int32: "i32", torch.int64: "i64"}
+@triton.jit
+def _policy_clip(x, o, rho, a, row_value, eps_low, eps_high, delta, clip_c):
+    """PPO clip (TRL's grpo/bnpo/dr_grpo/dapo/luspo) with INTELLECT-2's delta and dual clip.
+
+    P = -min(min(rho, delta) A, clip(rho, 1-eps_low, 1+eps_high) A); for A < 0 also bounded by
+    -A * clip_c (dual-clip PPO, ``clip_c = inf`` when off). delta = inf when two-sided clipping is off.
+    """
+    upper = 1.0 + eps_high
+    lower = 1.0 - eps_low
+    coef_clipped = tl.minimum(tl.maximum(rho, lower), upper)
+    coef = tl.minimum(rho, delta)
+    unclipped_term = coef * a
+    clipped_term = coef_clipped * a
+    clip_loss = -tl.minimum(unclipped_term, clipped_term)
+    # torch.min splits the gradient evenly on ties; clamps pass it on their closed range.
+    take_unclipped = tl.where(unclipped_term < clipped_term, 1.0,
+                              tl.where(unclipped_term == clipped_term, 0.5, 0.0))
+    d_coef = tl.where(rho <= delta, 1.0, 0.0)
+    d_clipped = tl.where((rho >= lower) & (rho <= upper), 1.0, 0.0)
+    dclip_drho = -a * (take_unclipped * d_coef + (1.0 - take_unclipped) * d_clipped)
+    negative = a < 0
+    # (-A is replaced by 1 where A >= 0 so that no lane computes 0 * inf when dual clip is off)
+    cap = tl.where(negative, tl.where(negative, -a, 1.0) * clip_c, float("inf"))
+    take_clip = tl.where(clip_loss < cap, 1.0, tl.where(clip_loss == cap, 0.5, 0.0))
+    policy = tl.where(negative, tl.minimum(clip_loss, cap), clip_loss)
+    dpolicy_drho = tl.where(negative, take_clip * dclip_drho, dclip_drho)
+    is_low = (coef < lower) & negative
+    is_high = (coef > upper) & (a > 0)
+    is_lower = (clip_loss > cap) & negative
+    return policy, tl.zeros_like(x), dpolicy_drho, is_low, is_high, is_lower
+
+
+@triton.jit
+def _policy_cispo(x, o, rho, a, row_value, eps_high, p1, p2, p3):
+    """CISPO: P = -stopgrad(min(rho, eps_high)) A logp."""
+    capped = tl.minimum(rho, eps_high)
+    no_flag = tl.zeros_like(x) != 0
+    return -capped * a * x, -capped * a, tl.zeros_like(x), no_flag, (rho > eps_high) & (a > 0), no_flag
+
+
+@triton.jit
+def _policy_sapo(x, o, rho, a, row_value, tau_pos, tau_neg, p2, p3):
+    """SAPO: P = -sigmoid(tau (rho - 1)) 4/tau A, tau = tau_pos if A > 0 else tau_neg."""
+    tau = tl.where(a > 0, tau_pos, tau_neg)
+    gate = tl.sigmoid(tau * (rho - 1.0))
+    no_flag = tl.zeros_like(x) != 0
+    return -gate * (4.0 / tau) * a, tl.zeros_like(x), -4.0 * a * gate * (1.0 - gate), no_flag, no_flag, no_flag
+
+
+@triton.jit
+def _vespo_phi(log_w, a, k_pos, lambda_pos, k_neg, lambda_neg):
+    """VESPO's gamma weight phi = exp(lambda + k log w - lambda w), (k, lambda) by sign(A); 0 if not finite."""
+    nonneg = a >= 0
+    k = tl.where(nonneg, k_pos, k_neg)
+    lam = tl.maximum(tl.where(nonneg, lambda_pos, lambda_neg), 1e-4)
+    phi = tl.exp(lam + k * log_w - lam * tl.exp(log_w))
+    return tl.where((phi == phi) & (phi != float("inf")), phi, 0.0)
+
+
+@triton.jit
+def _policy_vespo(x, o, rho, a, row_value, k_pos, lambda_pos, k_neg, lambda_neg):
+    """VESPO: P = -stopgrad(phi(w)) A logp, log w = the row's clamped summed log-ratio (row_value)."""
+    phi = _vespo_phi(row_value, a, k_pos, lambda_pos, k_neg, lambda_neg)
+    no_flag = tl.zeros_like(x) != 0
+    return -phi * a * x, -phi * a, tl.zeros_like(x), no_flag, no_flag, no_flag
+
+
+# KL estimators of the reference penalty: (value, d value / d logp) from x = logp, r = ref logp.
+
+
+@triton.jit
+def _kl_trl_k3(x, r):
+    """TRL's k3, unclamped: exp(r - x) - (r - x) - 1."""
+    diff = r - x
+    exp_diff = tl.exp(diff)
+    return exp_diff - diff - 1.0, 1.0 - exp_diff
+
+
+@triton.jit
+def _kl_k1(x, r):
+    return x - r, tl.zeros_like(x) + 1.0
+
+
+@triton.jit
+def _kl_abs(x, r):
+    d = x - r
+    return tl.abs(d), tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
+
+
+@triton.jit
+def _kl_k2(x, r):
+    return 0.5 * (x - r) * (x - r), x - r
+
+
+@triton.jit
+def _kl_verl_k3(x, r):
+    """verl's low_var_kl: d = clamp(r - x, -20, 20); clamp(exp(d) - d - 1, -10, 10)."""
+    diff = r - x
+    d = tl.minimum(tl.maximum(diff, -20.0), 20.0)
+    exp_d = tl.exp(d)
+    kld = exp_d - d - 1.0
+    inside = (diff >= -20.0) & (diff <= 20.0) & (kld >= -10.0) & (kld <= 10.0)
+    return tl.minimum(tl.maximum(kld, -10.0), 10.0), tl.where(inside, 1.0 - exp_d, 0.0)
+
+
+@triton.jit
+def _kl_k1_st(x, r):
+    """'+' (straight-through) variants: the estimator's value with k2's gradient (x - r)."""
+    return x - r, x - r
+
+
+@triton.jit
+def _kl_abs_st(x, r):
+    return tl.abs(x - r), x - r
+
+
+@triton.jit
+def _kl_verl_k3_st(x, r):
+    value, _ = _kl_verl_k3(x, r)
+    return value, x - r
+
+
+@triton.jit
+def _rollout_is(is_ratio, clip_min, clip_max, mask_mode):
+    """Rollout IS ratio: "truncate" clamps into [min, max], "mask" zeroes what falls outside
+    (bounds are -inf/inf when unset, so mode None is a truncate that changes nothing)."""
+    outside = (is_ratio < clip_min) | (is_ratio > clip_max)
+    return tl.where(mask_mode != 0, tl.where(outside, 0.0, is_ratio),
+                    tl.minimum(tl.maximum(is_ratio, clip_min), clip_max))
+
+
+@triton.jit
+def _ratio(log_ratio, bound):
+    """rho = exp(clamp(l, -bound, bound)) and d rho / d l (bound = inf unless a loss type clamps)."""
+    rho = tl.exp(tl.minimum(tl.maximum(log_ratio, -bound), bound))
+    return rho, tl.where((log_ratio >= -bound) & (log_ratio <= bound), rho, 0.0)
+
+
+@triton.jit
+def _token_loss(x, o, r, a, rho, row_value, multiplier, p0, p1, p2, p3, beta, bias_kl,
+                POLICY: tl.constexpr, KL: tl.constexpr):
+    """L_t = P_t * multiplier + beta * KL_t (* rho when bias-corrected), with its partials.
+
+    Returns ``(L, dL/dx, dL/drho, kl metric value, flag_low, flag_high, flag_lower)``.
+    """
+    policy, dpolicy_dx, dpolicy_drho, is_low, is_high, is_lower = POLICY(x, o, rho, a, row_value, p0, p1, p2, p3)
+    kl, dkl_dx = KL(x, r)
+    kl_weight = tl.where(bias_kl != 0, rho, 1.0)
+    use_kl = beta != 0
+    loss = policy * multiplier + tl.where(use_kl, beta * kl * kl_weight, 0.0)
+    dloss_dx = dpolicy_dx * multiplier + tl.where(use_kl, beta * dkl_dx * kl_weight, 0.0)
+    dloss_drho = dpolicy_drho * multiplier + tl.where(use_kl & (bias_kl != 0), beta * kl, 0.0)
+    return loss, dloss_dx, dloss_drho, kl * kl_weight, is_low, is_high, is_lower
+
+
+# ---------------------------------------------------------------------------------------------
+# The tables
+# ---------------------------------------------------------------------------------------------
+
+# What the optional first walk reduces per row into ``row_value`` (the kernel's ROW_LOG_RATIO).
+_ROW_LOG_RATIO_NONE = 0  # nothing (token-level ratios)
+_ROW_LOG_RATIO_MEAN = 1  # sum_t m l_t / max(sum_t m, 1): the GSPO sequence ratio (rho is per row)
+_ROW_LOG_RATIO_VESPO = 2  # clamp(sum_t m clamp(l_t, +-20) + sum_t clamp(log is_t, log 1e-8, 20), log 1e-8, 20)
+
+
+@dataclass(frozen=True)
+class PolicyTerm:
+    """A policy term: its jit function and the ``_Config`` attributes passed as ``p0..p3``."""
+
+    jit: object
+    params: tuple
+    row_log_ratio: int = _ROW_LOG_RATIO_NONE
+    folds_is_ratio: bool = False  # the rollout IS ratio enters row_value instead of the multiplier
+
+
+POLICIES = {
+    "clip": PolicyTerm(_policy_clip, ("epsilon_low", "epsilon_high", "delta_or_inf", "clip_ratio_c_or_inf")),
+    "cispo": PolicyTerm(_policy_cispo, ("epsilon_high",)),
+    "sapo": PolicyTerm(_policy_sapo, ("sapo_temperature_pos", "sapo_temperature_neg")),
+    "vespo": PolicyTerm(_policy_vespo, ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"),
+                        row_log_ratio=_ROW_LOG_RATIO_VESPO, folds_is_ratio=True),
+}
+
+KL_ESTIMATORS = {
+    # name: (jit function, doc); None is TRL's k3, "k3"/"low_var_kl" is verl's clamped one.
+    None: (_kl_trl_k3, "TRL's k3, unclamped: exp(ref - logp) - (ref - logp) - 1"),
+    "kl": (_kl_k1, "k1: logp - ref"),
+    "k1": (_kl_k1, "k1: logp - ref"),
+    "abs": (_kl_abs, "|logp - ref|"),
+    "mse": (_kl_k2, "k2: 0.5 (logp - ref)^2"),
+    "k2": (_kl_k2, "k2: 0.5 (logp - ref)^2"),
+    "low_var_kl": (_kl_verl_k3, "verl's k3: clamp(exp(d) - d - 1, -10, 10), d = clamp(ref - logp, -20, 20)"),
+    "k3": (_kl_verl_k3, "verl's k3 (low_var_kl)"),
+    "kl+": (_kl_k1_st, "k1's value, k2's gradient"),
+    "k1+": (_kl_k1_st, "k1's value, k2's gradient"),
+    "abs+": (_kl_abs_st, "abs's value, k2's gradient"),
+    "mse+": (_kl_k2, "k2"),
+    "k2+": (_kl_k2, "k2"),
+    "low_var_kl+": (_kl_verl_k3_st, "verl's k3 value, k2's gradient"),
+    "k3+": (_kl_verl_k3_st, "verl's k3 value, k2's gradient"),
+}
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """How per-token losses become the scalar: the per-row token weight and a batch-wide scale.
+
+    ``row_norm``: 0 sums a row's tokens, 1 divides by ``max(n_i, 1)`` (TRL), 2 by ``n_i + 1e-8``
+    (verl). ``scale(cfg, row_stats, B, T)`` returns 1 / the batch-wide normalizer (0-d float32).
+    """
+
+    row_norm: int
+    scale: Callable
+    doc: str
+
+
+def _per_rank_tokens(cfg, row_stats):
+    """TRL's dapo/cispo/vespo normalizer per rank: num_items_in_batch / world_size, or (without
+    it) the micro-batch's token count summed over ranks and averaged (Liger's fallback)."""
+    world_size = _world_size()
+    tokens = row_stats[:, _S_TOKENS].sum()
+    if cfg.num_items_in_batch is not None:
+        items = torch.as_tensor(cfg.num_items_in_batch, dtype=torch.float32).to(tokens.device)
+        return items.clamp(min=1.0) / world_size
+    normalizer = tokens.clone()
+    if world_size > 1:
+        torch.distributed.all_reduce(normalizer, op=torch.distributed.ReduceOp.SUM)
+    return (normalizer / world_size).clamp(min=1.0)
+
+
+def _verl_sequences(cfg, row_stats):
+    if cfg.global_batch_size is not None:
+        return torch.as_tensor(cfg.global_batch_size, dtype=torch.float32).to(row_stats.device)
+    return (row_stats[:, _S_TOKENS] > 0).sum().float().clamp(min=1.0)
+
+
+def _verl_tokens(cfg, row_stats):
+    if cfg.batch_num_tokens is not None:
+        return torch.as_tensor(cfg.batch_num_tokens, dtype=torch.float32).to(row_stats.device)
+    return row_stats[:, _S_TOKENS].sum().clamp(min=1.0)
+
+
+def _ones(row_stats, value):
+    return torch.full((), float(value), device=row_stats.device, dtype=torch.float32)
+
+
+AGGREGATIONS = {
+    # TRL's normalizers, one per loss_type family (not selectable by name: loss_agg_mode=None)
+    "trl:seq-mean-token-mean": Aggregation(
+        1, lambda cfg, s, B, T: _ones(s, 1.0 / B), "mean over rows of sum_t m L / max(sum_t m, 1)"),
+    "trl:token-mean": Aggregation(
+        0, lambda cfg, s, B, T: 1.0 / s[:, _S_TOKENS].sum().clamp(min=1.0), "sum m L / max(sum m, 1)"),
+    "trl:dr_grpo": Aggregation(
+        0, lambda cfg, s, B, T: _ones(s, 1.0 / (B * cfg.max_completion_length)),
+        "sum m L / (B * max_completion_length)"),
+    "trl:global-token-mean": Aggregation(
+        0, lambda cfg, s, B, T: 1.0 / _per_rank_tokens(cfg, s),
+        "sum m L / (num_items_in_batch / world_size); without it, the micro-batch's tokens averaged over ranks"),
+    "trl:seq-mean-token-sum": Aggregation(
+        0, lambda cfg, s, B, T: _ones(s, 1.0 / B), "mean over rows of sum_t m L"),
+    # verl's agg_loss modes (loss_agg_mode=...)
+    "token-mean": Aggregation(
+        0, lambda cfg, s, B, T: cfg.dp_size / _verl_tokens(cfg, s),
+        "sum m L / batch_num_tokens * dp_size (batch_num_tokens: the micro-batch's tokens when not given)"),
+    "token-sum": Aggregation(0, lambda cfg, s, B, T: _ones(s, cfg.dp_size), "sum m L * dp_size"),
+    "seq-mean-token-sum": Aggregation(
+        0, lambda cfg, s, B, T: cfg.dp_size / _verl_sequences(cfg, s),
+        "sum over rows of sum_t m L / global_batch_size * dp_size (global_batch_size: rows with a token)"),
+    "seq-mean-token-mean": Aggregation(
+        2, lambda cfg, s, B, T: cfg.dp_size / _verl_sequences(cfg, s),
+        "sum over rows of sum_t m L / (sum_t m + 1e-8) / global_batch_size * dp_size"),
+    "seq-mean-token-sum-norm": Aggregation(
+        0, lambda cfg, s, B, T: cfg.dp_size / _verl_sequences(cfg, s)
+        / (T if cfg.loss_scale_factor is None else cfg.loss_scale_factor),
+        "seq-mean-token-sum / loss_scale_factor (default: T, the padded length)"),
+}
+LOSS_AGG_MODES = tuple(name for name in AGGREGATIONS if not name.startswith("trl:"))
+
+# Metrics every loss type reports, then the optional ones a loss type lists.
+COMMON_METRICS = ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "entropy")
+METRIC_DOCS = {
+    "kl": "mean masked KL estimate (times rho when bias-corrected); NaN without ref_logprobs",
+    "clip_ratio/low_mean": "fraction of masked tokens with rho < 1 - epsilon_low and A < 0",
+    "clip_ratio/high_mean": "fraction with rho > 1 + epsilon_high and A > 0 (cispo: rho > epsilon_high, A > 0)",
+    "clip_ratio/region_mean": "low or high",
+    "entropy": "mean masked token entropy; NaN without entropy",
+    "pg_clipfrac_lower": "dual clip: fraction of masked tokens with A < 0 whose loss hit -A * clip_ratio_c",
+    "vespo/phi_seq_mean": "mean over the B completions of VESPO's weight phi",
+}
+METRIC_NAMES = COMMON_METRICS + ("pg_clipfrac_lower", "vespo/phi_seq_mean")
+
+
+@dataclass(frozen=True)
+class LossType:
+    """One ``loss_type`` value."""
+
+    policy: str  # key of POLICIES
+    aggregation: str  # key of AGGREGATIONS used when loss_agg_mode is None
+    options: tuple = ()  # type-specific options it reads (others of that kind must stay at their default)
+    metrics: tuple = ()  # beyond COMMON_METRICS
+    sequence_level: bool = False  # importance_sampling_level="sequence" allowed
+    defaults: dict = field(default_factory=dict)  # type-specific defaults overriding OPTIONS
+    peer: str = "TRL 1.16"
+    doc: str = ""
+
+
+_CLIP_OPTIONS = ("delta", "clip_ratio_c")
+LOSS_TYPES_TABLE = {
+    "grpo": LossType("clip", "trl:seq-mean-token-mean", _CLIP_OPTIONS, ("pg_clipfrac_lower",), True,
+                     doc="PPO clip; per-sequence token mean, then the mean over sequences"),
+    "bnpo": LossType("clip", "trl:token-mean", _CLIP_OPTIONS, ("pg_clipfrac_lower",), True,
+                     doc="PPO clip; token mean over the micro-batch"),
+    "dr_grpo": LossType("clip", "trl:dr_grpo", _CLIP_OPTIONS + ("max_completion_length",), ("pg_clipfrac_lower",),
+                        True, doc="PPO clip; sum / (B * max_completion_length) (Dr. GRPO)"),
+    "dapo": LossType("clip", "trl:global-token-mean", _CLIP_OPTIONS, ("pg_clipfrac_lower",), True,
+                     doc="PPO clip; token mean over the whole generation batch (DAPO)"),
+    "luspo": LossType("clip", "trl:seq-mean-token-sum", _CLIP_OPTIONS, ("pg_clipfrac_lower",), True,
+                      doc="PPO clip; mean over sequences of the token sum (LUSPO)"),
+    "cispo": LossType("cispo", "trl:global-token-mean",
+                      doc="-stopgrad(min(rho, epsilon_high)) A logp (CISPO); epsilon_high is the cap"),
+    "sapo": LossType("sapo", "trl:seq-mean-token-mean", ("sapo_temperature_pos", "sapo_temperature_neg"),
+                     doc="soft gate -sigmoid(tau (rho - 1)) 4/tau A (SAPO)"),
+    "vespo": LossType("vespo", "trl:global-token-mean",
+                      ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"),
+                      ("vespo/phi_seq_mean",),
+                      doc="-stopgrad(phi(w)) A logp, phi the gamma weight of the summed sequence log-ratio (VESPO)"),
+}
+LOSS_TYPES = tuple(LOSS_TYPES_TABLE)
+CLIP_LOSS_TYPES = tuple(name for name, spec in LOSS_TYPES_TABLE.items() if spec.policy == "clip")
+
+
+def metric_names(loss_type: str) -> tuple:
+    """The metric names ``grpo_loss`` returns for ``loss_type``."""
+    return COMMON_METRICS + LOSS_TYPES_TABLE[loss_type].metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Options: defaults, validation, docs
+# ---------------------------------------------------------------------------------------------
+
+
+def _finite(name, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _nonnegative(name, value) -> float:
+    value = _finite(name, value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def _positive(name, value) -> float:
+    value = _finite(name, value)
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
+
+
+def _positive_int(name, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _boolean(name, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def _optional(check):
+    def optional(name, value):
+        return None if value is None else check(name, value)
+    optional.__doc__ = check.__doc__
+    return optional
+
+
+def _choice(choices):
+    def choice(name, value):
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    return choice
+
+
+def _count(name, value):
+    """A positive count: a number, or a 1-element tensor (its value is checked inside the op)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        if value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be a real number, got a {value.dtype} tensor")
+        return value.detach().reshape(())
+    return _positive(name, value)
+
+
+def _clip_ratio_c(name, value):
+    value = _finite(name, value)
+    if value <= 1.0:
+        raise ValueError(f"{name} (dual-clip PPO's bound on -A * ratio for A < 0) must be > 1, got {value}")
+    return value
+
+
+def _generator(name, value):
+    if not isinstance(value, torch.Generator):
+        raise TypeError(f"{name} must be a torch.Generator, got {type(value).__name__}")
+    return value
+
+
+@dataclass(frozen=True)
+class Option:
+    default: object
+    check: Callable  # (name, value) -> normalized value; raises ValueError/TypeError naming the option
+    doc: str
+
+
+OPTIONS = {
+    "loss_type": Option("dapo", _choice(LOSS_TYPES), "the loss type (table below)"),
+    "beta": Option(0.0, _nonnegative, "weight of the KL penalty to the reference model (needs ref_logprobs)"),
+    "kl_estimator": Option(None, _choice(tuple(KL_ESTIMATORS)),
+                           "None: TRL's unclamped k3; verl's kl_penalty values: 'kl'/'k1', 'abs', 'mse'/'k2', "
+                           "'low_var_kl'/'k3' (clamped), and '+' variants (the value with k2's gradient)"),
+    "epsilon_low": Option(0.2, _nonnegative, "clip range [1 - epsilon_low, 1 + epsilon_high]"),
+    "epsilon_high": Option(None, _optional(_nonnegative),
+                           "None: epsilon_low; for cispo the ratio cap itself (TRL recommends 5.0)"),
+    "delta": Option(None, _optional(_positive), "two-sided clip (INTELLECT-2): the unclipped branch uses min(rho, delta)"),
+    "clip_ratio_c": Option(None, _optional(_clip_ratio_c),
+                           "dual-clip PPO: for A < 0 the loss is at most -A * clip_ratio_c (> 1; verl's default 3); "
+                           "None: off. When set, log-ratios are clamped to [-20, 20] before exp, as verl does"),
+    "importance_sampling_level": Option("token", _choice(IMPORTANCE_SAMPLING_LEVELS),
+                                        "'sequence': one GSPO ratio per completion (clip loss types)"),
+    "max_completion_length": Option(None, _optional(_positive_int), "required by dr_grpo"),
+    "num_items_in_batch": Option(None, _optional(_count),
+                                 "active tokens of the whole generation batch on all ranks (> 0; dapo, cispo, "
+                                 "vespo); None: the micro-batch's count, summed over ranks and averaged"),
+    "loss_agg_mode": Option(None, _choice((None,) + LOSS_AGG_MODES),
+                            "None: the loss type's own TRL normalizer; else verl's agg_loss mode"),
+    "dp_size": Option(1, _positive_int, "verl's data-parallel size (loss_agg_mode only)"),
+    "batch_num_tokens": Option(None, _optional(_count),
+                               "verl's global token count for token-mean (loss_agg_mode only; needed when dp_size > 1)"),
+    "global_batch_size": Option(None, _optional(_count),
+                                "verl's global sequence count for the seq-mean modes (loss_agg_mode only; "
+                                "needed when dp_size > 1)"),
+    "loss_scale_factor": Option(None, _optional(_positive),
+                                "seq-mean-token-sum-norm's divisor (loss_agg_mode only); None: T"),
+    "rollout_is_mode": Option(None, _choice(ROLLOUT_IS_MODES),
+                              "None: rollout_is_ratio used as given; 'truncate': clamped into the bounds; "
+                              "'mask': 0 outside them"),
+    "rollout_is_clip_min": Option(None, _optional(_nonnegative), "lower bound of rollout_is_mode (None: open)"),
+    "rollout_is_clip_max": Option(3.0, _optional(_nonnegative), "upper bound of rollout_is_mode (None: open)"),
+    "sapo_temperature_pos": Option(1.0, _positive, "SAPO gate temperature for A > 0"),
+    "sapo_temperature_neg": Option(1.05, _positive, "SAPO gate temperature for A <= 0"),
+    "vespo_k_pos": Option(2.0, _finite, "VESPO's k for A >= 0"),
+    "vespo_lambda_pos": Option(3.0, _finite, "VESPO's lambda for A >= 0 (used as max(lambda, 1e-4))"),
+    "vespo_k_neg": Option(3.0, _finite, "VESPO's k for A < 0"),
+    "vespo_lambda_neg": Option(2.0, _finite, "VESPO's lambda for A < 0 (used as max(lambda, 1e-4))"),
+    "kl_cov_ratio": Option(2e-4, _positive, "KL-Cov: fraction of the masked tokens, by covariance, that get the "
+                           "|log-ratio| penalty"),
+    "ppo_kl_coef": Option(1.0, _nonnegative, "KL-Cov: weight of that penalty"),
+    "clip_cov_ratio": Option(2e-4, _positive, "Clip-Cov: fraction of the masked tokens drawn for a zeroed gradient"),
+    "clip_cov_lb": Option(1.0, _finite, "Clip-Cov: lower covariance bound of the candidates"),
+    "clip_cov_ub": Option(5.0, _finite, "Clip-Cov: upper covariance bound of the candidates"),
+    "generator": Option(None, _optional(_generator), "Clip-Cov: the torch.Generator of its random draw "
+                        "(reproducible results)"),
+    "use_bias_correction_kl": Option(False, _boolean, "multiply the KL by the unclipped ratio (DeepSeek-V3.2)"),
+    "entropy_coef": Option(0.0, _finite, "entropy bonus: loss -= entropy_coef * mean entropy over the effective mask"),
+    "top_entropy_quantile": Option(1.0, _finite,
+                                   "keep the policy term on tokens whose entropy is in this top quantile, in [0, 1]"),
+    "off_policy_mask_threshold": Option(None, _optional(_finite),
+                                        "drop the policy term of rows with A < 0 whose mean sampling_logprobs - logp "
+                                        "exceeds it (DeepSeek-V3.2)"),
+}
+# Options that only some loss types read: setting one to a non-default value for another loss type
+# is an error (it would silently do nothing).
+_TYPE_SPECIFIC = frozenset(name for spec in LOSS_TYPES_TABLE.values() for name in spec.options) - {
+    "max_completion_length"}
+_AGG_OPTIONS = ("dp_size", "batch_num_tokens", "global_batch_size", "loss_scale_factor")
+
+
+class _Config:
+    """The validated scalar options of ``grpo_loss`` (built by ``validate_loss_options``)."""
+
+    def __init__(self, values: dict):
+        self.__dict__.update(values)
+        self.spec = LOSS_TYPES_TABLE[self.loss_type]
+        self.policy = POLICIES[self.spec.policy]
+        self.aggregation = AGGREGATIONS[self.loss_agg_mode or self.spec.aggregation]
+        self.sequence_level = self.importance_sampling_level == "sequence"
+        if self.epsilon_high is None:
+            self.epsilon_high = self.epsilon_low
+        self.delta_or_inf = math.inf if self.delta is None else self.delta
+        self.clip_ratio_c_or_inf = math.inf if self.clip_ratio_c is None else self.clip_ratio_c
+        # verl clamps the log-ratio before exp wherever it uses clip_ratio_c
+        self.log_ratio_bound = 20.0 if self.clip_ratio_c is not None else math.inf
+        if self.rollout_is_mode is None:
+            self.is_clip_min, self.is_clip_max = -math.inf, math.inf
+        else:
+            self.is_clip_min = -math.inf if self.rollout_is_clip_min is None else self.rollout_is_clip_min
+            self.is_clip_max = math.inf if self.rollout_is_clip_max is None else self.rollout_is_clip_max
+        self.off_policy_threshold_or_inf = (
+            math.inf if self.off_policy_mask_threshold is None else self.off_policy_mask_threshold)
+        self.kl_jit = KL_ESTIMATORS[self.kl_estimator][0]
+
+    def policy_params(self) -> tuple:
+        return tuple(getattr(self, name) for name in self.policy.params) + (0.0,) * (4 - len(self.policy.params))
+
+    def as_json(self) -> str:
+        """The options that travel as a string into the custom op (tensors and objects excluded)."""
+        return json.dumps({name: getattr(self, name) for name in OPTIONS
+                           if not isinstance(getattr(self, name), (torch.Tensor, torch.Generator))}, sort_keys=True)
+
+
+def validate_loss_options(**options) -> _Config:
+    """Check ``grpo_loss`` options without any tensor; raise ``ValueError``/``TypeError`` naming the option.
+
+    Returns the validated options object (defaults filled in). Trainers call this at construction,
+    so that a bad option fails before any model is loaded. Checks each option's type and range,
+    and the combinations that make no sense (sequence level with a loss type that does not define
+    it, dr_grpo without max_completion_length, a type-specific option set for another loss type,
+    verl's global normalizers without loss_agg_mode).
+    """
+    unknown = set(options) - set(OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown grpo_loss option(s) {', '.join(sorted(unknown))}; "
+                        f"known: {', '.join(sorted(OPTIONS))}")
+    loss_type = options.get("loss_type", OPTIONS["loss_type"].default)
+    if loss_type not in LOSS_TYPES_TABLE:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
+    spec = LOSS_TYPES_TABLE[loss_type]
+    values = {}
+    for name, option in OPTIONS.items():
+        default = spec.defaults.get(name, option.default)
+        value = options.get(name, default)
+        if name in _TYPE_SPECIFIC and name not in spec.options and name in options and value != default:
+            readers = sorted(t for t, s in LOSS_TYPES_TABLE.items() if name in s.options)
+            raise ValueError(f"{name} is only used by loss_type {', '.join(readers)}; "
+                             f"loss_type={loss_type!r} would ignore it")
+        values[name] = option.check(name, value)
+    if values["importance_sampling_level"] == "sequence" and not spec.sequence_level:
+        raise ValueError(
+            f"importance_sampling_level='sequence' (GSPO) makes no sense with loss_type={loss_type!r}: "
+            "its per-token weight is defined on token ratios; use importance_sampling_level='token'. "
+            "(Sequence-level importance sampling is not supported for this loss type.)")
+    if loss_type == "dr_grpo" and values["max_completion_length"] is None:
+        raise ValueError("loss_type='dr_grpo' normalizes by B * max_completion_length: pass max_completion_length")
+    if not 0.0 <= values["top_entropy_quantile"] <= 1.0:
+        raise ValueError(f"top_entropy_quantile must be in [0, 1], got {values['top_entropy_quantile']}")
+    if values["rollout_is_mode"] is not None:
+        low, high = values["rollout_is_clip_min"], values["rollout_is_clip_max"]
+        if low is not None and high is not None and low > high:
+            raise ValueError(f"rollout_is_clip_min {low} > rollout_is_clip_max {high}")
+    mode = values["loss_agg_mode"]
+    if mode is None:
+        for name in _AGG_OPTIONS:
+            if name in options and values[name] != OPTIONS[name].default:
+                raise ValueError(f"{name} is one of verl's agg_loss normalizers: it needs loss_agg_mode")
+    elif values["dp_size"] > 1:
+        needed = "batch_num_tokens" if mode == "token-mean" else "global_batch_size" if mode.startswith("seq") else None
+        if needed and values[needed] is None:
+            raise ValueError(f"loss_agg_mode={mode!r} with dp_size > 1 needs {needed} (the global count), as in verl")
+    return _Config(values)
+
+
+def options_markdown() -> str:
+    """The options and loss-type tables of ``docs/semantics.md``, generated from the tables here."""
+    lines = ["| option | default | meaning |", "|---|---|---|"]
+    for name, option in OPTIONS.items():
+        lines.append(f"| `{name}` | `{option.default!r}` | {option.doc} |")
+    lines += ["", "| loss_type | policy term | default aggregation | type-specific options | extra metrics | "
+              "sequence level | semantics of |", "|---|---|---|---|---|---|---|"]
+    for name, spec in LOSS_TYPES_TABLE.items():
+        opts = ", ".join(f"`{o}`" for o in spec.options) or "-"
+        metrics = ", ".join(f"`{m}`" for m in spec.metrics) or "-"
+        lines.append(f"| `{name}` | {spec.doc} | `{spec.aggregation}`: {AGGREGATIONS[spec.aggregation].doc} | "
+                     f"{opts} | {metrics} | {'yes' if spec.sequence_level else 'no'} | {spec.peer} |")
+    lines += ["", "| loss_agg_mode | loss |", "|---|---|"]
+    lines += [f"| `{name}` | {AGGREGATIONS[name].doc} |" for name in LOSS_AGG_MODES]
+    lines += ["", "| kl_estimator | estimator |", "|---|---|"]
+    lines += [f"| `{name!r}` | {doc} |" for name, (_, doc) in KL_ESTIMATORS.items()]
+    lines += ["", "| metric | meaning |", "|---|---|"]
+    lines += [f"| `{name}` | {METRIC_DOCS[name]} |" for name in METRIC_NAMES]
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
 # Triton kernel
 # ---------------------------------------------------------------------------------------------
+
+# Columns of the per-row partial sums written by the kernel (the kernel stores them in this order).
+STAT_COLUMNS = ("loss", "kl", "low", "high", "region", "entropy", "tokens", "eff_entropy", "eff_tokens",
+                "lower", "phi")
+(_S_LOSS, _S_KL, _S_LOW, _S_HIGH, _S_REGION, _S_ENTROPY, _S_TOKENS, _S_EFF_ENTROPY, _S_EFF_TOKENS,
+ _S_LOWER, _S_PHI) = range(len(STAT_COLUMNS))
+NUM_STATS = len(STAT_COLUMNS)
+
+# Mask dtypes the kernel reads directly (anything else is cast to float32 first).
+_KERNEL_MASK_DTYPES = {torch.float32: "fp32", torch.bool: "i1", torch.int32: "i32", torch.int64: "i64"}
 
 
 @triton.jit
@@ -75,10 +699,10 @@ def _grpo_loss_kernel(
     B, T,
     stride_logp, stride_old, stride_ref, stride_sampling, stride_mask,
     stride_adv_b, stride_adv_t, stride_ent_b, stride_ent_t, stride_is_b, stride_is_t,
-    eps_low, eps_high, delta, beta, bias_kl, tau_pos, tau_neg,
+    p0, p1, p2, p3, beta, bias_kl, log_ratio_bound,
     is_clip_min, is_clip_max, is_mask_mode, off_policy_threshold, write_grad_entropy,
-    FAMILY: tl.constexpr, SEQ_LEVEL: tl.constexpr, PER_SEQ_NORM: tl.constexpr,
-    OFF_POLICY: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
+    POLICY: tl.constexpr, KL: tl.constexpr, ROW_LOG_RATIO: tl.constexpr, FOLDS_IS_RATIO: tl.constexpr,
+    ROW_NORM: tl.constexpr, OFF_POLICY: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """Rows ``[pid * BLOCK_B, pid * BLOCK_B + BLOCK_B)``: per-token loss, its gradient, row sums.
 
@@ -92,31 +716,48 @@ def _grpo_loss_kernel(
     row_ok = rows < B
     rows64 = rows.to(tl.int64)
     offs_t = tl.arange(0, BLOCK_T)
-    ROW_PASS: tl.constexpr = SEQ_LEVEL or PER_SEQ_NORM or OFF_POLICY
+    SEQ_LEVEL: tl.constexpr = ROW_LOG_RATIO == 1
+    ROW_PASS: tl.constexpr = (ROW_LOG_RATIO != 0) or (ROW_NORM != 0) or OFF_POLICY
 
     tokens = tl.zeros((BLOCK_B,), dtype=tl.float32)
     log_ratio_sum = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    log_is_sum = tl.zeros((BLOCK_B,), dtype=tl.float32)
     off_policy_kl_sum = tl.zeros((BLOCK_B,), dtype=tl.float32)
     if ROW_PASS:
-        # Per-row reductions needed before any token's loss: sum m, sum m*l (GSPO), sum m*kl (OPSM).
+        # Per-row reductions needed before any token's loss.
         for t0 in range(0, T, BLOCK_T):
             cols = t0 + offs_t
             ok = row_ok[:, None] & (cols < T)[None, :]
             m = tl.load(Mask + rows64[:, None] * stride_mask + cols[None, :], mask=ok, other=0).to(tl.float32)
             active = m != 0
             tokens += tl.sum(m, axis=1)
-            if SEQ_LEVEL or OFF_POLICY:
+            if (ROW_LOG_RATIO != 0) or OFF_POLICY:
                 x = tl.load(Logp + rows64[:, None] * stride_logp + cols[None, :], mask=ok, other=0.0)
-            if SEQ_LEVEL:
+            if ROW_LOG_RATIO == 1:
                 o = tl.load(OldLogp + rows64[:, None] * stride_old + cols[None, :], mask=ok, other=0.0)
                 log_ratio_sum += tl.sum(tl.where(active, (x - o) * m, 0.0), axis=1)
+            if ROW_LOG_RATIO == 2:
+                o = tl.load(OldLogp + rows64[:, None] * stride_old + cols[None, :], mask=ok, other=0.0)
+                clamped = tl.minimum(tl.maximum(x - o, -20.0), 20.0)
+                log_ratio_sum += tl.sum(tl.where(active, clamped * m, 0.0), axis=1)
+                # TRL sums the IS log-ratio over every position (padding included)
+                is_ratio = tl.load(RolloutRatio + rows64[:, None] * stride_is_b + cols[None, :] * stride_is_t,
+                                   mask=ok, other=1.0)
+                is_ratio = _rollout_is(is_ratio, is_clip_min, is_clip_max, is_mask_mode)
+                log_is = tl.minimum(tl.maximum(tl.log(is_ratio), -18.420680743952367), 20.0)
+                log_is_sum += tl.sum(tl.where(ok, log_is, 0.0), axis=1)
             if OFF_POLICY:
                 s = tl.load(SamplingLogp + rows64[:, None] * stride_sampling + cols[None, :], mask=ok, other=0.0)
                 kl = s - x
                 kl = tl.where(kl != kl, 0.0, kl)  # tokens the rollout engine could not score: no evidence
                 off_policy_kl_sum += tl.sum(tl.where(active, kl * m, 0.0), axis=1)
     inv_tokens = 1.0 / tl.maximum(tokens, 1.0)
-    seq_rho = tl.exp(log_ratio_sum * inv_tokens)
+    if ROW_NORM == 2:
+        row_weight = 1.0 / (tokens + 1e-8)
+    else:
+        row_weight = inv_tokens
+    seq_rho, seq_drho = _ratio(log_ratio_sum * inv_tokens, log_ratio_bound)
+    row_value = tl.minimum(tl.maximum(log_ratio_sum + log_is_sum, -18.420680743952367), 20.0)
     off_policy_kl = off_policy_kl_sum * inv_tokens
     entropy_threshold = tl.load(EntropyThreshold)
     no_entropy_mask = entropy_threshold == float("-inf")
@@ -126,6 +767,7 @@ def _grpo_loss_kernel(
     acc_low = tl.zeros((BLOCK_B,), dtype=tl.float32)
     acc_high = tl.zeros((BLOCK_B,), dtype=tl.float32)
     acc_region = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    acc_lower = tl.zeros((BLOCK_B,), dtype=tl.float32)
     acc_entropy = tl.zeros((BLOCK_B,), dtype=tl.float32)
     acc_tokens = tl.zeros((BLOCK_B,), dtype=tl.float32)
     acc_eff_entropy = tl.zeros((BLOCK_B,), dtype=tl.float32)
@@ -141,70 +783,27 @@ def _grpo_loss_kernel(
         r = tl.load(RefLogp + rows64[:, None] * stride_ref + cols[None, :], mask=ok, other=0.0)
         a = tl.load(Advantages + rows64[:, None] * stride_adv_b + cols[None, :] * stride_adv_t, mask=ok, other=0.0)
         ent = tl.load(Entropy + rows64[:, None] * stride_ent_b + cols[None, :] * stride_ent_t, mask=ok, other=0.0)
-        is_ratio = tl.load(RolloutRatio + rows64[:, None] * stride_is_b + cols[None, :] * stride_is_t,
-                           mask=ok, other=1.0)
-        # Rollout IS ratio: "truncate" clamps into [min, max], "mask" zeroes what falls outside
-        # (bounds are -inf/inf when unset, so mode "none" is a truncate that changes nothing).
-        outside = (is_ratio < is_clip_min) | (is_ratio > is_clip_max)
-        is_ratio = tl.where(is_mask_mode != 0, tl.where(outside, 0.0, is_ratio),
-                            tl.minimum(tl.maximum(is_ratio, is_clip_min), is_clip_max))
-
         if SEQ_LEVEL:
             rho = tl.zeros((BLOCK_B, BLOCK_T), dtype=tl.float32) + seq_rho[:, None]
         else:
-            rho = tl.exp(x - o)
-
-        if FAMILY == 0:
-            upper = 1.0 + eps_high
-            lower = 1.0 - eps_low
-            coef_clipped = tl.minimum(tl.maximum(rho, lower), upper)
-            coef = tl.minimum(rho, delta)  # delta = inf when two-sided clipping is off
-            unclipped_term = coef * a
-            clipped_term = coef_clipped * a
-            policy = -tl.minimum(unclipped_term, clipped_term)
-            # torch.min splits the gradient evenly on ties; clamps pass it on their closed range.
-            take_unclipped = tl.where(unclipped_term < clipped_term, 1.0,
-                                      tl.where(unclipped_term == clipped_term, 0.5, 0.0))
-            d_coef = tl.where(rho <= delta, 1.0, 0.0)
-            d_clipped = tl.where((rho >= lower) & (rho <= upper), 1.0, 0.0)
-            dpolicy_drho = -a * (take_unclipped * d_coef + (1.0 - take_unclipped) * d_clipped)
-            dpolicy_dx = tl.zeros((BLOCK_B, BLOCK_T), dtype=tl.float32)
-            is_low = (coef < lower) & (a < 0)
-            is_high = (coef > upper) & (a > 0)
-        elif FAMILY == 1:
-            capped = tl.minimum(rho, eps_high)  # stop-gradient weight on logp
-            policy = -capped * a * x
-            dpolicy_dx = -capped * a
-            dpolicy_drho = tl.zeros((BLOCK_B, BLOCK_T), dtype=tl.float32)
-            is_low = tl.zeros((BLOCK_B, BLOCK_T), dtype=tl.int1)
-            is_high = (rho > eps_high) & (a > 0)
-        else:
-            tau = tl.where(a > 0, tau_pos, tau_neg)
-            gate = tl.sigmoid(tau * (rho - 1.0))
-            policy = -gate * (4.0 / tau) * a
-            dpolicy_drho = -4.0 * a * gate * (1.0 - gate)
-            dpolicy_dx = tl.zeros((BLOCK_B, BLOCK_T), dtype=tl.float32)
-            is_low = tl.zeros((BLOCK_B, BLOCK_T), dtype=tl.int1)
-            is_high = tl.zeros((BLOCK_B, BLOCK_T), dtype=tl.int1)
-        is_region = is_low | is_high
+            rho, drho_dx = _ratio(x - o, log_ratio_bound)
 
         entropy_mask = tl.where(no_entropy_mask, active, active & (ent * m >= entropy_threshold))
-        multiplier = tl.where(entropy_mask, is_ratio, 0.0)
+        if FOLDS_IS_RATIO:
+            multiplier = tl.where(entropy_mask, 1.0, 0.0)
+        else:
+            is_ratio = tl.load(RolloutRatio + rows64[:, None] * stride_is_b + cols[None, :] * stride_is_t,
+                               mask=ok, other=1.0)
+            multiplier = tl.where(entropy_mask, _rollout_is(is_ratio, is_clip_min, is_clip_max, is_mask_mode), 0.0)
         if OFF_POLICY:
             keep = (a >= 0) | (off_policy_kl[:, None] <= off_policy_threshold)
             multiplier = tl.where(keep, multiplier, 0.0)
 
-        diff = r - x
-        exp_diff = tl.exp(diff)
-        kl = exp_diff - diff - 1.0
-        kl_weight = tl.where(bias_kl != 0, rho, 1.0)
-        kl_term = tl.where(beta != 0, beta * kl * kl_weight, 0.0)
-        loss_t = policy * multiplier + kl_term
-        dloss_dx = dpolicy_dx * multiplier + tl.where(beta != 0, beta * (1.0 - exp_diff) * kl_weight, 0.0)
-        dloss_drho = dpolicy_drho * multiplier + tl.where((beta != 0) & (bias_kl != 0), beta * kl, 0.0)
+        loss_t, dloss_dx, dloss_drho, kl, is_low, is_high, is_lower = _token_loss(
+            x, o, r, a, rho, row_value[:, None], multiplier, p0, p1, p2, p3, beta, bias_kl, POLICY, KL)
 
-        if PER_SEQ_NORM:
-            weight = tl.where(active, m * inv_tokens[:, None], 0.0)
+        if ROW_NORM != 0:
+            weight = tl.where(active, m * row_weight[:, None], 0.0)
         else:
             weight = tl.where(active, m, 0.0)
         acc_loss += tl.sum(tl.where(active, loss_t * weight, 0.0), axis=1)
@@ -212,14 +811,15 @@ def _grpo_loss_kernel(
         if SEQ_LEVEL:
             acc_dloss_drho += tl.sum(tl.where(active, weight * dloss_drho, 0.0), axis=1)
         else:
-            grad += tl.where(active, weight * dloss_drho * rho, 0.0)
+            grad += tl.where(active, weight * dloss_drho * drho_dx, 0.0)
         tl.store(GradLogp + rows64[:, None] * T + cols[None, :], grad, mask=ok)
 
         masked = tl.where(active, m, 0.0)
-        acc_kl += tl.sum(tl.where(active, kl * kl_weight * m, 0.0), axis=1)
+        acc_kl += tl.sum(tl.where(active, kl * m, 0.0), axis=1)
         acc_low += tl.sum(tl.where(is_low, masked, 0.0), axis=1)
         acc_high += tl.sum(tl.where(is_high, masked, 0.0), axis=1)
-        acc_region += tl.sum(tl.where(is_region, masked, 0.0), axis=1)
+        acc_region += tl.sum(tl.where(is_low | is_high, masked, 0.0), axis=1)
+        acc_lower += tl.sum(tl.where(is_lower, masked, 0.0), axis=1)
         acc_entropy += tl.sum(tl.where(active, ent * m, 0.0), axis=1)
         acc_tokens += tl.sum(masked, axis=1)
         effective = tl.where(entropy_mask, m, 0.0)
@@ -229,8 +829,8 @@ def _grpo_loss_kernel(
             tl.store(GradEntropy + rows64[:, None] * T + cols[None, :], effective, mask=ok)
 
     if SEQ_LEVEL:
-        # d rho_i / d logp_t = rho_i * m_t / max(n_i, 1): add the row's d loss / d rho to its tokens.
-        row_coef = acc_dloss_drho * seq_rho * inv_tokens
+        # d rho_i / d logp_t = rho_i' * m_t / max(n_i, 1): add the row's d loss / d rho to its tokens.
+        row_coef = acc_dloss_drho * seq_drho * inv_tokens
         tl.debug_barrier()
         for t0 in range(0, T, BLOCK_T):
             cols = t0 + offs_t
@@ -241,7 +841,13 @@ def _grpo_loss_kernel(
             grad += tl.where(m != 0, m * row_coef[:, None], 0.0)
             tl.store(g_ptrs, grad, mask=ok)
 
-    stats = RowStats + rows64 * 9  # NUM_STATS columns, in the order of the _S_* indices
+    phi = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    if ROW_LOG_RATIO == 2:
+        # VESPO's per-row weight for its metric (advantages are per row for VESPO)
+        a_row = tl.load(Advantages + rows64 * stride_adv_b, mask=row_ok, other=0.0)
+        phi = _vespo_phi(row_value, a_row, p0, p1, p2, p3)
+
+    stats = RowStats + rows64 * 11  # NUM_STATS columns, in the order of STAT_COLUMNS
     tl.store(stats + 0, acc_loss, mask=row_ok)
     tl.store(stats + 1, acc_kl, mask=row_ok)
     tl.store(stats + 2, acc_low, mask=row_ok)
@@ -251,6 +857,8 @@ def _grpo_loss_kernel(
     tl.store(stats + 6, acc_tokens, mask=row_ok)
     tl.store(stats + 7, acc_eff_entropy, mask=row_ok)
     tl.store(stats + 8, acc_eff_tokens, mask=row_ok)
+    tl.store(stats + 9, acc_lower, mask=row_ok)
+    tl.store(stats + 10, phi, mask=row_ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,18 +872,21 @@ _BLOCK_B, _BLOCK_T, _NUM_WARPS, _NUM_STAGES = 4, 256, 8, 1
 
 
 def _kernel_switches(cfg) -> dict:
+    policy = cfg.policy
     return {
-        "FAMILY": _FAMILY[cfg.loss_type],
-        "SEQ_LEVEL": cfg.sequence_level,
-        "PER_SEQ_NORM": cfg.loss_type in ("grpo", "sapo"),
+        "POLICY": policy.jit,
+        "KL": cfg.kl_jit,
+        "ROW_LOG_RATIO": _ROW_LOG_RATIO_MEAN if cfg.sequence_level else policy.row_log_ratio,
+        "FOLDS_IS_RATIO": policy.folds_is_ratio,
+        "ROW_NORM": cfg.aggregation.row_norm,
         "OFF_POLICY": cfg.off_policy_mask_threshold is not None,
     }
 
 
 # ---------------------------------------------------------------------------------------------
-# Row pass: Triton and PyTorch implementations of the same contract
+# Row pass: the kernel, and the same jit functions on whole [B, T] torch tensors
 # ---------------------------------------------------------------------------------------------
-# Both take the options and the prepared [B, T] inputs and return (row_stats [B, 9] fp32,
+# Both take the options and the prepared [B, T] inputs and return (row_stats [B, NUM_STATS] fp32,
 # d loss / d logp [B, T] fp32 before the batch-wide normalizer, the effective-mask weights of
 # d loss / d entropy [B, T] fp32 or None).
 
@@ -306,6 +917,7 @@ def _rows_triton(cfg, t):
         is_ratio, stride_is = t["is_ratio"], t["is_ratio"].stride()
     else:
         is_ratio, stride_is = torch.ones(1, device=device, dtype=torch.float32), (0, 0)
+    p0, p1, p2, p3 = cfg.policy_params()
     grid = (triton.cdiv(B, _BLOCK_B),)
     _grpo_loss_kernel[grid](
         logp.detach(), old, ref.detach(), sampling.detach(), adv, t["mask"], entropy, is_ratio,
@@ -313,8 +925,7 @@ def _rows_triton(cfg, t):
         B, T,
         logp.stride(0), stride_old, stride_ref, stride_sampling, t["mask"].stride(0),
         adv.stride(0), adv.stride(1), stride_ent[0], stride_ent[1], stride_is[0], stride_is[1],
-        cfg.epsilon_low, cfg.epsilon_high, cfg.delta_or_inf, cfg.beta, int(cfg.use_bias_correction_kl),
-        cfg.sapo_temperature_pos, cfg.sapo_temperature_neg,
+        p0, p1, p2, p3, cfg.beta, int(cfg.use_bias_correction_kl), cfg.log_ratio_bound,
         cfg.is_clip_min, cfg.is_clip_max, int(cfg.rollout_is_mode == "mask"),
         cfg.off_policy_threshold_or_inf, int(write_grad_entropy),
         BLOCK_B=_BLOCK_B, BLOCK_T=_BLOCK_T, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
@@ -323,95 +934,126 @@ def _rows_triton(cfg, t):
     return row_stats, grad_logp, (grad_entropy if write_grad_entropy else None)
 
 
+def _as_tensor(value):
+    return value if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=torch.float32)
+
+
+class _TorchLanguage:
+    """The part of ``triton.language`` the per-token jit functions use, on torch tensors."""
+
+    float32 = torch.float32
+    constexpr = object
+
+    @staticmethod
+    def where(condition, a, b):
+        return torch.where(torch.as_tensor(condition), a, b)
+
+    @staticmethod
+    def minimum(a, b):
+        return torch.minimum(_as_tensor(a), _as_tensor(b))
+
+    @staticmethod
+    def maximum(a, b):
+        return torch.maximum(_as_tensor(a), _as_tensor(b))
+
+    exp = staticmethod(lambda x: torch.exp(_as_tensor(x)))
+    log = staticmethod(lambda x: torch.log(_as_tensor(x)))
+    sigmoid = staticmethod(torch.sigmoid)
+    abs = staticmethod(torch.abs)
+    zeros_like = staticmethod(torch.zeros_like)
+
+
+_TORCH_VERSIONS: dict = {}
+_JIT_TYPES = (JITFunction, InterpretedFunction)
+
+
+def _on_torch(jit_fn):
+    """The Python function of a per-token ``@triton.jit`` function, with ``tl`` and the jit
+    functions it calls rebound to their torch counterparts: the same formula on [B, T] tensors."""
+    if jit_fn in _TORCH_VERSIONS:
+        return _TORCH_VERSIONS[jit_fn]
+    fn = jit_fn.fn
+    namespace = dict(fn.__globals__, tl=_TorchLanguage)
+    for name in fn.__code__.co_names:
+        value = fn.__globals__.get(name)
+        if isinstance(value, _JIT_TYPES) and value is not jit_fn:
+            namespace[name] = _on_torch(value)
+    torch_fn = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__)
+    _TORCH_VERSIONS[jit_fn] = torch_fn
+    return torch_fn
+
+
 def _rows_torch(cfg, t):
-    """The kernel's arithmetic, vectorized over [B, T] in float32."""
+    """The kernel's walk over whole [B, T] float32 tensors, calling the same per-token functions."""
     x = t["logp"].detach()
     B, T = x.shape
     m = t["mask"].to(torch.float32)
     active = m != 0
     zero = torch.zeros((), device=x.device, dtype=torch.float32)
-    o = t["old"] if t["old"] is not None else x
-    r = t["ref"] if t["ref"] is not None else x
+    # padding reads as 0, as the kernel's masked loads do, so nothing there can turn into NaN
+    x = torch.where(active, x, zero)
+    o = torch.where(active, t["old"], zero) if t["old"] is not None else x
+    r = torch.where(active, t["ref"], zero) if t["ref"] is not None else x
     a = t["advantages"].expand(B, T)
     ent = t["entropy"].detach() if t["entropy"] is not None else torch.zeros_like(x)
+    switches = _kernel_switches(cfg)
+    rollout_is, ratio, token_loss = _on_torch(_rollout_is), _on_torch(_ratio), _on_torch(_token_loss)
     is_ratio = t["is_ratio"].expand(B, T) if t["is_ratio"] is not None else torch.ones_like(x)
-    if cfg.rollout_is_mode == "mask":
-        is_ratio = torch.where((is_ratio < cfg.is_clip_min) | (is_ratio > cfg.is_clip_max), zero, is_ratio)
-    else:
-        is_ratio = is_ratio.clamp(cfg.is_clip_min, cfg.is_clip_max)
+    is_ratio = rollout_is(is_ratio, cfg.is_clip_min, cfg.is_clip_max, int(cfg.rollout_is_mode == "mask"))
 
     tokens = m.sum(1)
     inv_tokens = 1.0 / tokens.clamp(min=1.0)
-    if cfg.sequence_level:
-        rho = torch.exp(torch.where(active, (x - o) * m, zero).sum(1) * inv_tokens)[:, None].expand(B, T)
+    row_weight = 1.0 / (tokens + 1e-8) if switches["ROW_NORM"] == 2 else inv_tokens
+    row_value = torch.zeros_like(tokens)
+    if switches["ROW_LOG_RATIO"] == _ROW_LOG_RATIO_MEAN:
+        seq_rho, seq_drho = ratio(torch.where(active, (x - o) * m, zero).sum(1) * inv_tokens, cfg.log_ratio_bound)
+        rho = seq_rho[:, None].expand(B, T)
     else:
-        rho = torch.exp(x - o)
-
-    lower, upper = 1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high
-    no_flags = torch.zeros_like(active)
-    if _FAMILY[cfg.loss_type] == _CLIP:
-        coef_clipped = rho.clamp(lower, upper)
-        coef = rho.clamp(max=cfg.delta_or_inf)
-        unclipped_term, clipped_term = coef * a, coef_clipped * a
-        policy = -torch.minimum(unclipped_term, clipped_term)
-        take_unclipped = torch.where(
-            unclipped_term < clipped_term, 1.0, torch.where(unclipped_term == clipped_term, 0.5, 0.0))
-        d_coef = (rho <= cfg.delta_or_inf).float()
-        d_clipped = ((rho >= lower) & (rho <= upper)).float()
-        dpolicy_drho = -a * (take_unclipped * d_coef + (1.0 - take_unclipped) * d_clipped)
-        dpolicy_dx = torch.zeros_like(x)
-        is_low, is_high = (coef < lower) & (a < 0), (coef > upper) & (a > 0)
-    elif _FAMILY[cfg.loss_type] == _CISPO:
-        capped = rho.clamp(max=cfg.epsilon_high)
-        policy, dpolicy_dx, dpolicy_drho = -capped * a * x, -capped * a, torch.zeros_like(x)
-        is_low, is_high = no_flags, (rho > cfg.epsilon_high) & (a > 0)
-    else:
-        tau = torch.where(a > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg)
-        gate = torch.sigmoid(tau * (rho - 1.0))
-        policy = -gate * (4.0 / tau) * a
-        dpolicy_drho, dpolicy_dx = -4.0 * a * gate * (1.0 - gate), torch.zeros_like(x)
-        is_low, is_high = no_flags, no_flags
-    is_region = is_low | is_high
+        rho, drho_dx = ratio(x - o, cfg.log_ratio_bound)
+    if switches["ROW_LOG_RATIO"] == _ROW_LOG_RATIO_VESPO:
+        log_ratio_sum = torch.where(active, (x - o).clamp(-20.0, 20.0) * m, zero).sum(1)
+        log_is_sum = torch.log(is_ratio).clamp(LOG_1E_8, 20.0).sum(1)  # every position, as TRL
+        row_value = (log_ratio_sum + log_is_sum).clamp(LOG_1E_8, 20.0)
 
     threshold = t["entropy_threshold"]
     entropy_mask = active & ((threshold == float("-inf")) | (ent * m >= threshold))
-    multiplier = torch.where(entropy_mask, is_ratio, zero)
+    multiplier = torch.where(entropy_mask, 1.0 if cfg.policy.folds_is_ratio else is_ratio, zero)
     if cfg.off_policy_mask_threshold is not None:
-        sampling = t["sampling"] if t["sampling"] is not None else o
+        sampling = torch.where(active, t["sampling"], zero) if t["sampling"] is not None else o
         kl_off = torch.nan_to_num(sampling - x, nan=0.0)
         off_policy_kl = torch.where(active, kl_off * m, zero).sum(1) * inv_tokens
         keep = (a >= 0) | (off_policy_kl[:, None] <= cfg.off_policy_mask_threshold)
         multiplier = torch.where(keep, multiplier, zero)
 
-    diff = r - x
-    exp_diff = torch.exp(diff)
-    kl = exp_diff - diff - 1.0
-    kl_weight = rho if cfg.use_bias_correction_kl else torch.ones_like(rho)
-    use_kl = cfg.beta != 0
-    loss_t = policy * multiplier + (cfg.beta * kl * kl_weight if use_kl else 0.0)
-    dloss_dx = dpolicy_dx * multiplier + (cfg.beta * (1.0 - exp_diff) * kl_weight if use_kl else 0.0)
-    dloss_drho = dpolicy_drho * multiplier + (cfg.beta * kl if use_kl and cfg.use_bias_correction_kl else 0.0)
+    loss_t, dloss_dx, dloss_drho, kl, is_low, is_high, is_lower = token_loss(
+        x, o, r, a, rho, row_value[:, None], multiplier, *cfg.policy_params(), cfg.beta,
+        int(cfg.use_bias_correction_kl), _on_torch(switches["POLICY"]), _on_torch(switches["KL"]))
 
-    weight = torch.where(active, m * (inv_tokens[:, None] if cfg.loss_type in ("grpo", "sapo") else 1.0), zero)
+    weight = torch.where(active, m * (row_weight[:, None] if switches["ROW_NORM"] else 1.0), zero)
     grad = torch.where(active, weight * dloss_dx, zero)
-    if cfg.sequence_level:
+    if switches["ROW_LOG_RATIO"] == _ROW_LOG_RATIO_MEAN:
         row_dloss_drho = torch.where(active, weight * dloss_drho, zero).sum(1)
-        grad = grad + torch.where(active, m * (row_dloss_drho * rho[:, 0] * inv_tokens)[:, None], zero)
+        grad = grad + torch.where(active, m * (row_dloss_drho * seq_drho * inv_tokens)[:, None], zero)
     else:
-        grad = grad + torch.where(active, weight * dloss_drho * rho, zero)
+        grad = grad + torch.where(active, weight * dloss_drho * drho_dx, zero)
 
     masked = torch.where(active, m, zero)
     effective = torch.where(entropy_mask, m, zero)
+    phi = torch.zeros_like(tokens)
+    if switches["ROW_LOG_RATIO"] == _ROW_LOG_RATIO_VESPO:
+        phi = _on_torch(_vespo_phi)(row_value, t["advantages"][:, 0], *cfg.policy_params())
     row_stats = torch.stack([
         torch.where(active, loss_t * weight, zero).sum(1),
-        torch.where(active, kl * kl_weight * m, zero).sum(1),
+        torch.where(active, kl * m, zero).sum(1),
         torch.where(is_low, masked, zero).sum(1),
         torch.where(is_high, masked, zero).sum(1),
-        torch.where(is_region, masked, zero).sum(1),
+        torch.where(is_low | is_high, masked, zero).sum(1),
         torch.where(active, ent * m, zero).sum(1),
         masked.sum(1),
         torch.where(entropy_mask, ent * m, zero).sum(1),
         effective.sum(1),
+        torch.where(is_lower, masked, zero).sum(1),
+        phi,
     ], dim=1)
     return row_stats, grad, (effective if t["entropy_grad"] else None)
 
@@ -430,49 +1072,34 @@ def _world_size() -> int:
     return 1
 
 
-def _policy_scale(cfg, stats: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """1 / (the loss type's normalizer), a 0-d float32 tensor (no host sync)."""
-    tokens = stats[_S_TOKENS]
-    if cfg.loss_type in ("grpo", "sapo", "luspo"):
-        return torch.full_like(tokens, 1.0 / num_rows)
-    if cfg.loss_type == "bnpo":
-        return 1.0 / tokens.clamp(min=1.0)
-    if cfg.loss_type == "dr_grpo":
-        return torch.full_like(tokens, 1.0 / (num_rows * cfg.max_completion_length))
-    # dapo / cispo: tokens of the whole generation batch, per rank (TRL: num_items_in_batch /
-    # num_processes); without it, the micro-batch's tokens averaged over ranks (Liger).
-    world_size = _world_size()
-    if cfg.num_items_in_batch is not None:
-        items = torch.as_tensor(cfg.num_items_in_batch, dtype=torch.float32).to(tokens.device)
-        normalizer = items.clamp(min=1.0) / world_size
-    else:
-        normalizer = tokens.clone()
-        if world_size > 1:
-            torch.distributed.all_reduce(normalizer, op=torch.distributed.ReduceOp.SUM)
-        normalizer = (normalizer / world_size).clamp(min=1.0)
-    return 1.0 / normalizer
+def _metrics_vector(cfg, row_stats, has_ref, has_entropy):
+    """[len(METRIC_NAMES)] float32: every metric (those a loss type does not report are dropped later)."""
+    stats = row_stats.sum(0)
+    tokens = stats[_S_TOKENS].clamp(min=1.0)
+    nan = torch.full_like(tokens, float("nan"))
+    return torch.stack([
+        stats[_S_KL] / tokens if has_ref else nan,
+        stats[_S_LOW] / tokens,
+        stats[_S_HIGH] / tokens,
+        stats[_S_REGION] / tokens,
+        stats[_S_ENTROPY] / tokens if has_entropy else nan,
+        stats[_S_LOWER] / tokens,
+        stats[_S_PHI] / row_stats.shape[0],
+    ])
 
 
 class _GRPOLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logp, entropy, cfg, tensors, backend):
         row_stats, grad_logp, grad_entropy = _ROW_PASS[backend](cfg, tensors)
+        B, T = logp.shape
+        policy_scale = cfg.aggregation.scale(cfg, row_stats, B, T)
         stats = row_stats.sum(0)
-        num_rows = logp.shape[0]
-        policy_scale = _policy_scale(cfg, stats, num_rows)
         loss = stats[_S_LOSS] * policy_scale
         entropy_scale = -cfg.entropy_coef / stats[_S_EFF_TOKENS].clamp(min=1.0)
         if cfg.entropy_coef != 0:
             loss = loss + stats[_S_EFF_ENTROPY] * entropy_scale
-        tokens = stats[_S_TOKENS].clamp(min=1.0)
-        nan = torch.full_like(tokens, float("nan"))
-        metrics = torch.stack([
-            stats[_S_KL] / tokens if tensors["ref"] is not None else nan,
-            stats[_S_LOW] / tokens,
-            stats[_S_HIGH] / tokens,
-            stats[_S_REGION] / tokens,
-            stats[_S_ENTROPY] / tokens if entropy is not None else nan,
-        ])
+        metrics = _metrics_vector(cfg, row_stats, tensors["ref"] is not None, entropy is not None)
         ctx.mark_non_differentiable(metrics)
         ctx.entropy_grad = grad_entropy is not None
         ctx.save_for_backward(grad_logp, policy_scale, grad_entropy, entropy_scale)
@@ -493,94 +1120,8 @@ class _GRPOLossFunction(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------
-# Options and validation
+# Tensor inputs
 # ---------------------------------------------------------------------------------------------
-
-
-class _Config:
-    """The validated scalar options of ``grpo_loss``; their defaults live here, and only here."""
-
-    def __init__(self, *, beta=0.0, loss_type="dapo", epsilon_low=0.2, epsilon_high=None, delta=None,
-                 importance_sampling_level="token", max_completion_length=None, num_items_in_batch=None,
-                 rollout_is_mode=None, rollout_is_clip_min=None, rollout_is_clip_max=3.0,
-                 sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, use_bias_correction_kl=False,
-                 entropy_coef=0.0, top_entropy_quantile=1.0, off_policy_mask_threshold=None):
-        if loss_type == "vespo":
-            raise ValueError(
-                "loss_type='vespo' is not supported by grpo_kernels (its gamma weights are not implemented); "
-                f"supported loss types: {', '.join(LOSS_TYPES)}")
-        if loss_type not in LOSS_TYPES:
-            raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
-        if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
-            raise ValueError(
-                f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
-        if importance_sampling_level == "sequence" and loss_type in ("cispo", "sapo"):
-            raise ValueError(
-                f"importance_sampling_level='sequence' (GSPO) makes no sense with loss_type={loss_type!r}: "
-                "its per-token weight is defined on token ratios; use importance_sampling_level='token'")
-        if loss_type == "dr_grpo" and max_completion_length is None:
-            raise ValueError("loss_type='dr_grpo' normalizes by B * max_completion_length: pass max_completion_length")
-        if max_completion_length is not None and (
-                isinstance(max_completion_length, bool) or not isinstance(max_completion_length, numbers.Integral)
-                or max_completion_length <= 0):
-            raise ValueError(f"max_completion_length must be a positive int, got {max_completion_length!r}")
-        self.loss_type = loss_type
-        self.sequence_level = importance_sampling_level == "sequence"
-        self.max_completion_length = None if max_completion_length is None else int(max_completion_length)
-        self.beta = _finite("beta", beta)
-        self.epsilon_low = _finite("epsilon_low", epsilon_low)
-        self.epsilon_high = self.epsilon_low if epsilon_high is None else _finite("epsilon_high", epsilon_high)
-        if delta is not None and _finite("delta", delta) <= 0:
-            raise ValueError(f"delta must be > 0, got {delta}")
-        self.delta_or_inf = math.inf if delta is None else float(delta)
-        self.sapo_temperature_pos = _positive("sapo_temperature_pos", sapo_temperature_pos)
-        self.sapo_temperature_neg = _positive("sapo_temperature_neg", sapo_temperature_neg)
-        self.use_bias_correction_kl = bool(use_bias_correction_kl)
-        self.entropy_coef = _finite("entropy_coef", entropy_coef)
-        self.top_entropy_quantile = _finite("top_entropy_quantile", top_entropy_quantile)
-        if not 0.0 <= self.top_entropy_quantile <= 1.0:
-            raise ValueError(f"top_entropy_quantile must be in [0, 1], got {top_entropy_quantile}")
-        if rollout_is_mode not in ROLLOUT_IS_MODES:
-            raise ValueError(f"rollout_is_mode must be None, 'truncate' or 'mask', got {rollout_is_mode!r}")
-        self.rollout_is_mode = rollout_is_mode
-        if rollout_is_mode is None:
-            self.is_clip_min, self.is_clip_max = -math.inf, math.inf
-        else:
-            self.is_clip_min = _finite_or("rollout_is_clip_min", rollout_is_clip_min, -math.inf)
-            self.is_clip_max = _finite_or("rollout_is_clip_max", rollout_is_clip_max, math.inf)
-            if self.is_clip_min > self.is_clip_max:
-                raise ValueError(
-                    f"rollout_is_clip_min {rollout_is_clip_min} > rollout_is_clip_max {rollout_is_clip_max}")
-        self.off_policy_mask_threshold = off_policy_mask_threshold
-        self.off_policy_threshold_or_inf = _finite_or("off_policy_mask_threshold", off_policy_mask_threshold, math.inf)
-        if isinstance(num_items_in_batch, torch.Tensor):
-            if num_items_in_batch.numel() != 1:
-                raise ValueError(
-                    f"num_items_in_batch must be a scalar, got shape {tuple(num_items_in_batch.shape)}")
-            num_items_in_batch = num_items_in_batch.detach().reshape(())
-        elif num_items_in_batch is not None:
-            _finite("num_items_in_batch", num_items_in_batch)
-        self.num_items_in_batch = num_items_in_batch
-
-
-def _finite(name, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
-
-
-def _finite_or(name, value, default) -> float:
-    return default if value is None else _finite(name, value)
-
-
-def _positive(name, value) -> float:
-    value = _finite(name, value)
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    return value
 
 
 def _as_float32_rows(name, tensor, shape):
@@ -635,14 +1176,6 @@ def _entropy_threshold(cfg, entropy, mask) -> torch.Tensor:
     return _quantile(local, 1 - cfg.top_entropy_quantile).reshape(1).float()
 
 
-# ---------------------------------------------------------------------------------------------
-# Public API
-# ---------------------------------------------------------------------------------------------
-
-
-_OPTION_NAMES = frozenset(inspect.signature(_Config.__init__).parameters) - {"self"}
-
-
 def prepare_loss_inputs(shape, device, completion_mask, advantages, *, old_logprobs=None, ref_logprobs=None,
                         entropy=None, will_have_entropy=False, rollout_is_ratio=None, sampling_logprobs=None,
                         **options):
@@ -652,11 +1185,7 @@ def prepare_loss_inputs(shape, device, completion_mask, advantages, *, old_logpr
     computes the entropy later (the fused API). Returns ``(cfg, tensors)``: the options object and
     the per-token inputs as float32 with unit stride along T (``[B, 1]`` inputs broadcast).
     """
-    unknown = set(options) - _OPTION_NAMES
-    if unknown:
-        raise TypeError(f"unknown grpo_loss option(s) {', '.join(sorted(unknown))}; "
-                        f"known: {', '.join(sorted(_OPTION_NAMES))}")
-    cfg = _Config(**options)
+    cfg = validate_loss_options(**options)
     shape = tuple(shape)
     if len(shape) != 2 or shape[0] == 0 or shape[1] == 0:
         raise ValueError(f"log-probs must be a non-empty [B, T] tensor, got shape {shape}")
@@ -688,11 +1217,22 @@ def prepare_loss_inputs(shape, device, completion_mask, advantages, *, old_logpr
         "sampling": _as_float32_rows("sampling_logprobs", sampling_logprobs, shape),
         "is_ratio": _per_row_or_token("rollout_is_ratio", rollout_is_ratio, shape, "per token or per sequence"),
     }
+    if cfg.policy.row_log_ratio == _ROW_LOG_RATIO_VESPO:
+        if tensors["advantages"].stride(1) != 0 and shape[1] > 1:
+            raise ValueError("loss_type='vespo' weighs whole sequences: advantages must be [B] or [B, 1]")
+        if tensors["is_ratio"] is not None and tensors["is_ratio"].stride(1) == 0 and shape[1] > 1:
+            raise ValueError("loss_type='vespo' folds a per-token rollout_is_ratio [B, T] into its sequence "
+                             "weight (TRL's token_truncate/token_mask modes); a per-sequence ratio is not supported")
     if entropy is not None:
         check_tensor("entropy", entropy, dtypes=FLOAT_DTYPES, ndim=2)
         if tuple(entropy.shape) != shape:
             raise ValueError(f"entropy must have the shape of the log-probs {shape}, got {tuple(entropy.shape)}")
     return cfg, tensors
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
 
 
 def grpo_loss(
@@ -709,7 +1249,7 @@ def grpo_loss(
     backend: str = "auto",
     **options,
 ):
-    """GRPO-family policy loss of TRL 1.16's ``GRPOTrainer`` from per-token log-probs.
+    """GRPO-family policy loss (TRL 1.16's ``GRPOTrainer``, verl 0.9.1's policy losses) from per-token log-probs.
 
     Args:
         logprobs: ``[B, T]`` log-probs of the sampled tokens under the current policy (differentiable).
@@ -722,55 +1262,40 @@ def grpo_loss(
         entropy: ``[B, T]`` per-token entropies (differentiable); required for ``entropy_coef != 0`` or
             ``top_entropy_quantile < 1``, and for the ``entropy`` metric.
         rollout_is_ratio: importance-sampling ratio between training and rollout engine (TRL's
-            ``importance_sampling_ratio``, Liger's ``vllm_is_ratio``): ``[B, T]`` per token, or ``[B]``
-            / ``[B, 1]`` per sequence; multiplies the policy term (not the KL). See ``rollout_is_mode``.
+            ``importance_sampling_ratio``, Liger's ``vllm_is_ratio``, verl's ``rollout_is_weights``):
+            ``[B, T]`` per token, or ``[B]`` / ``[B, 1]`` per sequence; multiplies the policy term (not
+            the KL); for ``vespo`` it enters the sequence weight instead (per token only).
         sampling_logprobs: ``[B, T]`` rollout-engine log-probs for the off-policy mask (defaults to
             ``old_logprobs``, as in TRL).
         temperature: accepted for signature parity with the fused API and ignored (the log-probs are
-            already temperature-scaled).
+            already temperature-scaled); it must still be a positive number.
         backend: ``"auto"`` (Triton on CUDA or under ``TRITON_INTERPRET=1``, else PyTorch),
             ``"triton"`` or ``"torch"``.
-
-    Options (keyword, defaults in brackets):
-        beta [0.0]: weight of the k3 KL to the reference model.
-        loss_type ["dapo"]: ``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``cispo``, ``sapo`` or ``luspo``.
-        epsilon_low [0.2], epsilon_high [None = epsilon_low]: clip range ``[1 - eps_low, 1 + eps_high]``.
-            For ``cispo``, ``epsilon_high`` is the ratio cap itself (TRL recommends 5.0).
-        delta [None]: two-sided clipping (INTELLECT-2): the unclipped branch uses ``min(rho, delta)``.
-        importance_sampling_level ["token"]: or ``"sequence"`` (GSPO; clip loss types only).
-        max_completion_length [None]: required by ``dr_grpo``.
-        num_items_in_batch [None]: active tokens of the whole generation batch on all ranks (``dapo``,
-            ``cispo``); the loss divides by ``max(num_items_in_batch, 1) / world_size`` (TRL).
-            ``None``: the micro-batch's token count, summed over ranks and averaged (Liger's fallback).
-        rollout_is_mode [None]: ``None``: ``rollout_is_ratio`` is used as given, i.e. the caller already
-            truncated/masked it as TRL does. ``"truncate"``: clamped into
-            ``[rollout_is_clip_min, rollout_is_clip_max]``; ``"mask"``: set to 0 outside that range
-            (TRL's ``*_truncate`` / ``*_mask`` modes; a ``None`` bound is open).
-        rollout_is_clip_min [None], rollout_is_clip_max [3.0]: the bounds of those modes.
-        sapo_temperature_pos [1.0], sapo_temperature_neg [1.05]: SAPO gate temperatures (A > 0 / A <= 0).
-        use_bias_correction_kl [False]: multiply the KL by the unclipped ratio (DeepSeek-V3.2).
-        entropy_coef [0.0]: entropy bonus: ``loss -= entropy_coef * mean entropy`` over the effective
-            mask (completion mask x entropy mask), independent of the loss type's normalizer (TRL).
-        top_entropy_quantile [1.0]: keep the policy term only on tokens whose entropy is in this top
-            quantile of the micro-batch's masked tokens (TRL's ``get_high_entropy_mask``).
-        off_policy_mask_threshold [None]: off-policy sequence mask (DeepSeek-V3.2): drop the policy
-            term of rows with A < 0 whose mean ``sampling_logprobs - logprobs`` exceeds it.
+        **options: the options of ``OPTIONS`` (``docs/semantics.md`` lists them with defaults):
+            ``loss_type``, ``beta``, ``kl_estimator``, ``epsilon_low``, ``epsilon_high``, ``delta``,
+            ``clip_ratio_c``, ``importance_sampling_level``, ``max_completion_length``,
+            ``num_items_in_batch``, ``loss_agg_mode`` (+ ``dp_size``, ``batch_num_tokens``,
+            ``global_batch_size``, ``loss_scale_factor``), ``rollout_is_mode``,
+            ``rollout_is_clip_min/max``, ``sapo_temperature_pos/neg``, ``vespo_k_pos``,
+            ``vespo_lambda_pos``, ``vespo_k_neg``, ``vespo_lambda_neg``, ``use_bias_correction_kl``,
+            ``entropy_coef``, ``top_entropy_quantile``, ``off_policy_mask_threshold``.
 
     Returns:
         ``(loss, metrics)``: a differentiable 0-d float32 loss (w.r.t. ``logprobs`` and ``entropy``),
-        and a dict of detached 0-d float32 tensors, all means over the masked tokens of this
-        micro-batch: ``kl`` (NaN without ``ref_logprobs``), ``clip_ratio/low_mean``,
-        ``clip_ratio/high_mean``, ``clip_ratio/region_mean`` (for ``cispo``: the capped fraction,
-        reported as high and region; 0 for ``sapo``) and ``entropy`` (NaN without ``entropy``).
-        Token-weighted at sequence level too (TRL logs GSPO clip ratios per sequence). Gradient
-        accumulation scaling is left to the caller.
+        and a dict of detached 0-d float32 tensors (``metric_names(loss_type)``), token-weighted
+        means over the masked tokens of this micro-batch: ``kl`` (NaN without ``ref_logprobs``),
+        ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean`` (for ``cispo``:
+        the capped fraction, reported as high and region; 0 for ``sapo``/``vespo``), ``entropy``
+        (NaN without ``entropy``); ``pg_clipfrac_lower`` for the clip loss types (dual clip) and
+        ``vespo/phi_seq_mean`` (a mean over completions) for ``vespo``. Gradient accumulation
+        scaling is left to the caller.
 
     Raises:
-        ValueError / TypeError, before any launch, for bad shapes, dtypes, devices or a combination
-        that makes no sense (sequence level with cispo/sapo, dr_grpo without max_completion_length,
-        beta != 0 without ref_logprobs, an unknown loss_type or option; ``vespo`` is not supported).
+        ValueError / TypeError naming the argument, before any launch, for bad shapes, dtypes,
+        devices, options or combinations; and, from the values (one host sync), for a completion
+        mask that is NaN or outside [0, 1]... see ``docs/semantics.md`` ("Error policy").
     """
-    del temperature  # log-probs are already temperature-scaled
+    _check_temperature(temperature)
     check_tensor("logprobs", logprobs, dtypes=FLOAT_DTYPES, ndim=2)
     cfg, tensors = prepare_loss_inputs(
         logprobs.shape, logprobs.device, completion_mask, advantages, old_logprobs=old_logprobs,
@@ -778,6 +1303,13 @@ def grpo_loss(
         sampling_logprobs=sampling_logprobs, **options)
     backend = resolve_backend(logprobs.device, backend)
     return grpo_loss_prepared(logprobs, entropy, cfg, tensors, backend)
+
+
+def _check_temperature(temperature):
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
 
 
 def grpo_loss_prepared(logprobs, entropy, cfg, tensors, backend):
@@ -798,7 +1330,8 @@ def grpo_loss_prepared(logprobs, entropy, cfg, tensors, backend):
     else:
         tensors["entropy_threshold"] = torch.full((1,), float("-inf"), device=logp32.device, dtype=torch.float32)
     loss, metrics = _GRPOLossFunction.apply(logp32, entropy32, cfg, tensors, backend)
-    return loss, dict(zip(METRIC_NAMES, metrics.unbind(0)))
+    everything = dict(zip(METRIC_NAMES, metrics.unbind(0)))
+    return loss, {name: everything[name] for name in metric_names(cfg.loss_type)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -807,16 +1340,28 @@ def grpo_loss_prepared(logprobs, entropy, cfg, tensors, backend):
 
 
 def _switch_combinations():
-    """Every (FAMILY, SEQ_LEVEL, PER_SEQ_NORM, OFF_POLICY) that ``_kernel_switches`` can return."""
-    combos = set()
-    for loss_type in LOSS_TYPES:
+    """A covering set of ``_kernel_switches`` results: every policy x ratio level x row norm x
+    off-policy mask on the default KL estimator, then every KL estimator once (the estimator is a
+    leaf of ``_token_loss`` and shares no code with the switches it is not combined with)."""
+    combos = {}
+
+    def add(switches):
+        combos[tuple((k, id(v) if callable(v) else v) for k, v in switches.items())] = switches
+
+    for spec in LOSS_TYPES_TABLE.values():
+        policy = POLICIES[spec.policy]
         for level in IMPORTANCE_SAMPLING_LEVELS:
-            if level == "sequence" and loss_type in ("cispo", "sapo"):
+            if level == "sequence" and not spec.sequence_level:
                 continue
-            for off_policy in (False, True):
-                family = _FAMILY[loss_type]
-                combos.add((family, level == "sequence", loss_type in ("grpo", "sapo"), off_policy))
-    return sorted(combos)
+            for row_norm in sorted({agg.row_norm for agg in AGGREGATIONS.values()}):
+                for off_policy in (False, True):
+                    add({"POLICY": policy.jit, "KL": _kl_trl_k3,
+                         "ROW_LOG_RATIO": _ROW_LOG_RATIO_MEAN if level == "sequence" else policy.row_log_ratio,
+                         "FOLDS_IS_RATIO": policy.folds_is_ratio, "ROW_NORM": row_norm, "OFF_POLICY": off_policy})
+    for jit, _ in KL_ESTIMATORS.values():
+        add({"POLICY": _policy_clip, "KL": jit, "ROW_LOG_RATIO": _ROW_LOG_RATIO_NONE, "FOLDS_IS_RATIO": False,
+             "ROW_NORM": 0, "OFF_POLICY": False})
+    return list(combos.values())
 
 
 def sm90_compile_specs() -> list[CompileSpec]:
@@ -828,20 +1373,22 @@ def sm90_compile_specs() -> list[CompileSpec]:
     signature.update({name: "i32" for name in (
         "B", "T", "stride_logp", "stride_old", "stride_ref", "stride_sampling", "stride_mask",
         "stride_adv_b", "stride_adv_t", "stride_ent_b", "stride_ent_t", "stride_is_b", "stride_is_t")})
-    signature.update({name: "fp32" for name in ("eps_low", "eps_high", "delta", "beta")})
+    signature.update({name: "fp32" for name in ("p0", "p1", "p2", "p3", "beta")})
     signature["bias_kl"] = "i32"
-    signature.update({name: "fp32" for name in ("tau_pos", "tau_neg", "is_clip_min", "is_clip_max")})
+    signature.update({name: "fp32" for name in ("log_ratio_bound", "is_clip_min", "is_clip_max")})
     signature["is_mask_mode"] = "i32"
     signature["off_policy_threshold"] = "fp32"
     signature["write_grad_entropy"] = "i32"
     specs = []
-    for family, seq_level, per_seq_norm, off_policy in _switch_combinations():
-        constexprs = {"FAMILY": family, "SEQ_LEVEL": seq_level, "PER_SEQ_NORM": per_seq_norm,
-                      "OFF_POLICY": off_policy, "BLOCK_B": _BLOCK_B, "BLOCK_T": _BLOCK_T}
-        for mask_ty in _KERNEL_MASK_DTYPES.values():
+    for switches in _switch_combinations():
+        constexprs = dict(switches, BLOCK_B=_BLOCK_B, BLOCK_T=_BLOCK_T)
+        label = ",".join(f"{k.lower()}={v.fn.__name__ if callable(v) else v}" for k, v in switches.items())
+        # the mask dtype does not interact with the loss type: every dtype once, on the default switches
+        first_of_policy = switches["ROW_NORM"] == 0 and not switches["OFF_POLICY"] and switches["KL"] is _kl_trl_k3
+        mask_types = _KERNEL_MASK_DTYPES.values() if first_of_policy else ("fp32",)
+        for mask_ty in mask_types:
             specs.append(CompileSpec(
-                name=(f"grpo_loss[family={family},seq={seq_level},seqnorm={per_seq_norm},"
-                      f"offpolicy={off_policy},mask={mask_ty}]"),
+                name=f"grpo_loss[{label},mask={mask_ty}]",
                 kernel=_grpo_loss_kernel,
                 signature={**signature, "Mask": f"*{mask_ty}", **{name: "constexpr" for name in constexprs}},
                 constexprs=constexprs,
@@ -849,3 +1396,28 @@ def sm90_compile_specs() -> list[CompileSpec]:
                 num_stages=_NUM_STAGES,
             ))
     return specs
+
+
+DOCS_BEGIN = "<!-- options table: generated by `python -m grpo_kernels.ops.grpo_loss --write-docs` -->"
+DOCS_END = "<!-- end of generated options table -->"
+
+
+def docs_in_sync(path, *, write=False) -> bool:
+    """Whether ``path`` (docs/semantics.md) holds ``options_markdown()`` between the markers;
+    with ``write``, make it so."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    begin, end = text.index(DOCS_BEGIN) + len(DOCS_BEGIN), text.index(DOCS_END)
+    wanted = text[:begin] + "\n\n" + options_markdown() + "\n" + text[end:]
+    if write and wanted != text:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(wanted)
+    return wanted == text
+
+
+if __name__ == "__main__":  # python -m grpo_kernels.ops.grpo_loss --write-docs
+    import os
+    import sys
+
+    docs = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "semantics.md")
+    sys.exit(0 if docs_in_sync(docs, write="--write-docs" in sys.argv) else 1)
