@@ -214,6 +214,13 @@ def grpo_loss_reference(
     top_entropy_quantile=1.0,
     sampling_logprobs=None,
     off_policy_mask_threshold=None,
+    cispo_ratio_min=0.0,
+    kl_cov_ratio=2e-4,
+    ppo_kl_coef=1.0,
+    clip_cov_ratio=2e-4,
+    clip_cov_lb=1.0,
+    clip_cov_ub=5.0,
+    generator=None,
     world_size=1,
 ):
     """TRL 1.16 ``GRPOTrainer._compute_loss`` (and verl 0.9.1's variants) in float64, every intermediate materialized.
@@ -269,8 +276,9 @@ def grpo_loss_reference(
             per_token_kl = per_token_kl * coef_1
 
     phi_seq = None
+    verl_flags = None
     if loss_type == "cispo":
-        clamped = torch.clamp(coef_1, max=eps_high).detach()
+        clamped = torch.clamp(coef_1, min=cispo_ratio_min, max=eps_high).detach()
         per_token_loss = -clamped * adv * logp
     elif loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
         coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + eps_high)
@@ -298,6 +306,11 @@ def grpo_loss_reference(
             lam = torch.where(nonneg, vespo_lambda_pos, vespo_lambda_neg).double().clamp(min=1e-4)
             phi_seq = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
         per_token_loss = -phi_seq * adv * logp
+    elif loss_type in VERL_LOSS_TYPES:
+        per_token_loss, verl_flags = verl_policy_reference(
+            loss_type, logp, old, adv, completion_mask, epsilon_low=epsilon_low, epsilon_high=eps_high,
+            clip_ratio_c=clip_ratio_c, kl_cov_ratio=kl_cov_ratio, ppo_kl_coef=ppo_kl_coef,
+            clip_cov_ratio=clip_cov_ratio, clip_cov_lb=clip_cov_lb, clip_cov_ub=clip_cov_ub, generator=generator)
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")
 
@@ -315,7 +328,12 @@ def grpo_loss_reference(
     per_token_loss = per_token_loss.expand(B, T)
 
     tokens_per_row = mask.sum(-1)
-    if loss_agg_mode is not None:
+    if loss_agg_mode is None and loss_type in ("dppo_tv", "dppo_kl", "kl_cov", "clip_cov"):
+        loss_agg_mode = "token-mean"  # verl's default
+    if loss_agg_mode is None and loss_type == "geo_mean":
+        # GMPO: the mean over all B rows of -A_i rho_i, A_i = sum_t m A_t / (sum_t m + 1e-8)
+        loss = ((per_token_loss * mask).sum(-1) / (tokens_per_row + 1e-8)).mean()
+    elif loss_agg_mode is not None:
         # verl's agg_loss (an empty micro-batch gives 0 here, NaN in verl)
         rows_with_tokens = (tokens_per_row > 0).double().sum()
         sequences = rows_with_tokens.clamp(min=1.0) if global_batch_size is None else float(global_batch_size)
@@ -364,6 +382,8 @@ def grpo_loss_reference(
     elif loss_type == "cispo":
         is_low = no_flag
         is_high = (coef_1 > eps_high) & (adv_bt > 0)
+    elif verl_flags is not None:
+        is_low, is_high = verl_flags["low"], verl_flags["high"]
     else:
         is_low = is_high = no_flag
     metrics = {
@@ -377,6 +397,10 @@ def grpo_loss_reference(
         metrics["pg_clipfrac_lower"] = masked_mean(clipped_lower) if clip_ratio_c is not None else masked_mean(no_flag)
     if loss_type == "vespo":
         metrics["vespo/phi_seq_mean"] = phi_seq.mean()  # TRL: a mean over completions
+    if loss_type in ("dppo_tv", "dppo_kl"):
+        metrics["pg_clipfrac_lower"] = masked_mean(verl_flags["lower"])
+    if loss_type in ("kl_cov", "clip_cov"):
+        metrics["cov/selected_mean"] = masked_mean(verl_flags["selected"])
     return loss, metrics
 
 
@@ -429,6 +453,9 @@ def covariance_selection_reference(kind, logprobs, advantages, completion_mask, 
     return selected
 
 
+VERL_LOSS_TYPES = ("geo_mean", "dppo_tv", "dppo_kl", "kl_cov", "clip_cov")
+
+
 def verl_policy_reference(loss_type, logprobs, old_logprobs, advantages, completion_mask, *, epsilon_low=0.2,
                           epsilon_high=None, clip_ratio_c=None, kl_cov_ratio=2e-4, ppo_kl_coef=1.0,
                           clip_cov_ratio=2e-4, clip_cov_lb=1.0, clip_cov_ub=5.0, generator=None):
@@ -437,7 +464,8 @@ def verl_policy_reference(loss_type, logprobs, old_logprobs, advantages, complet
 
     For ``geo_mean`` the per-token loss is -A_t rho_i (rho_i the row's clipped geometric-mean ratio):
     averaged per row with sum_t m / (sum_t m + 1e-8) and then over rows it is GMPO's loss. Flags:
-    ``low``/``high``/``lower`` ``[B, T]`` bool, as the metrics count them.
+    ``low``/``high`` (clip_ratio/*), ``lower`` (DPPO's pg_clipfrac_lower) and ``selected`` (KL-Cov /
+    Clip-Cov's covariance-selected tokens), ``[B, T]`` bool.
     """
     logp = logprobs.double()
     B, T = logp.shape
@@ -454,7 +482,7 @@ def verl_policy_reference(loss_type, logprobs, old_logprobs, advantages, complet
         n = mask.sum(-1, keepdim=True)
         rho = torch.exp((g * mask).sum(-1, keepdim=True) / (n + 1e-8))
         clipped = l.detach() != c.detach()
-        return -adv * rho, {"low": clipped & (adv < 0), "high": clipped & (adv > 0), "lower": none}
+        return -adv * rho, {"low": clipped & (adv < 0), "high": clipped & (adv > 0)}
     if loss_type in ("dppo_tv", "dppo_kl"):
         cap = 20.0 if clip_ratio_c is None else clip_ratio_c
         r = torch.exp(torch.clamp(l.detach(), -20.0, 20.0))
@@ -472,12 +500,14 @@ def verl_policy_reference(loss_type, logprobs, old_logprobs, advantages, complet
         selected = covariance_selection_reference("kl_cov", logprobs, advantages, completion_mask,
                                                   ratio=kl_cov_ratio)
         loss = -adv * torch.exp(l) + selected.double() * ppo_kl_coef * l.abs()
-        return loss, {"low": none, "high": selected, "lower": none}
+        return loss, {"low": none, "high": none, "selected": selected}
     if loss_type == "clip_cov":
         selected = covariance_selection_reference(
             "clip_cov", logprobs, advantages, completion_mask, old_logprobs=old_logprobs, epsilon_low=epsilon_low,
             epsilon_high=eps_high, ratio=clip_cov_ratio, lb=clip_cov_lb, ub=clip_cov_ub, generator=generator)
         r = torch.exp(l)
         loss = torch.maximum(-adv * r, -adv * torch.clamp(r, 1 - epsilon_low, 1 + eps_high))
-        return loss * (~selected).double(), {"low": none, "high": selected, "lower": none}
+        low = (r.detach() < 1 - epsilon_low) & (adv < 0)
+        high = (r.detach() > 1 + eps_high) & (adv > 0)
+        return loss * (~selected).double(), {"low": low, "high": high, "selected": selected}
     raise ValueError(f"unknown verl loss type {loss_type!r}")
