@@ -210,6 +210,14 @@ def _cispo_metrics(out, l, mask, config):
             "actor/pg_clipfrac_lower": 0.0}
 
 
+def _kl_cov_metrics(out, l, mask, config):
+    return {"actor/ppo_kl": _masked_mean(l.abs(), mask)}
+
+
+def _clip_cov_metrics(out, l, mask, config):
+    return {"actor/pg_clipfrac": float(out["cov/selected_mean"]), "actor/ppo_kl": _ppo_kl(l, mask)}
+
+
 def _dppo_options(config):
     return {**_clip_range(config), "clip_ratio_c": float(_field(config, "clip_ratio_c", 20.0))}
 
@@ -230,6 +238,13 @@ VERL_POLICY_LOSSES = {
         aggregation=None, sequence_is_weights=True),
     "dppo_tv": VerlPolicyLoss("dppo_tv", _dppo_options, _clip_metrics("clip_ratio/region_mean", "pg_clipfrac_lower", 20.0)),
     "dppo_kl": VerlPolicyLoss("dppo_kl", _dppo_options, _clip_metrics("clip_ratio/region_mean", "pg_clipfrac_lower", 20.0)),
+    "kl_cov": VerlPolicyLoss(
+        "kl_cov", lambda c: {"kl_cov_ratio": float(_policy_loss_field(c, "kl_cov_ratio", 2e-4)),
+                             "ppo_kl_coef": float(_policy_loss_field(c, "ppo_kl_coef", 1.0))}, _kl_cov_metrics),
+    "clip_cov": VerlPolicyLoss(
+        "clip_cov", lambda c: {**_clip_range(c), "clip_cov_ratio": float(_policy_loss_field(c, "clip_cov_ratio", 2e-4)),
+                               "clip_cov_lb": float(_policy_loss_field(c, "clip_cov_lb", 1.0)),
+                               "clip_cov_ub": float(_policy_loss_field(c, "clip_cov_ub", 5.0))}, _clip_cov_metrics),
 }
 
 
@@ -259,7 +274,7 @@ def policy_loss(name: str, *, backend: str = "auto", generator: torch.Generator 
         options = dict(spec.options(config), loss_type=spec.loss_type)
         if spec.sequence_ratio:
             options["importance_sampling_level"] = "sequence"
-        if "generator" in options or spec.loss_type == "clip_cov":
+        if spec.loss_type == "clip_cov":
             options["generator"] = generator
         if spec.aggregation is not None:
             options["loss_agg_mode"] = loss_agg_mode if spec.aggregation == "given" else spec.aggregation
