@@ -8,13 +8,14 @@ Public API::
                      keep_mask=None)                        # -> GroupAdvantages
     gfpo_keep_mask(scores, group_size, k)                   # GFPO: top-k per group
     grpo_loss(logprobs, completion_mask, advantages, ...)   # loss from [B, T] log-probs
+    validate_loss_options(**options)                        # check loss options, no tensors
     fused_linear_grpo_loss(hidden, lm_head_weight, completion_ids, completion_mask, advantages, ...)
     FusedLinearGRPOLoss(...)                                # drop-in for LigerFusedLinearGRPOLoss
 """
 
 from grpo_kernels.ops.logprobs import token_logprobs
 from grpo_kernels.ops.advantages import GroupAdvantages, gfpo_keep_mask, group_advantages
-from grpo_kernels.ops.grpo_loss import grpo_loss
+from grpo_kernels.ops.grpo_loss import grpo_loss, validate_loss_options
 from grpo_kernels.ops.fused_linear_grpo import fused_linear_grpo_loss
 from grpo_kernels.nn import FusedLinearGRPOLoss
 
@@ -24,6 +25,7 @@ __all__ = [
     "group_advantages",
     "gfpo_keep_mask",
     "grpo_loss",
+    "validate_loss_options",
     "fused_linear_grpo_loss",
     "FusedLinearGRPOLoss",
 ]

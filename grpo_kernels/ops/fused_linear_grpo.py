@@ -11,11 +11,28 @@ from __future__ import annotations
 
 import torch
 
-from grpo_kernels.ops.grpo_loss import grpo_loss_prepared, prepare_loss_inputs
+from grpo_kernels.ops.grpo_loss import _check_temperature, grpo_loss_prepared, prepare_loss_inputs
 from grpo_kernels.ops.logprobs import token_logprobs
 from grpo_kernels.ops.utils import INDEX_DTYPES, check_tensor, resolve_backend
 
 _IGNORE_INDEX = -100
+
+
+def completion_targets(completion_ids: torch.Tensor, completion_mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``[B, T]`` log-prob targets: the completion ids, ``ignore_index`` where the mask is 0.
+
+    Every id under a non-zero mask must be in ``[0, vocab_size)``: the internal ignore index
+    (-100) among them would silently get log-prob 0 while counting as a token, and any other
+    out-of-range id would be reported by the log-prob kernel under its internal names. One host sync.
+    """
+    active = completion_mask != 0
+    bad = active & ((completion_ids < 0) | (completion_ids >= vocab_size))
+    if bool(bad.any()):
+        first = completion_ids[bad].flatten()[0].item()
+        raise ValueError(f"completion_ids holds {int(bad.sum())} id(s) outside [0, {vocab_size}) under a non-zero "
+                         f"completion_mask, e.g. {first} (the vocabulary is lm_head_weight.shape[0] = {vocab_size}; "
+                         "ids under mask 0 are never read)")
+    return completion_ids.masked_fill(~active, _IGNORE_INDEX)
 
 
 def fused_linear_grpo_loss(
@@ -60,7 +77,9 @@ def fused_linear_grpo_loss(
         log-prob kernel's forward for the ``entropy`` metric (a few flops per logit, no extra pass);
         its backward only runs when ``entropy_coef != 0``.
     """
+    _check_temperature(temperature)
     check_tensor("hidden", hidden, ndim=3)
+    check_tensor("lm_head_weight", lm_head_weight, ndim=2)
     check_tensor("completion_ids", completion_ids, dtypes=INDEX_DTYPES, ndim=2)
     if tuple(completion_ids.shape) != tuple(hidden.shape[:2]):
         raise ValueError(f"completion_ids shape {tuple(completion_ids.shape)} must be hidden's [B, T] = "
@@ -75,7 +94,7 @@ def fused_linear_grpo_loss(
         ref_logprobs=ref_logprobs, will_have_entropy=True, **options)
     loss_backend = resolve_backend(hidden.device, backend)
 
-    targets = completion_ids.masked_fill(completion_mask == 0, _IGNORE_INDEX)
+    targets = completion_targets(completion_ids, completion_mask, lm_head_weight.shape[0])
     logprobs, entropy = token_logprobs(
         hidden, lm_head_weight, targets, bias=bias, temperature=temperature, ignore_index=_IGNORE_INDEX,
         return_entropy=True, filter_eps=filter_eps, exact=exact, backend=backend)

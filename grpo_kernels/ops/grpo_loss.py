@@ -1269,9 +1269,35 @@ def covariance_selection(cfg, logp, t) -> torch.Tensor:
     return selected.view(B, T)
 
 
+def _check_values(cfg, tensors) -> None:
+    """What only the values can tell, in one host sync (nothing to sync for integer masks and no
+    tensor counts): a NaN/inf/negative float mask, a negative or NaN rollout IS ratio, a NaN or
+    non-positive tensor count. Each would give a NaN or silently wrong loss."""
+    checks = []
+    mask = tensors["mask"]
+    if mask.dtype.is_floating_point:
+        checks.append(("completion_mask must be finite and >= 0 (0 marks padding)",
+                       ~(torch.isfinite(mask) & (mask >= 0)).all()))
+    if tensors["is_ratio"] is not None:
+        checks.append(("rollout_is_ratio must be >= 0 and not NaN (an importance-sampling ratio)",
+                       ~(tensors["is_ratio"] >= 0).all()))
+    for name in ("num_items_in_batch", "batch_num_tokens", "global_batch_size"):
+        value = getattr(cfg, name)
+        if isinstance(value, torch.Tensor):
+            checks.append((f"{name} must be finite and > 0 (a count)",
+                           ~(torch.isfinite(value.float()) & (value > 0)).all()))
+    if not checks:
+        return
+    failed = torch.stack([flag for _, flag in checks]).tolist()
+    for (message, _), bad in zip(checks, failed):
+        if bad:
+            raise ValueError(message)
+
+
 class _GRPOLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logp, entropy, cfg, tensors, backend):
+        _check_values(cfg, tensors)
         if cfg.policy.token_selection is not None:
             tensors = dict(tensors, token_value=covariance_selection(cfg, logp, tensors))
         row_stats, grad_logp, grad_entropy = _ROW_PASS[backend](cfg, tensors)
