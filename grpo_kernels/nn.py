@@ -29,16 +29,16 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             them from ``ref_input``/``ref_weight``/``ref_bias`` under ``no_grad``.
         chunk_size: accepted for compatibility, no effect (memory is O(B*T) at any batch size).
         epsilon_low, epsilon_high: clip range ``[1 - epsilon_low, 1 + epsilon_high]`` (cispo: the cap).
-        loss_type: ``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``cispo``, ``sapo`` or ``luspo``.
-            ``vespo`` raises ``ValueError`` (not implemented here).
+        loss_type: ``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``cispo``, ``sapo``, ``luspo`` or ``vespo``.
         max_completion_length: required by ``dr_grpo``.
         importance_sampling_level: ``"token"`` or ``"sequence"`` (GSPO).
         sapo_temperature_pos, sapo_temperature_neg: SAPO temperatures (> 0).
         temperature: logits are divided by it before the softmax.
         delta: two-sided clipping bound (> 0), or ``None``.
         use_bias_correction_kl: multiply the KL by the importance ratio.
-        vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: accepted for signature
-            compatibility; only used by ``vespo``, which is rejected.
+        vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's gamma-weight shape and
+            rate for non-negative / negative advantages (used by ``vespo`` only; ``vllm_is_ratio`` then
+            enters the sequence weight instead of multiplying the loss, as in Liger and TRL).
 
     Differences from Liger 0.8.5, all in favour of TRL 1.16's math: ``luspo`` at token level (or with
     a KL term) aggregates ``sum_t m L / B`` as TRL does (Liger sums unmasked tokens), and with
@@ -73,10 +73,10 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             raise ValueError(f"sapo_temperature_neg must be positive, got {sapo_temperature_neg}")
         if delta is not None and delta <= 0:
             raise ValueError(f"delta must be positive, got {delta}")
-        if loss_type == "vespo":
+        if importance_sampling_level == "sequence" and loss_type in ("cispo", "sapo", "vespo"):
             raise ValueError(
-                "loss_type='vespo' is not supported by grpo_kernels.FusedLinearGRPOLoss; use "
-                "liger_kernel's LigerFusedLinearGRPOLoss for VESPO")
+                f"Sequence-level importance sampling is not supported for loss_type='{loss_type}'. "
+                "Use importance_sampling_level='token' instead.")
         self.beta = beta
         self.compiled = compiled
         self.use_ref_model = use_ref_model
@@ -155,20 +155,30 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             loss_type=self.loss_type,
             epsilon_low=self.epsilon_low,
             epsilon_high=self.epsilon_high,
-            delta=self.delta,
             importance_sampling_level=self.importance_sampling_level,
             max_completion_length=self.max_completion_length,
             num_items_in_batch=num_items_in_batch,
             rollout_is_ratio=vllm_is_ratio,
-            sapo_temperature_pos=self.sapo_temperature_pos,
-            sapo_temperature_neg=self.sapo_temperature_neg,
             use_bias_correction_kl=self.use_bias_correction_kl,
+            **self._type_specific_options(),
         )
         outputs = []
         if self.beta != 0.0:
             outputs.append(metrics["kl"] if ref_logprobs is not None else torch.zeros_like(loss).detach())
         outputs.append(metrics["clip_ratio/region_mean"])
         return loss, tuple(outputs)
+
+    def _type_specific_options(self) -> dict:
+        # Liger keeps every loss type's options on the module and ignores those of other types;
+        # grpo_loss refuses an option its loss type would ignore, so pass only the ones it reads.
+        if self.loss_type == "sapo":
+            return dict(sapo_temperature_pos=self.sapo_temperature_pos, sapo_temperature_neg=self.sapo_temperature_neg)
+        if self.loss_type == "vespo":
+            return dict(vespo_k_pos=self.vespo_k_pos, vespo_lambda_pos=self.vespo_lambda_pos,
+                        vespo_k_neg=self.vespo_k_neg, vespo_lambda_neg=self.vespo_lambda_neg)
+        if self.loss_type in ("cispo",):
+            return {}
+        return dict(delta=self.delta)
 
     @staticmethod
     def _as_batch_time(hidden, name, batch, seq_len):

@@ -418,7 +418,8 @@ def covariance_selection_reference(kind, logprobs, advantages, completion_mask, 
     masked_mean, sum / (n + 1e-8)). ``"kl_cov"``: the top max(1, floor(ratio * n)) tokens by cov.
     ``"clip_cov"``: among masked tokens not already clipped (-A clip(r) > -A r) with lb < cov < ub,
     max(1, floor(ratio * sum m)) drawn uniformly without replacement: ``torch.randperm`` over the
-    candidates in row-major order, on ``generator`` (None: torch's global CPU generator, as verl).
+    candidates in row-major order, on torch's global CPU generator (verl), or on a CPU generator
+    seeded by a 63-bit seed drawn from ``generator``.
     Returns a ``[B, T]`` bool tensor.
     """
     logp = logprobs.detach().double()
@@ -446,8 +447,10 @@ def covariance_selection_reference(kind, logprobs, advantages, completion_mask, 
     candidates = torch.nonzero((cov < ub) & (cov > lb) & valid & ~clipped)
     count = max(int(ratio * float(m.sum())), 1)
     if len(candidates) > 0:
-        device = generator.device if generator is not None else torch.device("cpu")
-        order = torch.randperm(len(candidates), generator=generator, device=device).cpu()
+        if generator is not None:  # grpo_kernels' convention: a 63-bit seed drawn from it seeds a CPU draw
+            seed = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
+            generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(candidates), generator=generator)
         chosen = candidates[order[: min(count, len(candidates))]]
         selected[chosen[:, 0], chosen[:, 1]] = True
     return selected

@@ -228,6 +228,8 @@ LOSS_CASES = {
     "bnpo-small-delta": dict(loss_type="bnpo", epsilon_high=0.3, delta=1.1, old=True),
     # every row clipped low (stale, much likelier old policy and negative advantages): clip_ratio/low_min > 0
     "dapo-all-clipped-low": dict(loss_type="dapo", old=True, old_shift=1.0, negative_advantages=True),
+    "vespo-vllm-token-is": dict(loss_type="vespo", is_ratio="token", old=True, beta=0.04, entropy_coef=0.02),
+    "vespo-on-policy": dict(loss_type="vespo", steps_per_generation=4),
 }
 
 # What a case sets on the trainer, and on its args, with GRPOConfig's defaults otherwise.
@@ -414,7 +416,8 @@ def test_fused_lm_head_matches_trl(precision, shifted):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(loss_type="vespo"), "loss_type='vespo' is not implemented"),
+    (dict(loss_type="vespo", importance_sampling_level="sequence"), "importance_sampling_level='sequence' with"),
+    (dict(loss_type="grpo", epsilon=-0.1), "epsilon_low must be >= 0"),
     (dict(loss_type="cispo", importance_sampling_level="sequence"), "importance_sampling_level='sequence' with"),
     (dict(loss_type="sapo", importance_sampling_level="sequence"), "importance_sampling_level='sequence' with"),
 ])

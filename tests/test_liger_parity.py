@@ -91,7 +91,8 @@ def test_defaults():
 
 PARITY_CASES = [
     # (loss_type, importance_sampling_level, beta)
-    *[(lt, "token", beta) for lt in ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo") for beta in (0.0, 0.04)],
+    *[(lt, "token", beta) for lt in ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "vespo")
+      for beta in (0.0, 0.04)],
     *[(lt, "sequence", beta) for lt in ("grpo", "bnpo", "dr_grpo", "dapo") for beta in (0.0, 0.04)],
     # Liger's luspo matches TRL only at sequence level without KL (see FusedLinearGRPOLoss's docstring)
     ("luspo", "sequence", 0.0),
@@ -124,8 +125,14 @@ def test_loss_types(loss_type, level, beta):
     (dict(loss_type="dapo"), {"ref_per_token_logps": "ref", "old_per_token_logps": "old", "num_items_in_batch": 40}),
     (dict(loss_type="cispo", epsilon_high=5.0, beta=0.0, use_ref_model=False),
      {"old_per_token_logps": "old", "num_items_in_batch": torch.tensor(23)}),
+    (dict(loss_type="vespo", vespo_k_pos=1.0, vespo_lambda_pos=0.5, vespo_k_neg=4.0, vespo_lambda_neg=1.5),
+     {"old_per_token_logps": "old", "ref_per_token_logps": "ref"}),
+    (dict(loss_type="vespo"), {"old_per_token_logps": "old", "ref_per_token_logps": "ref",
+                               "vllm_is_ratio": torch.exp(0.1 * torch.randn(B, T))}),
+    (dict(loss_type="vespo", beta=0.0, use_ref_model=False), {"old_per_token_logps": "old",
+                                                              "vllm_is_ratio": torch.exp(0.3 * torch.randn(B, 1))}),
 ], ids=["delta", "bias_kl", "bias_kl_seq", "no_ref_model", "no_old", "sapo_temps", "is_token", "is_row1",
-        "is_row", "num_items", "num_items_cispo"])
+        "is_row", "num_items", "num_items_cispo", "vespo_params", "vespo_is_token", "vespo_is_row"])
 def test_options(module_kwargs, forward_kwargs):
     assert_parity(module_kwargs, forward_kwargs)
 
@@ -164,11 +171,11 @@ def test_flat_input_and_errors():
         module(inputs["hidden"], *args, ref_input=inputs["hidden"])
     with pytest.raises(ValueError, match="_input"):
         module(inputs["hidden"][:, :5], *args, **kw)
-    with pytest.raises(ValueError, match="vespo"):
-        FusedLinearGRPOLoss(loss_type="vespo")
+    with pytest.raises(ValueError, match="Sequence-level importance sampling is not supported"):
+        FusedLinearGRPOLoss(loss_type="vespo", importance_sampling_level="sequence")
     with pytest.raises(ValueError, match="delta"):
         FusedLinearGRPOLoss(delta=0.0)
-    with pytest.raises(ValueError, match="sequence"):
+    with pytest.raises(ValueError, match="Sequence-level importance sampling is not supported"):
         FusedLinearGRPOLoss(loss_type="cispo", importance_sampling_level="sequence")(inputs["hidden"], *args, **kw)
     with pytest.raises(ValueError, match="max_completion_length"):
         FusedLinearGRPOLoss(loss_type="dr_grpo")(inputs["hidden"], *args, **kw)

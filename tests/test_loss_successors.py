@@ -37,10 +37,15 @@ def long_batch(B=5, T=300):
     dict(loss_type="vespo"),
     dict(loss_type="vespo", beta=0.04, vespo_k_pos=1.5, vespo_lambda_pos=2.5, vespo_k_neg=2.0,
          vespo_lambda_neg=0.0),
+    dict(loss_type="vespo", rollout_is_ratio=(4, 1)),
+    dict(loss_type="vespo", rollout_is_ratio=(4, 7), rollout_is_mode="mask", rollout_is_clip_max=1.1),
     dict(loss_type="grpo", clip_ratio_c=1.5),
     dict(loss_type="bnpo", clip_ratio_c=3.0, importance_sampling_level="sequence", beta=0.04),
-], ids=["vespo", "vespo-options", "dual-clip", "dual-clip-gspo"])
+], ids=["vespo", "vespo-options", "vespo-is-row", "vespo-is-mask", "dual-clip", "dual-clip-gspo"])
 def test_new_loss_types_match_reference(backend, case):
+    case = dict(case)
+    if "rollout_is_ratio" in case:
+        case["rollout_is_ratio"] = torch.exp(0.1 * torch.randn(*case["rollout_is_ratio"]))
     batch = make_batch()
     batch["mask"][3, 1], batch["adv"][3] = 1, -1.0
     # small ratios so that VESPO's weights are neither 0 nor saturated, big ones so dual clip bites
@@ -141,7 +146,7 @@ def test_vespo_matches_trl(backend, with_is, beta, params):
     assert_close(got[0], want_loss.detach(), "loss")
     assert_close(got[2], trl_logp.grad, "d loss / d logprobs")
     assert_close(got[1]["vespo/phi_seq_mean"], torch.tensor(want_metrics["vespo/phi_seq_mean"]), "phi metric")
-    assert 0.05 < got[1]["vespo/phi_seq_mean"] < 5, "weights degenerate: the case tests nothing"
+    assert 0.05 < got[1]["vespo/phi_seq_mean"] < 50, "weights degenerate: the case tests nothing"
 
 
 def test_vespo_phi_matches_trl_get_gamma_weights():
@@ -164,8 +169,6 @@ def test_vespo_refuses_what_it_cannot_weigh():
     batch = make_batch()
     with pytest.raises(ValueError, match="advantages must be"):
         gk.grpo_loss(batch["logp"], batch["mask"], torch.randn(4, 7), loss_type="vespo")
-    with pytest.raises(ValueError, match="per-sequence ratio"):
-        gk.grpo_loss(batch["logp"], batch["mask"], batch["adv"], loss_type="vespo", rollout_is_ratio=torch.ones(4))
     with pytest.raises(ValueError, match="vespo_k_pos is only used by loss_type vespo"):
         gk.grpo_loss(batch["logp"], batch["mask"], batch["adv"], loss_type="grpo", vespo_k_pos=1.0)
 

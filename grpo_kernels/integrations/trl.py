@@ -48,13 +48,17 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "grpo_kernels.integrations.trl needs TRL: pip install 'grpo-kernels[trl]' (trl>=1.16,<1.17)"
     ) from exc
 
+from grpo_kernels.ops.fused_linear_grpo import completion_targets
 from grpo_kernels.ops.grpo_loss import grpo_loss as grpo_loss_fn
+from grpo_kernels.ops.grpo_loss import validate_loss_options
 from grpo_kernels.ops.logprobs import token_logprobs
 
 __all__ = ["FusedGRPOTrainer", "check_grpo_config", "install_fused_lm_head", "SUPPORTED_TRL_VERSIONS"]
 
 SUPPORTED_TRL_VERSIONS = ">=1.16,<1.17"
-SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+# loss types TRL normalizes by num_items_in_batch (per accumulation window)
+_GLOBAL_TOKEN_MEAN_TYPES = ("dapo", "cispo", "vespo")
 _CLIP_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 # inputs TRL adds for vision-language models
 _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
@@ -72,15 +76,17 @@ def _check_trl_version() -> None:
 def check_grpo_config(args) -> None:
     """Raise ``ValueError`` for every ``GRPOConfig`` option whose math grpo-kernels does not implement.
 
-    Supported: loss_type grpo/bnpo/dr_grpo/dapo/cispo/sapo/luspo; importance_sampling_level
-    token/sequence (sequence not with cispo or sapo); epsilon, epsilon_high, delta; beta with a
+    Supported: loss_type grpo/bnpo/dr_grpo/dapo/cispo/sapo/luspo/vespo (with vespo_k_pos,
+    vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg); importance_sampling_level token/sequence
+    (sequence not with cispo, sapo or vespo); epsilon, epsilon_high, delta; beta with a
     reference model (use_bias_correction_kl on or off); temperature; top_entropy_quantile;
     entropy_coef and adaptive entropy control; off_policy_mask_threshold; the vLLM
     importance-sampling correction (all four modes); num_iterations, steps_per_generation and
     gradient accumulation (TRL's normalizers, including ``num_items_in_batch`` for dapo/cispo);
     sapo temperatures; cast_lm_head_to_fp32; PEFT; tool/environment masks (they only mask tokens).
-    Not supported: loss_type ``vespo``, sequence-level ratios with cispo/sapo, and entropy masking
-    (``top_entropy_quantile < 1``) on several processes.
+    Not supported: sequence-level ratios with cispo/sapo/vespo (TRL accepts vespo with a warning
+    and ignores the level for its weight), and entropy masking (``top_entropy_quantile < 1``) on
+    several processes.
     """
     problems = []
     if args.loss_type not in SUPPORTED_LOSS_TYPES:
@@ -89,7 +95,7 @@ def check_grpo_config(args) -> None:
             f"{', '.join(SUPPORTED_LOSS_TYPES)})")
     if args.importance_sampling_level not in ("token", "sequence"):
         problems.append(f"importance_sampling_level={args.importance_sampling_level!r} is unknown")
-    elif args.importance_sampling_level == "sequence" and args.loss_type in ("cispo", "sapo"):
+    elif args.importance_sampling_level == "sequence" and args.loss_type in ("cispo", "sapo", "vespo"):
         problems.append(
             f"importance_sampling_level='sequence' with loss_type={args.loss_type!r} is not supported "
             "(grpo-kernels defines sequence-level ratios for the clipped losses only)")
@@ -97,8 +103,37 @@ def check_grpo_config(args) -> None:
         problems.append(
             "top_entropy_quantile < 1 on several processes is not supported: TRL takes the entropy "
             "quantile over all ranks, grpo-kernels over the local micro-batch")
+    if not problems:
+        try:  # the loss options themselves (ranges, combinations), without any tensor
+            validate_loss_options(**_static_loss_options(args))
+        except (TypeError, ValueError) as exc:
+            problems.append(str(exc))
     if problems:
         raise ValueError("FusedGRPOTrainer cannot run this GRPOConfig:\n- " + "\n- ".join(problems))
+
+
+def _static_loss_options(args) -> dict:
+    """The grpo_loss options a GRPOConfig determines (those known before any batch)."""
+    options = dict(
+        beta=args.beta, loss_type=args.loss_type, epsilon_low=args.epsilon,
+        epsilon_high=args.epsilon_high if args.epsilon_high is not None else args.epsilon,
+        importance_sampling_level=args.importance_sampling_level,
+        max_completion_length=args.max_completion_length, use_bias_correction_kl=args.use_bias_correction_kl,
+        top_entropy_quantile=args.top_entropy_quantile, off_policy_mask_threshold=args.off_policy_mask_threshold)
+    options.update(_type_specific_options(args))
+    return options
+
+
+def _type_specific_options(args) -> dict:
+    """The options only one loss type reads (TRL keeps them all on the config and ignores the others)."""
+    if args.loss_type in _CLIP_LOSS_TYPES:
+        return dict(delta=args.delta)
+    if args.loss_type == "sapo":
+        return dict(sapo_temperature_pos=args.sapo_temperature_pos, sapo_temperature_neg=args.sapo_temperature_neg)
+    if args.loss_type == "vespo":
+        return dict(vespo_k_pos=args.vespo_k_pos, vespo_lambda_pos=args.vespo_lambda_pos,
+                    vespo_k_neg=args.vespo_k_neg, vespo_lambda_neg=args.vespo_lambda_neg)
+    return {}
 
 
 def _check_model(trainer) -> None:
@@ -197,7 +232,7 @@ def install_fused_lm_head(model, *, temperature: float = 1.0, cast_lm_head_to_fp
             # by the log-prob kernel (no forward or backward work), as in fused_linear_grpo_loss.
             num_completion = grpo_loss.completion_ids.shape[1]
             hidden = last_hidden[:, -num_completion - 1:-1]
-            targets = grpo_loss.completion_ids.masked_fill(grpo_loss.loss_mask == 0, -100)
+            targets = completion_targets(grpo_loss.completion_ids, grpo_loss.loss_mask, weight.shape[0])
         elif shift_labels is not None:
             hidden, targets = last_hidden, shift_labels
         else:
@@ -308,7 +343,7 @@ class FusedGRPOTrainer(GRPOTrainer):
         ref_logprobs = inputs["ref_per_token_logps"] if self.beta != 0.0 else None
         use_is_ratio = self.use_vllm and self.vllm_importance_sampling_correction
         num_items = None
-        if self.loss_type in ("dapo", "cispo"):
+        if self.loss_type in _GLOBAL_TOKEN_MEAN_TYPES:
             # TRL divides by num_items_in_batch / num_processes * accumulation / steps_per_generation
             # (num_items_in_batch spans the generation batch on all ranks); grpo_loss divides the
             # count it gets by the world size itself.
@@ -325,7 +360,7 @@ class FusedGRPOTrainer(GRPOTrainer):
                 entropy_coef = self.entropy_coef
         # TRL divides the entropy bonus by the accumulation steps for every loss type, the policy
         # term only for the loss types that do not normalize by num_items_in_batch.
-        per_window = self.loss_type in ("dapo", "cispo")
+        per_window = self.loss_type in _GLOBAL_TOKEN_MEAN_TYPES
         kernel_entropy_coef = entropy_coef / accumulation if per_window else entropy_coef
 
         options = dict(
@@ -333,20 +368,19 @@ class FusedGRPOTrainer(GRPOTrainer):
             loss_type=self.loss_type,
             epsilon_low=self.epsilon_low,
             epsilon_high=self.epsilon_high,
-            delta=self.args.delta if self.loss_type in _CLIP_LOSS_TYPES else None,
             importance_sampling_level=self.importance_sampling_level,
             max_completion_length=self.max_completion_length,
             num_items_in_batch=num_items,
-            # TRL has already truncated or masked the ratio ("none" mode: used as given)
+            # TRL has already truncated or masked the ratio ("none" mode: used as given); vespo
+            # folds it into its sequence weight
             rollout_is_ratio=inputs["importance_sampling_ratio"] if use_is_ratio else None,
-            sapo_temperature_pos=self.args.sapo_temperature_pos,
-            sapo_temperature_neg=self.args.sapo_temperature_neg,
             use_bias_correction_kl=self.args.use_bias_correction_kl,
             entropy_coef=kernel_entropy_coef,
             top_entropy_quantile=self.top_entropy_quantile,
             off_policy_mask_threshold=self.off_policy_mask_threshold,
             sampling_logprobs=(inputs.get("sampling_per_token_logps")
                                if self.off_policy_mask_threshold is not None else None),
+            **_type_specific_options(self.args),
         )
         request = _GRPOLossRequest(completion_ids=completion_ids, loss_mask=mask, advantages=advantages,
                                    old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, options=options)
@@ -377,7 +411,7 @@ class FusedGRPOTrainer(GRPOTrainer):
             self._metrics[mode]["aux_loss"].append(
                 self.accelerator.gather_for_metrics(outputs.aux_loss.detach()).mean().item())
         self._log_policy_metrics(mode, mask, advantages, outputs.log_probs, outputs.entropy, old_logprobs,
-                                 ref_logprobs)
+                                 ref_logprobs, inputs.get("importance_sampling_ratio") if use_is_ratio else None)
         return loss
 
     def _update_entropy_control(self, mode, policy_loss, entropies, mask, entropy_mask):
@@ -402,7 +436,8 @@ class FusedGRPOTrainer(GRPOTrainer):
         if mode == "train" and self.accelerator.sync_gradients:
             self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
 
-    def _log_policy_metrics(self, mode, mask, advantages, per_token_logps, entropies, old_logprobs, ref_logprobs):
+    def _log_policy_metrics(self, mode, mask, advantages, per_token_logps, entropies, old_logprobs, ref_logprobs,
+                            is_ratio=None):
         """TRL's ``kl``, ``entropy`` and clip-ratio metrics, same names and reductions.
 
         From the detached per-token log-probs and entropies of the loss's own forward: no extra
@@ -452,3 +487,11 @@ class FusedGRPOTrainer(GRPOTrainer):
         elif self.loss_type == "cispo":
             is_cispo_clipped = (coef_1 > self.epsilon_high) & (advantages > 0)
             self._metrics[mode]["cispo_clip_ratio"].append(global_masked_mean(is_cispo_clipped.float()))
+        elif self.loss_type == "vespo":
+            # TRL's own weight function on the detached log-probs of the loss's forward
+            phi_seq = self.get_gamma_weights(
+                advantages=advantages, log_ratio_per_token=per_token_logps - old, mask=mask,
+                importance_sampling_ratio=is_ratio, k_pos=self.args.vespo_k_pos,
+                lambda_pos=self.args.vespo_lambda_pos, k_neg=self.args.vespo_k_neg,
+                lambda_neg=self.args.vespo_lambda_neg)
+            self._metrics[mode]["vespo/phi_seq_mean"].append(global_masked_mean(phi_seq))

@@ -18,12 +18,14 @@ from grpo_kernels.ops.utils import INDEX_DTYPES, check_tensor, resolve_backend
 _IGNORE_INDEX = -100
 
 
+@torch.library.custom_op("grpo_kernels::completion_targets", mutates_args=())
 def completion_targets(completion_ids: torch.Tensor, completion_mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """``[B, T]`` log-prob targets: the completion ids, ``ignore_index`` where the mask is 0.
 
     Every id under a non-zero mask must be in ``[0, vocab_size)``: the internal ignore index
     (-100) among them would silently get log-prob 0 while counting as a token, and any other
-    out-of-range id would be reported by the log-prob kernel under its internal names. One host sync.
+    out-of-range id would be reported by the log-prob kernel under its internal names. One host
+    sync, inside this custom op, so that torch.compile traces the caller without a graph break.
     """
     active = completion_mask != 0
     bad = active & ((completion_ids < 0) | (completion_ids >= vocab_size))
@@ -33,6 +35,11 @@ def completion_targets(completion_ids: torch.Tensor, completion_mask: torch.Tens
                          f"completion_mask, e.g. {first} (the vocabulary is lm_head_weight.shape[0] = {vocab_size}; "
                          "ids under mask 0 are never read)")
     return completion_ids.masked_fill(~active, _IGNORE_INDEX)
+
+
+@completion_targets.register_fake
+def _completion_targets_fake(completion_ids, completion_mask, vocab_size):
+    return torch.empty_like(completion_ids)
 
 
 def fused_linear_grpo_loss(

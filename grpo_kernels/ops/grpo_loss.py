@@ -58,7 +58,8 @@ never needs a second launch and the backward is one multiply.
 
 from __future__ import annotations
 
-import json
+import ast
+import functools
 import math
 import numbers
 import types
@@ -704,9 +705,10 @@ class _Config:
         return tuple(getattr(self, name) for name in self.policy.params) + (0.0,) * (4 - len(self.policy.params))
 
     def as_json(self) -> str:
-        """The options that travel as a string into the custom op (tensors and objects excluded)."""
-        return json.dumps({name: getattr(self, name) for name in OPTIONS
-                           if not isinstance(getattr(self, name), (torch.Tensor, torch.Generator))}, sort_keys=True)
+        """The options that travel as a string into the custom op (tensors and objects excluded):
+        ``name=repr(value);...``, built from plain string formatting so that torch.compile traces it."""
+        return ";".join(f"{name}={getattr(self, name)!r}" for name in OPTIONS
+                        if not isinstance(getattr(self, name), (torch.Tensor, torch.Generator)))
 
 
 def validate_loss_options(**options) -> _Config:
@@ -806,8 +808,7 @@ def _grpo_loss_kernel(
     p0, p1, p2, p3, beta, bias_kl, log_ratio_bound,
     is_clip_min, is_clip_max, is_mask_mode, off_policy_threshold, write_grad_entropy,
     POLICY: tl.constexpr, KL: tl.constexpr, ROW_LOG_RATIO: tl.constexpr, FOLDS_IS_RATIO: tl.constexpr,
-    ROW_NORM: tl.constexpr, OFF_POLICY: tl.constexpr, TOKEN_VALUE: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
+    OFF_POLICY: tl.constexpr, TOKEN_VALUE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """Rows ``[pid * BLOCK_B, pid * BLOCK_B + BLOCK_B)``: per-token loss, its gradient, row sums.
 
@@ -824,7 +825,7 @@ def _grpo_loss_kernel(
     rows64 = rows.to(tl.int64)
     offs_t = tl.arange(0, BLOCK_T)
     SEQ_LEVEL: tl.constexpr = (ROW_LOG_RATIO == 1) or (ROW_LOG_RATIO == 3)  # one ratio per row
-    ROW_PASS: tl.constexpr = (ROW_LOG_RATIO != 0) or (ROW_NORM != 0) or OFF_POLICY
+    ROW_PASS: tl.constexpr = (ROW_LOG_RATIO != 0) or OFF_POLICY
 
     tokens = tl.zeros((BLOCK_B,), dtype=tl.float32)
     log_ratio_sum = tl.zeros((BLOCK_B,), dtype=tl.float32)
@@ -865,10 +866,6 @@ def _grpo_loss_kernel(
                 kl = tl.where(kl != kl, 0.0, kl)  # tokens the rollout engine could not score: no evidence
                 off_policy_kl_sum += tl.sum(tl.where(active, kl * m, 0.0), axis=1)
     inv_tokens = 1.0 / tl.maximum(tokens, 1.0)
-    if ROW_NORM == 2:
-        row_weight = 1.0 / (tokens + 1e-8)
-    else:
-        row_weight = inv_tokens
     if ROW_LOG_RATIO == 3:
         seq_norm = 1.0 / (tokens + 1e-8)  # verl's GMPO divides by sum_t m + 1e-8, without a clamp
         seq_rho = tl.exp(log_ratio_sum * seq_norm)
@@ -925,10 +922,7 @@ def _grpo_loss_kernel(
         loss_t, dloss_dx, dloss_drho, kl, is_low, is_high, is_lower = _token_loss(
             x, o, r, a, rho, aux, multiplier, p0, p1, p2, p3, beta, bias_kl, POLICY, KL)
 
-        if ROW_NORM != 0:
-            weight = tl.where(active, m * row_weight[:, None], 0.0)
-        else:
-            weight = tl.where(active, m, 0.0)
+        weight = tl.where(active, m, 0.0)
         acc_loss += tl.sum(tl.where(active, loss_t * weight, 0.0), axis=1)
         grad = tl.where(active, weight * dloss_dx, 0.0)
         if SEQ_LEVEL:
@@ -1010,7 +1004,6 @@ def _kernel_switches(cfg) -> dict:
         "KL": cfg.kl_jit,
         "ROW_LOG_RATIO": _ROW_LOG_RATIO_MEAN if cfg.sequence_level else policy.row_log_ratio,
         "FOLDS_IS_RATIO": policy.folds_is_ratio,
-        "ROW_NORM": cfg.aggregation.row_norm,
         "OFF_POLICY": cfg.off_policy_mask_threshold is not None,
         "TOKEN_VALUE": policy.token_selection is not None,
     }
@@ -1138,7 +1131,6 @@ def _rows_torch(cfg, t):
 
     tokens = m.sum(1)
     inv_tokens = 1.0 / tokens.clamp(min=1.0)
-    row_weight = 1.0 / (tokens + 1e-8) if switches["ROW_NORM"] == 2 else inv_tokens
     row_value = torch.zeros_like(tokens)
     seq_norm = inv_tokens
     if switches["ROW_LOG_RATIO"] == _ROW_LOG_RATIO_MEAN:
@@ -1172,7 +1164,7 @@ def _rows_torch(cfg, t):
         x, o, r, a, rho, aux, multiplier, *cfg.policy_params(), cfg.beta,
         int(cfg.use_bias_correction_kl), _on_torch(switches["POLICY"]), _on_torch(switches["KL"]))
 
-    weight = torch.where(active, m * (row_weight[:, None] if switches["ROW_NORM"] else 1.0), zero)
+    weight = torch.where(active, m, zero)
     grad = torch.where(active, weight * dloss_dx, zero)
     if switches["ROW_LOG_RATIO"] in (_ROW_LOG_RATIO_MEAN, _ROW_LOG_RATIO_GMPO):
         row_dloss_drho = torch.where(active, weight * dloss_drho, zero).sum(1)
@@ -1233,14 +1225,16 @@ def _metrics_vector(cfg, row_stats, has_ref, has_entropy):
     ])
 
 
-def covariance_selection(cfg, logp, t) -> torch.Tensor:
+def covariance_selection(cfg, logp, t, draw_seed=None) -> torch.Tensor:
     """KL-Cov / Clip-Cov's tokens ``[B, T]`` float32 (1 = selected), over the micro-batch's masked tokens.
 
     cov_t = (A_t - mean A) (logp_t - mean logp) over the masked tokens (Clip-Cov: verl's masked_mean,
     sum / (n + 1e-8)). KL-Cov: the top max(1, floor(kl_cov_ratio * n)) by cov. Clip-Cov: of the masked
     tokens the clip does not already clip, with clip_cov_lb < cov < clip_cov_ub, max(1, floor(clip_cov_ratio
-    * sum m)) drawn by ``torch.randperm`` on ``generator`` (verl: torch's global CPU generator) in
-    row-major order. One host sync (the counts), as in verl.
+    * sum m)) drawn by ``torch.randperm`` over the candidates in row-major order, on torch's global CPU
+    generator (verl), or, with a ``generator``, on a CPU generator seeded by ``draw_seed`` (a 63-bit
+    seed grpo_loss draws from it: a Generator cannot enter the custom op). Host syncs (the counts), as
+    in verl.
     """
     x = logp.detach()
     B, T = x.shape
@@ -1263,8 +1257,8 @@ def covariance_selection(cfg, logp, t) -> torch.Tensor:
     clipped = -a * ratio.clamp(1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high) > -a * ratio
     candidates = torch.nonzero(((cov < cfg.clip_cov_ub) & (cov > cfg.clip_cov_lb) & valid & ~clipped).reshape(-1))
     if len(candidates) > 0:
-        draw_device = cfg.generator.device if cfg.generator is not None else torch.device("cpu")
-        order = torch.randperm(len(candidates), generator=cfg.generator, device=draw_device).to(x.device)
+        generator = None if draw_seed is None else torch.Generator().manual_seed(int(draw_seed))
+        order = torch.randperm(len(candidates), generator=generator).to(x.device)
         selected[candidates[order[: min(max(int(cfg.clip_cov_ratio * float(count)), 1), len(candidates))], 0]] = 1.0
     return selected.view(B, T)
 
@@ -1294,38 +1288,100 @@ def _check_values(cfg, tensors) -> None:
             raise ValueError(message)
 
 
-class _GRPOLossFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logp, entropy, cfg, tensors, backend):
-        _check_values(cfg, tensors)
-        if cfg.policy.token_selection is not None:
-            tensors = dict(tensors, token_value=covariance_selection(cfg, logp, tensors))
-        row_stats, grad_logp, grad_entropy = _ROW_PASS[backend](cfg, tensors)
-        B, T = logp.shape
-        policy_scale = cfg.aggregation.scale(cfg, row_stats, B, T)
-        stats = row_stats.sum(0)
-        loss = stats[_S_LOSS] * policy_scale
-        entropy_scale = -cfg.entropy_coef / stats[_S_EFF_TOKENS].clamp(min=1.0)
-        if cfg.entropy_coef != 0:
-            loss = loss + stats[_S_EFF_ENTROPY] * entropy_scale
-        metrics = _metrics_vector(cfg, row_stats, tensors["ref"] is not None, entropy is not None)
-        ctx.mark_non_differentiable(metrics)
-        ctx.entropy_grad = grad_entropy is not None
-        ctx.save_for_backward(grad_logp, policy_scale, grad_entropy, entropy_scale)
-        return loss, metrics
+def _row_scale(cfg, row_stats) -> torch.Tensor:
+    """[B, 1] float32 per-row weight of the aggregation: 1 (token sums), 1 / max(n_i, 1) (TRL's
+    per-sequence mean) or 1 / (n_i + 1e-8) (verl's). Applied to the kernel's row sums and, in the
+    backward, to its gradient rows (both are linear in it), so the kernel needs no variant for it."""
+    tokens = row_stats[:, _S_TOKENS:_S_TOKENS + 1]
+    if cfg.aggregation.row_norm == 1:
+        return 1.0 / tokens.clamp(min=1.0)
+    if cfg.aggregation.row_norm == 2:
+        return 1.0 / (tokens + 1e-8)
+    return torch.ones_like(tokens)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss, _grad_metrics):
-        grad_logp, policy_scale, grad_entropy, entropy_scale = ctx.saved_tensors
-        if grad_loss is None:
-            return None, None, None, None, None
-        grad_loss = grad_loss.float()
-        d_logp = grad_logp * (policy_scale * grad_loss) if ctx.needs_input_grad[0] else None
-        d_entropy = None
-        if ctx.entropy_grad and ctx.needs_input_grad[1]:
-            d_entropy = grad_entropy * (entropy_scale * grad_loss)
-        return d_logp, d_entropy, None, None, None
+
+_COUNT_OPTIONS = ("num_items_in_batch", "batch_num_tokens", "global_batch_size")
+
+
+@functools.lru_cache(maxsize=256)
+def _options_from_json(options_json: str) -> dict:
+    """Inverse of ``_Config.as_json``."""
+    pairs = (item.split("=", 1) for item in options_json.split(";"))
+    return {name: ast.literal_eval(value) for name, value in pairs}
+
+
+def _loss_forward(logp, entropy, mask, advantages, old, ref, sampling, is_ratio, counts, draw_seed, options_json,
+                  backend, entropy_grad):
+    """The loss, its metrics and its gradients w.r.t. logp and entropy (already scaled), eagerly.
+
+    Everything data-dependent (value checks, the entropy quantile, host syncs) happens here, inside
+    the custom op, never in traced code.
+    """
+    options = dict(_options_from_json(options_json))
+    options.update({name: count for name, count in zip(_COUNT_OPTIONS, counts) if count is not None})
+    cfg = validate_loss_options(**options)
+    tensors = dict(mask=mask, advantages=advantages, old=old, ref=ref, sampling=sampling, is_ratio=is_ratio,
+                   logp=logp, entropy=entropy, entropy_grad=entropy_grad)
+    _check_values(cfg, tensors)
+    if cfg.policy.token_selection is not None:
+        tensors["token_value"] = covariance_selection(cfg, logp, tensors, draw_seed)
+    if entropy is not None:
+        tensors["entropy_threshold"] = _entropy_threshold(cfg, entropy, mask)
+    else:
+        tensors["entropy_threshold"] = torch.full((1,), float("-inf"), device=logp.device, dtype=torch.float32)
+    row_stats, grad_logp, grad_entropy = _ROW_PASS[backend](cfg, tensors)
+    B, T = logp.shape
+    policy_scale = cfg.aggregation.scale(cfg, row_stats, B, T)
+    row_scale = _row_scale(cfg, row_stats)  # [B, 1]: the per-row token mean, if any
+    stats = row_stats.sum(0)
+    loss = (row_stats[:, _S_LOSS] * row_scale[:, 0]).sum() * policy_scale
+    if cfg.entropy_coef != 0:
+        entropy_scale = -cfg.entropy_coef / stats[_S_EFF_TOKENS].clamp(min=1.0)
+        loss = loss + stats[_S_EFF_ENTROPY] * entropy_scale
+    metrics = _metrics_vector(cfg, row_stats, ref is not None, entropy is not None)
+    d_logp = grad_logp * (row_scale * policy_scale)
+    d_entropy = grad_entropy * entropy_scale if grad_entropy is not None else logp.new_empty((0,))
+    return loss.reshape(()).float(), metrics, d_logp, d_entropy
+
+
+@torch.library.custom_op("grpo_kernels::grpo_loss", mutates_args=())
+def _grpo_loss_op(logp: torch.Tensor, entropy: torch.Tensor | None, mask: torch.Tensor, advantages: torch.Tensor,
+                  old: torch.Tensor | None, ref: torch.Tensor | None, sampling: torch.Tensor | None,
+                  is_ratio: torch.Tensor | None, num_items_in_batch: torch.Tensor | None,
+                  batch_num_tokens: torch.Tensor | None, global_batch_size: torch.Tensor | None,
+                  draw_seed: torch.Tensor | None, options_json: str, backend: str, entropy_grad: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss [], metrics [len(METRIC_NAMES)], d loss / d logp [B, T], d loss / d entropy [B, T] or [0])``."""
+    return _loss_forward(logp, entropy, mask, advantages, old, ref, sampling, is_ratio,
+                         (num_items_in_batch, batch_num_tokens, global_batch_size), draw_seed, options_json, backend,
+                         entropy_grad)
+
+
+@_grpo_loss_op.register_fake
+def _grpo_loss_fake(logp, entropy, mask, advantages, old, ref, sampling, is_ratio, num_items_in_batch,
+                    batch_num_tokens, global_batch_size, draw_seed, options_json, backend, entropy_grad):
+    B, T = logp.shape
+    d_entropy = logp.new_empty((B, T), dtype=torch.float32) if entropy_grad else logp.new_empty((0,),
+                                                                                                  dtype=torch.float32)
+    return (logp.new_empty((), dtype=torch.float32), logp.new_empty((len(METRIC_NAMES),), dtype=torch.float32),
+            logp.new_empty((B, T), dtype=torch.float32), d_entropy)
+
+
+def _grpo_loss_setup_context(ctx, inputs, output):
+    ctx.entropy_grad = inputs[-1]
+    ctx.save_for_backward(output[2], output[3])
+    ctx.mark_non_differentiable(output[1], output[2], output[3])
+
+
+def _grpo_loss_backward(ctx, grad_loss, _grad_metrics, _grad_d_logp, _grad_d_entropy):
+    d_logp, d_entropy = ctx.saved_tensors
+    grad_loss = grad_loss.float()
+    d_logp = d_logp * grad_loss if ctx.needs_input_grad[0] else None
+    d_entropy = d_entropy * grad_loss if ctx.entropy_grad and ctx.needs_input_grad[1] else None
+    return (d_logp, d_entropy) + (None,) * 13
+
+
+_grpo_loss_op.register_autograd(_grpo_loss_backward, setup_context=_grpo_loss_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1430,8 +1486,10 @@ def prepare_loss_inputs(shape, device, completion_mask, advantages, *, old_logpr
         if tensors["advantages"].stride(1) != 0 and shape[1] > 1:
             raise ValueError("loss_type='vespo' weighs whole sequences: advantages must be [B] or [B, 1]")
         if tensors["is_ratio"] is not None and tensors["is_ratio"].stride(1) == 0 and shape[1] > 1:
-            raise ValueError("loss_type='vespo' folds a per-token rollout_is_ratio [B, T] into its sequence "
-                             "weight (TRL's token_truncate/token_mask modes); a per-sequence ratio is not supported")
+            # VESPO sums log(ratio) over the row: a per-sequence ratio enters once (as in Liger)
+            per_token = torch.ones(shape, device=device, dtype=torch.float32)
+            per_token[:, 0] = tensors["is_ratio"][:, 0]
+            tensors["is_ratio"] = per_token
     if entropy is not None:
         check_tensor("entropy", entropy, dtypes=FLOAT_DTYPES, ndim=2)
         if tuple(entropy.shape) != shape:
@@ -1533,12 +1591,17 @@ def grpo_loss_prepared(logprobs, entropy, cfg, tensors, backend):
             entropy32 = entropy32.contiguous()
     # d loss / d entropy is needed only for an entropy bonus on an entropy that carries gradient
     entropy_grad = entropy32 is not None and entropy32.requires_grad and cfg.entropy_coef != 0
-    tensors = dict(tensors, logp=logp32, entropy=entropy32, entropy_grad=entropy_grad)
-    if entropy32 is not None:
-        tensors["entropy_threshold"] = _entropy_threshold(cfg, entropy32, tensors["mask"])
-    else:
-        tensors["entropy_threshold"] = torch.full((1,), float("-inf"), device=logp32.device, dtype=torch.float32)
-    loss, metrics = _GRPOLossFunction.apply(logp32, entropy32, cfg, tensors, backend)
+    counts = [getattr(cfg, name) for name in _COUNT_OPTIONS]
+    counts = [torch.as_tensor(c, dtype=torch.float32, device=logp32.device) if c is not None else None
+              for c in counts]
+    # Clip-Cov's draw: a seed from the caller's generator (a Generator cannot enter the op)
+    draw_seed = None
+    if cfg.generator is not None:
+        draw_seed = torch.randint(0, 2**62, (), generator=cfg.generator, device=cfg.generator.device)
+    t = tensors
+    loss, metrics, _, _ = torch.ops.grpo_kernels.grpo_loss(
+        logp32, entropy32, t["mask"], t["advantages"], t["old"], t["ref"], t["sampling"], t["is_ratio"], *counts,
+        draw_seed, cfg.as_json(), backend, entropy_grad)
     everything = dict(zip(METRIC_NAMES, metrics.unbind(0)))
     return loss, {name: everything[name] for name in metric_names(cfg.loss_type)}
 
@@ -1562,15 +1625,14 @@ def _switch_combinations():
         for level in IMPORTANCE_SAMPLING_LEVELS:
             if level == "sequence" and not spec.sequence_level:
                 continue
-            for row_norm in sorted({agg.row_norm for agg in AGGREGATIONS.values()}):
-                for off_policy in (False, True):
-                    add({"POLICY": policy.jit, "KL": _kl_trl_k3,
-                         "ROW_LOG_RATIO": _ROW_LOG_RATIO_MEAN if level == "sequence" else policy.row_log_ratio,
-                         "FOLDS_IS_RATIO": policy.folds_is_ratio, "ROW_NORM": row_norm, "OFF_POLICY": off_policy,
-                         "TOKEN_VALUE": policy.token_selection is not None})
+            for off_policy in (False, True):
+                add({"POLICY": policy.jit, "KL": _kl_trl_k3,
+                     "ROW_LOG_RATIO": _ROW_LOG_RATIO_MEAN if level == "sequence" else policy.row_log_ratio,
+                     "FOLDS_IS_RATIO": policy.folds_is_ratio, "OFF_POLICY": off_policy,
+                     "TOKEN_VALUE": policy.token_selection is not None})
     for jit, _ in KL_ESTIMATORS.values():
         add({"POLICY": _policy_clip, "KL": jit, "ROW_LOG_RATIO": _ROW_LOG_RATIO_NONE, "FOLDS_IS_RATIO": False,
-             "ROW_NORM": 0, "OFF_POLICY": False, "TOKEN_VALUE": False})
+             "OFF_POLICY": False, "TOKEN_VALUE": False})
     return list(combos.values())
 
 
@@ -1595,7 +1657,7 @@ def sm90_compile_specs() -> list[CompileSpec]:
         constexprs = dict(switches, BLOCK_B=_BLOCK_B, BLOCK_T=_BLOCK_T)
         label = ",".join(f"{k.lower()}={v.fn.__name__ if callable(v) else v}" for k, v in switches.items())
         # the mask dtype does not interact with the loss type: every dtype once, on the default switches
-        first_of_policy = switches["ROW_NORM"] == 0 and not switches["OFF_POLICY"] and switches["KL"] is _kl_trl_k3
+        first_of_policy = not switches["OFF_POLICY"] and switches["KL"] is _kl_trl_k3
         mask_types = _KERNEL_MASK_DTYPES.values() if first_of_policy else ("fp32",)
         for mask_ty in mask_types:
             specs.append(CompileSpec(
