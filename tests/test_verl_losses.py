@@ -24,7 +24,7 @@ def _on_test_device():
 
 def _batch(per_token=False):
     batch = make_batch(B=5, T=300, advantage_per_token=per_token)  # two 256-token tiles, a partial row block
-    batch["old"] = batch["old"].clamp(max=-1e-3)  # probabilities (DPPO compares p and p_old)
+    batch["old"] = batch["old"].clamp(max=-0.05)  # probabilities (DPPO compares p and p_old), 1 - p_old >= 0.05
     batch["old"][0, :4] = batch["logp"][0, :4] - 3.5  # ratios above DPPO's cap clip_ratio_c
     return batch
 
