@@ -98,6 +98,7 @@ def test_clip_cov_draw_follows_the_generator():
         (dict(loss_type="dapo", clip_cov_ratio=0.1), ValueError, "only used by loss_type clip_cov"),
         (dict(loss_type="dppo_kl", clip_ratio_c=1.0), ValueError, "clip_ratio_c"),
         (dict(loss_type="cispo", cispo_ratio_min=-0.1), ValueError, "cispo_ratio_min must be >= 0"),
+        (dict(loss_type="geo_mean", off_policy_mask_threshold=0.5), ValueError, "not supported with loss_type='geo_mean'"),
     ],
 )
 def test_bad_options(options, error, match):

@@ -474,6 +474,7 @@ class LossType:
     metrics: tuple = ()  # beyond COMMON_METRICS
     sequence_level: bool = False  # importance_sampling_level="sequence" allowed
     defaults: dict = field(default_factory=dict)  # type-specific defaults overriding OPTIONS
+    off_policy_mask: bool = True  # off_policy_mask_threshold allowed
     peer: str = "TRL 1.16"
     doc: str = ""
 
@@ -498,7 +499,8 @@ LOSS_TYPES_TABLE = {
                       ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"),
                       ("vespo/phi_seq_mean",),
                       doc="-stopgrad(phi(w)) A logp, phi the gamma weight of the summed sequence log-ratio (VESPO)"),
-    "geo_mean": LossType("geo_mean", "verl:geo-mean", peer="verl 0.9.1",
+    # (no off-policy mask: verl has none for GMPO, and that variant trips Triton's sm_90 ThreadLocality pass)
+    "geo_mean": LossType("geo_mean", "verl:geo-mean", off_policy_mask=False, peer="verl 0.9.1",
                          doc="-A_i exp(mean_t of l_t clipped to [-epsilon_low, epsilon_high] on the side of sign(A)) "
                              "(GMPO); epsilon_* bound the log-ratio"),
     "dppo_tv": LossType("dppo_tv", "token-mean", ("clip_ratio_c",), ("pg_clipfrac_lower",),
@@ -737,6 +739,8 @@ def validate_loss_options(**options) -> _Config:
             raise ValueError(f"{name} is only used by loss_type {', '.join(readers)}; "
                              f"loss_type={loss_type!r} would ignore it")
         values[name] = option.check(name, value)
+    if values["off_policy_mask_threshold"] is not None and not spec.off_policy_mask:
+        raise ValueError(f"off_policy_mask_threshold is not supported with loss_type={loss_type!r}")
     if values["importance_sampling_level"] == "sequence" and not spec.sequence_level:
         raise ValueError(
             f"importance_sampling_level='sequence' (GSPO) makes no sense with loss_type={loss_type!r}: "
@@ -1625,7 +1629,7 @@ def _switch_combinations():
         for level in IMPORTANCE_SAMPLING_LEVELS:
             if level == "sequence" and not spec.sequence_level:
                 continue
-            for off_policy in (False, True):
+            for off_policy in (False, True) if spec.off_policy_mask else (False,):
                 add({"POLICY": policy.jit, "KL": _kl_trl_k3,
                      "ROW_LOG_RATIO": _ROW_LOG_RATIO_MEAN if level == "sequence" else policy.row_log_ratio,
                      "FOLDS_IS_RATIO": policy.folds_is_ratio, "OFF_POLICY": off_policy,
