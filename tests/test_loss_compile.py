@@ -16,14 +16,14 @@ def op_args(batch, backend, **options):
         ref_logprobs=batch["ref"], entropy=batch["entropy"], **options)
     logp = batch["logp"].clone().requires_grad_()
     entropy = batch["entropy"].clone().requires_grad_()
-    counts = [torch.as_tensor(getattr(cfg, n), dtype=torch.float32) if getattr(cfg, n) is not None else None
+    counts = [getattr(cfg, n).float() if isinstance(getattr(cfg, n), torch.Tensor) else None
               for n in grpo_loss_module._COUNT_OPTIONS]
     return (logp, entropy, t["mask"], t["advantages"], t["old"], t["ref"], t["sampling"], t["is_ratio"], *counts,
             None, cfg.as_json(), backend, cfg.entropy_coef != 0)  # None: no Clip-Cov draw seed
 
 
 @pytest.mark.parametrize("backend,options", [
-    ("torch", dict(loss_type="grpo", beta=0.04, entropy_coef=0.01, num_items_in_batch=20)),
+    ("torch", dict(loss_type="dapo", beta=0.04, entropy_coef=0.01, num_items_in_batch=torch.tensor(20.0))),
     ("triton", dict(loss_type="vespo", top_entropy_quantile=0.5)),
 ], ids=["torch-grpo", "triton-vespo"])
 def test_opcheck(backend, options):

@@ -1595,8 +1595,9 @@ def grpo_loss_prepared(logprobs, entropy, cfg, tensors, backend):
             entropy32 = entropy32.contiguous()
     # d loss / d entropy is needed only for an entropy bonus on an entropy that carries gradient
     entropy_grad = entropy32 is not None and entropy32.requires_grad and cfg.entropy_coef != 0
+    # tensor counts travel as op inputs (numbers already sit in the options string)
     counts = [getattr(cfg, name) for name in _COUNT_OPTIONS]
-    counts = [torch.as_tensor(c, dtype=torch.float32, device=logp32.device) if c is not None else None
+    counts = [c.to(device=logp32.device, dtype=torch.float32) if isinstance(c, torch.Tensor) else None
               for c in counts]
     # Clip-Cov's draw: a seed from the caller's generator (a Generator cannot enter the op)
     draw_seed = None
