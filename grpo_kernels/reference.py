@@ -77,6 +77,7 @@ def group_advantages_reference(
     eps: float = 1e-4,
     reward_weights=None,
     keep_mask: torch.Tensor | None = None,
+    multi_objective_aggregation: str = "sum_then_normalize",
 ):
     """Group-relative advantages, one group at a time, in float64, from the contract.
 
@@ -84,8 +85,13 @@ def group_advantages_reference(
     ``(advantages [B], group_mean [B/G], group_std [B/G], zero_std [B/G])``, float64 and bool.
     Conventions (also those of ``grpo_kernels.ops.advantages``): a completion with every component
     NaN, or not kept, is *excluded*: out of every statistic, advantage 0; the std of fewer than
-    two rewards is 0; a group with no included reward has mean 0; zero_std is std <= 1e-8
+    two values is 0; a group with no included value has mean 0; zero_std is std <= 1e-8
     (TRL's ``torch.isclose(std, 0)``); group_std is the group's own std for every scale.
+
+    ``multi_objective_aggregation="normalize_then_sum"`` (GDPO): per function k and group,
+    z_k = (r_k - mean_k) / (std_k + eps) over the included completions it scored (no division for
+    ``scale="none"``); r = sum_k w_k z_k over the scored components; advantages
+    (r - mean_batch(r)) / (std_batch(r) + eps); the group statistics are those of r.
     """
     per_function = rewards.detach().double().cpu()
     if per_function.dim() == 1:
@@ -94,36 +100,55 @@ def group_advantages_reference(
     weights = torch.ones(num_functions, dtype=torch.float64)
     if reward_weights is not None:
         weights = torch.as_tensor(reward_weights, dtype=torch.float64).cpu().reshape(num_functions)
-
-    # r_i = sum_k w_k r_ik over the components that scored.
-    reward = torch.zeros(batch, dtype=torch.float64)
-    included = torch.zeros(batch, dtype=torch.bool)
-    for i in range(batch):
-        for k in range(num_functions):
-            if not torch.isnan(per_function[i, k]):
-                reward[i] += weights[k] * per_function[i, k]
-                included[i] = True
+    scored = ~torch.isnan(per_function)
+    included = scored.any(dim=1)
     if keep_mask is not None:
         included &= keep_mask.detach().cpu().bool()
+    num_groups = batch // group_size
 
     def mean_and_std(values: torch.Tensor) -> tuple[float, float]:
         mean = values.mean().item() if values.numel() > 0 else 0.0
         std = values.std(correction=1).item() if values.numel() > 1 else 0.0
         return mean, std
 
-    num_groups = batch // group_size
+    reward = torch.zeros(batch, dtype=torch.float64)
+    if multi_objective_aggregation == "sum_then_normalize":
+        # r_i = sum_k w_k r_ik over the components that scored.
+        for i in range(batch):
+            for k in range(num_functions):
+                if scored[i, k]:
+                    reward[i] += weights[k] * per_function[i, k]
+    elif multi_objective_aggregation == "normalize_then_sum":
+        if scale not in ("group", "none"):
+            raise ValueError(f"GDPO takes scale 'group' or 'none', got {scale!r}")
+        for g in range(num_groups):
+            members = range(g * group_size, (g + 1) * group_size)
+            for k in range(num_functions):
+                uses = [i for i in members if included[i] and scored[i, k]]
+                mean_k, std_k = mean_and_std(per_function[uses, k])
+                for i in uses:
+                    z = per_function[i, k] - mean_k
+                    if scale == "group":
+                        z = z / (std_k + eps)
+                    reward[i] += weights[k] * z
+    else:
+        raise ValueError(f"unknown multi_objective_aggregation {multi_objective_aggregation!r}")
+
     group_mean = torch.zeros(num_groups, dtype=torch.float64)
     group_std = torch.zeros(num_groups, dtype=torch.float64)
     for g in range(num_groups):
         members = slice(g * group_size, (g + 1) * group_size)
         group_mean[g], group_std[g] = mean_and_std(reward[members][included[members]])
-    _, batch_std = mean_and_std(reward[included])
+    batch_mean, batch_std = mean_and_std(reward[included])
 
     advantages = torch.zeros(batch, dtype=torch.float64)
     for i in range(batch):
         if not included[i]:
             continue
         g = i // group_size
+        if multi_objective_aggregation == "normalize_then_sum":
+            advantages[i] = (reward[i] - batch_mean) / (batch_std + eps)
+            continue
         centered = reward[i] - group_mean[g]
         if scale == "group":
             advantages[i] = centered / (group_std[g] + eps)
@@ -202,6 +227,13 @@ def grpo_loss_reference(
     top_entropy_quantile=1.0,
     sampling_logprobs=None,
     off_policy_mask_threshold=None,
+    cispo_ratio_min=0.0,
+    kl_cov_ratio=2e-4,
+    ppo_kl_coef=1.0,
+    clip_cov_ratio=2e-4,
+    clip_cov_lb=1.0,
+    clip_cov_ub=5.0,
+    generator=None,
     world_size=1,
 ):
     """TRL 1.16 ``GRPOTrainer._compute_loss`` (and verl 0.9.1's variants) in float64, every intermediate materialized.
@@ -257,8 +289,9 @@ def grpo_loss_reference(
             per_token_kl = per_token_kl * coef_1
 
     phi_seq = None
+    verl_flags = None
     if loss_type == "cispo":
-        clamped = torch.clamp(coef_1, max=eps_high).detach()
+        clamped = torch.clamp(coef_1, min=cispo_ratio_min, max=eps_high).detach()
         per_token_loss = -clamped * adv * logp
     elif loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
         coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + eps_high)
@@ -286,6 +319,11 @@ def grpo_loss_reference(
             lam = torch.where(nonneg, vespo_lambda_pos, vespo_lambda_neg).double().clamp(min=1e-4)
             phi_seq = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
         per_token_loss = -phi_seq * adv * logp
+    elif loss_type in VERL_LOSS_TYPES:
+        per_token_loss, verl_flags = verl_policy_reference(
+            loss_type, logp, old, adv, completion_mask, epsilon_low=epsilon_low, epsilon_high=eps_high,
+            clip_ratio_c=clip_ratio_c, kl_cov_ratio=kl_cov_ratio, ppo_kl_coef=ppo_kl_coef,
+            clip_cov_ratio=clip_cov_ratio, clip_cov_lb=clip_cov_lb, clip_cov_ub=clip_cov_ub, generator=generator)
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")
 
@@ -303,7 +341,12 @@ def grpo_loss_reference(
     per_token_loss = per_token_loss.expand(B, T)
 
     tokens_per_row = mask.sum(-1)
-    if loss_agg_mode is not None:
+    if loss_agg_mode is None and loss_type in ("dppo_tv", "dppo_kl", "kl_cov", "clip_cov"):
+        loss_agg_mode = "token-mean"  # verl's default
+    if loss_agg_mode is None and loss_type == "geo_mean":
+        # GMPO: the mean over all B rows of -A_i rho_i, A_i = sum_t m A_t / (sum_t m + 1e-8)
+        loss = ((per_token_loss * mask).sum(-1) / (tokens_per_row + 1e-8)).mean()
+    elif loss_agg_mode is not None:
         # verl's agg_loss (an empty micro-batch gives 0 here, NaN in verl)
         rows_with_tokens = (tokens_per_row > 0).double().sum()
         sequences = rows_with_tokens.clamp(min=1.0) if global_batch_size is None else float(global_batch_size)
@@ -352,6 +395,8 @@ def grpo_loss_reference(
     elif loss_type == "cispo":
         is_low = no_flag
         is_high = (coef_1 > eps_high) & (adv_bt > 0)
+    elif verl_flags is not None:
+        is_low, is_high = verl_flags["low"], verl_flags["high"]
     else:
         is_low = is_high = no_flag
     metrics = {
@@ -365,4 +410,120 @@ def grpo_loss_reference(
         metrics["pg_clipfrac_lower"] = masked_mean(clipped_lower) if clip_ratio_c is not None else masked_mean(no_flag)
     if loss_type == "vespo":
         metrics["vespo/phi_seq_mean"] = phi_seq.mean()  # TRL: a mean over completions
+    if loss_type in ("dppo_tv", "dppo_kl"):
+        metrics["pg_clipfrac_lower"] = masked_mean(verl_flags["lower"])
+    if loss_type in ("kl_cov", "clip_cov"):
+        metrics["cov/selected_mean"] = masked_mean(verl_flags["selected"])
     return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# verl 0.9.1's policy terms: GMPO, DPPO, KL-Cov / Clip-Cov (per-token losses from the formulas)
+# ---------------------------------------------------------------------------------------------
+
+
+def covariance_selection_reference(kind, logprobs, advantages, completion_mask, *, old_logprobs=None,
+                                   epsilon_low=0.2, epsilon_high=0.2, ratio=2e-4, lb=1.0, ub=5.0,
+                                   generator=None):
+    """The tokens KL-Cov / Clip-Cov single out, over the micro-batch's masked tokens (float64).
+
+    cov_t = (A_t - mean A) (logp_t - mean logp), means over the masked tokens (Clip-Cov: verl's
+    masked_mean, sum / (n + 1e-8)). ``"kl_cov"``: the top max(1, floor(ratio * n)) tokens by cov.
+    ``"clip_cov"``: among masked tokens not already clipped (-A clip(r) > -A r) with lb < cov < ub,
+    max(1, floor(ratio * sum m)) drawn uniformly without replacement: ``torch.randperm`` over the
+    candidates in row-major order, on torch's global CPU generator (verl), or on a CPU generator
+    seeded by a 63-bit seed drawn from ``generator``.
+    Returns a ``[B, T]`` bool tensor.
+    """
+    logp = logprobs.detach().double()
+    adv = advantages.detach().double().reshape(logp.shape[0], -1).expand_as(logp)
+    valid = completion_mask.detach() > 0
+    n = int(valid.sum())
+    selected = torch.zeros_like(valid)
+    if n == 0:
+        return selected
+    if kind == "kl_cov":
+        cov = (adv[valid] - adv[valid].mean()) * (logp[valid] - logp[valid].mean())
+        count = max(1, int(n * ratio))
+        flat = torch.nonzero(valid.reshape(-1)).squeeze(1)
+        selected.view(-1)[flat[torch.topk(cov, count, largest=True).indices]] = True
+        return selected
+    if kind != "clip_cov":
+        raise ValueError(f"unknown covariance selection {kind!r}")
+    m = completion_mask.detach().double()
+    mean_adv = (adv * m).sum() / (m.sum() + 1e-8)
+    mean_logp = (logp * m).sum() / (m.sum() + 1e-8)
+    cov = (adv - mean_adv) * (logp - mean_logp)
+    old = logp if old_logprobs is None else old_logprobs.detach().double()
+    r = torch.exp(logp - old)
+    clipped = (-adv * r.clamp(1 - epsilon_low, 1 + epsilon_high) > -adv * r) & valid
+    candidates = torch.nonzero((cov < ub) & (cov > lb) & valid & ~clipped)
+    count = max(int(ratio * float(m.sum())), 1)
+    if len(candidates) > 0:
+        if generator is not None:  # grpo_kernels' convention: a 63-bit seed drawn from it seeds a CPU draw
+            seed = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
+            generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(candidates), generator=generator)
+        chosen = candidates[order[: min(count, len(candidates))]]
+        selected[chosen[:, 0], chosen[:, 1]] = True
+    return selected
+
+
+VERL_LOSS_TYPES = ("geo_mean", "dppo_tv", "dppo_kl", "kl_cov", "clip_cov")
+
+
+def verl_policy_reference(loss_type, logprobs, old_logprobs, advantages, completion_mask, *, epsilon_low=0.2,
+                          epsilon_high=None, clip_ratio_c=None, kl_cov_ratio=2e-4, ppo_kl_coef=1.0,
+                          clip_cov_ratio=2e-4, clip_cov_lb=1.0, clip_cov_ub=5.0, generator=None):
+    """Per-token policy loss ``[B, T]`` (float64, differentiable w.r.t. ``logprobs``) and flags of
+    verl's geo_mean, dppo_tv, dppo_kl, kl_cov and clip_cov, written from the formulas.
+
+    For ``geo_mean`` the per-token loss is -A_t rho_i (rho_i the row's clipped geometric-mean ratio):
+    averaged per row with sum_t m / (sum_t m + 1e-8) and then over rows it is GMPO's loss. Flags:
+    ``low``/``high`` (clip_ratio/*), ``lower`` (DPPO's pg_clipfrac_lower) and ``selected`` (KL-Cov /
+    Clip-Cov's covariance-selected tokens), ``[B, T]`` bool.
+    """
+    logp = logprobs.double()
+    B, T = logp.shape
+    old = old_logprobs.detach().double()
+    adv = advantages.detach().double().reshape(B, -1).expand(B, T)
+    mask = completion_mask.double()
+    eps_high = epsilon_low if epsilon_high is None else epsilon_high
+    l = logp - old
+    none = torch.zeros(B, T, dtype=torch.bool)
+    if loss_type == "geo_mean":
+        s = torch.sign(adv)
+        c = torch.clamp(l, -epsilon_low, eps_high)
+        g = s * torch.min(s * l, s * c)
+        n = mask.sum(-1, keepdim=True)
+        rho = torch.exp((g * mask).sum(-1, keepdim=True) / (n + 1e-8))
+        clipped = l.detach() != c.detach()
+        return -adv * rho, {"low": clipped & (adv < 0), "high": clipped & (adv > 0)}
+    if loss_type in ("dppo_tv", "dppo_kl"):
+        cap = 20.0 if clip_ratio_c is None else clip_ratio_c
+        r = torch.exp(torch.clamp(l.detach(), -20.0, 20.0))
+        tis = torch.clamp(r, max=cap)
+        p, q = torch.exp(logp.detach()), torch.exp(old)
+        if loss_type == "dppo_tv":
+            valid = torch.where(adv > 0, p - q <= eps_high, p - q >= -epsilon_low)
+        else:
+            b = q * (old - logp.detach()) + (1 - q) * torch.log((1.0 - q + 1e-8) / (1.0 - p + 1e-8))
+            valid = torch.where(adv > 0, (b <= eps_high) | (p <= q), (b <= epsilon_low) | (p >= q))
+        invalid = ~valid
+        return (-adv * tis * valid.double() * logp,
+                {"low": invalid & (adv <= 0), "high": invalid & (adv > 0), "lower": (r > cap) & valid})
+    if loss_type == "kl_cov":
+        selected = covariance_selection_reference("kl_cov", logprobs, advantages, completion_mask,
+                                                  ratio=kl_cov_ratio)
+        loss = -adv * torch.exp(l) + selected.double() * ppo_kl_coef * l.abs()
+        return loss, {"low": none, "high": none, "selected": selected}
+    if loss_type == "clip_cov":
+        selected = covariance_selection_reference(
+            "clip_cov", logprobs, advantages, completion_mask, old_logprobs=old_logprobs, epsilon_low=epsilon_low,
+            epsilon_high=eps_high, ratio=clip_cov_ratio, lb=clip_cov_lb, ub=clip_cov_ub, generator=generator)
+        r = torch.exp(l)
+        loss = torch.maximum(-adv * r, -adv * torch.clamp(r, 1 - epsilon_low, 1 + eps_high))
+        low = (r.detach() < 1 - epsilon_low) & (adv < 0)
+        high = (r.detach() > 1 + eps_high) & (adv > 0)
+        return loss * (~selected).double(), {"low": low, "high": high, "selected": selected}
+    raise ValueError(f"unknown verl loss type {loss_type!r}")

@@ -37,9 +37,10 @@ def assert_matches_reference(out, rewards, group_size, **kwargs):
     assert isinstance(out, GroupAdvantages)
     expected = group_advantages_reference(rewards, group_size, **kwargs)
     num_groups = rewards.shape[0] // group_size
-    assert out.advantages.dtype == torch.float32 and out.advantages.shape == (rewards.shape[0],)
+    out_dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    assert out.advantages.dtype == out_dtype and out.advantages.shape == (rewards.shape[0],)
     for name, value, ref in zip(("group_mean", "group_std"), out[1:3], expected[1:3]):
-        assert value.dtype == torch.float32 and value.shape == (num_groups,), name
+        assert value.dtype == out_dtype and value.shape == (num_groups,), name
         torch.testing.assert_close(value.cpu().double(), ref, rtol=1e-5, atol=1e-5, msg=name)
     torch.testing.assert_close(out.advantages.cpu().double(), expected[0], rtol=1e-4, atol=1e-5)
     assert out.zero_std.dtype == torch.bool
@@ -288,3 +289,150 @@ def test_bad_input(device, call, error, match):
     rewards = torch.randn(12, device=device).abs()
     with pytest.raises(error, match=match):
         call(rewards)
+
+
+# ----------------------------------------------------------------------------------------------
+# GDPO: multi_objective_aggregation="normalize_then_sum"
+# ----------------------------------------------------------------------------------------------
+
+GDPO = dict(multi_objective_aggregation="normalize_then_sum")
+
+
+@pytest.mark.parametrize("scale", ["group", "none"])
+@pytest.mark.parametrize(
+    "batch, group_size, num_functions", [(24, 8, 3), (15, 5, 1), (6, 1, 2), (2 * 1030, 1030, 2)])
+def test_gdpo_matches_reference(backend, device, scale, batch, group_size, num_functions):
+    rewards = random_rewards(batch, num_functions, device, nan_fraction=0.2)
+    weights = torch.rand(num_functions).add(0.25).tolist()
+    keep = torch.rand(batch, device=device) < 0.8
+    out = group_advantages(rewards, group_size, scale=scale, reward_weights=weights, keep_mask=keep, **GDPO)
+    assert_matches_reference(out, rewards, group_size, scale=scale, reward_weights=weights, keep_mask=keep, **GDPO)
+    assert torch.equal(out.advantages[~keep].cpu(), torch.zeros(int((~keep).sum())))
+
+
+def test_gdpo_differs_from_sum_then_normalize(backend, device):
+    # A reward on a large scale drowns the other in the sum; GDPO normalizes each first.
+    rewards = torch.stack([torch.randn(16, device=device) * 100.0, torch.randn(16, device=device)], dim=1)
+    summed = group_advantages(rewards, 4).advantages
+    decoupled = group_advantages(rewards, 4, **GDPO).advantages
+    assert not torch.allclose(summed, decoupled, atol=1e-2)
+    assert abs(decoupled.double().mean().item()) < 1e-6  # batch-normalized
+    torch.testing.assert_close(decoupled.double().std().item(), 1.0, atol=1e-3, rtol=0)
+
+
+def test_gdpo_equal_groups_are_exactly_zero(backend, device):
+    rewards = random_rewards(16, 2, device)
+    rewards[4:8] = torch.tensor([1.0, 0.25], device=device)  # one group of equal completions
+    out = group_advantages(rewards, 4, **GDPO)
+    assert out.group_std[1].item() == 0.0 and out.zero_std.tolist() == [False, True, False, False]
+    assert out.group_mean[1].item() == 0.0
+    # its r is exactly 0, so its advantage is -batch_mean / (batch_std + eps), the same for all four
+    assert len(set(out.advantages[4:8].tolist())) == 1
+
+
+def trl_gdpo_advantages(rewards_per_func, reward_weights, num_generations):
+    """trl/trainer/grpo_trainer.py (1.16.0), multi_objective_aggregation="normalize_then_sum",
+    with TRL's own nanstd."""
+    from trl.trainer.utils import nanstd
+
+    unscorable_mask = torch.isnan(rewards_per_func).all(dim=1)
+    num_funcs = rewards_per_func.shape[1]
+    grouped = rewards_per_func.view(-1, num_generations, num_funcs)
+    mean_k = torch.nanmean(grouped, dim=1, keepdim=True)
+    std_k = nanstd(grouped, dim=1, keepdim=True) if num_generations > 1 else torch.zeros_like(mean_k)
+    reward_k = (grouped - mean_k) / (std_k + 1e-4)
+    reward_k = reward_k.view(-1, num_funcs)
+    rewards = (reward_k * reward_weights.unsqueeze(0)).nansum(dim=1)
+    rewards[unscorable_mask] = torch.nan
+    std_rewards = nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
+    advantages = (rewards - torch.nanmean(rewards)) / (std_rewards + 1e-4)
+    return torch.nan_to_num(advantages, nan=0.0)
+
+
+@pytest.mark.parametrize("group_size", [1, 4, 8])
+def test_gdpo_matches_trl(backend, device, group_size):
+    rewards = torch.cat([random_rewards(32, 3, device, discrete=True),
+                         random_rewards(32, 3, device, nan_fraction=0.3)])
+    rewards[-group_size:] = NAN  # a fully unscorable group
+    rewards[:group_size, 1] = NAN  # a function that scored nothing in a group
+    weights = torch.tensor([1.0, 0.5, 2.0], device=device)
+    out = group_advantages(rewards, group_size, reward_weights=weights, **GDPO)
+    expected = trl_gdpo_advantages(rewards.clone(), weights, group_size)
+    torch.testing.assert_close(out.advantages, expected, rtol=1e-4, atol=1e-5)
+
+
+
+
+@pytest.mark.parametrize("scale", ["group", "none"])
+def test_gdpo_matches_verl(backend, device, scale):
+    """verl 0.9.1's compute_gdpo_outcome_advantage with one response token per completion: its
+    token-weighted batch whitening then weighs completions equally, as ours does; eps = verl's 1e-6
+    (verl's rsqrt(var + 1e-8) vs our 1 / (std + 1e-6) differ by ~1e-6 relative)."""
+    core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
+    import numpy as np
+    from omegaconf import OmegaConf
+
+    group_size, num_groups = 4, 5
+    rewards = random_rewards(group_size * num_groups, 2, device).cpu()
+    weights = [1.0, 0.3]
+    index = np.repeat(np.arange(num_groups), group_size)
+    response_mask = torch.ones(group_size * num_groups, 1)
+    config = OmegaConf.create({"gdpo_reward_keys": ["a", "b"], "gdpo_reward_weights": weights})
+    batch = {"prompts": torch.zeros(group_size * num_groups, 3),
+             "attention_mask": torch.ones(group_size * num_groups, 4, dtype=torch.long)}
+    non_tensor_batch = {"a": rewards[:, 0].numpy(), "b": rewards[:, 1].numpy()}
+    expected, _ = core_algos.compute_gdpo_outcome_advantage(
+        token_level_rewards=torch.zeros(group_size * num_groups, 1), response_mask=response_mask, index=index,
+        epsilon=1e-6, norm_adv_by_std_in_grpo=scale == "group", config=config,
+        non_tensor_batch=non_tensor_batch, batch=batch)
+    out = group_advantages(rewards.to(device), group_size, scale=scale, eps=1e-6, reward_weights=weights, **GDPO)
+    torch.testing.assert_close(out.advantages.cpu(), expected[:, 0], rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Precision: statistics in float64 (issue #10, class 3)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("aggregation", ["sum_then_normalize", "normalize_then_sum"])
+def test_float64_rewards_beyond_float32_range(backend, device, aggregation):
+    # 1e39 is finite in float64 but inf in float32: the old code returned NaN advantages.
+    rewards = torch.tensor([1e39, 2e39, 3e39, 4e39, 1.0, 2.0, 3.0, 5.0], dtype=torch.float64, device=device)
+    out = group_advantages(rewards, 4, multi_objective_aggregation=aggregation)
+    assert out.advantages.dtype == torch.float64
+    assert_matches_reference(out, rewards, 4, multi_objective_aggregation=aggregation)
+    if aggregation == "sum_then_normalize":
+        assert out.group_mean[0].item() == pytest.approx(2.5e39, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_huge_spread_keeps_its_advantages(backend, device, dtype):
+    # Squared deviations of 1e20 overflow float32: the old code returned all-zero advantages.
+    rewards = torch.tensor([1e20, -1e20, 3e20, 0.0], dtype=dtype, device=device)
+    out = group_advantages(rewards, 4)
+    assert_matches_reference(out, rewards, 4)
+    assert (out.advantages.abs() > 0.1).sum() >= 3
+    out = group_advantages(rewards, 4, scale="none")
+    assert out.advantages[0].item() == pytest.approx(1e20 - 0.75e20, rel=1e-6)
+
+
+def test_rewards_beyond_float64_squares_are_rejected(device):
+    rewards = torch.tensor([1e160, 0.0, 1.0, 2.0], dtype=torch.float64, device=device)
+    with pytest.raises(ValueError, match="rescale the rewards"):
+        group_advantages(rewards, 4)
+    with pytest.raises(ValueError, match="rescale the rewards"):
+        group_advantages(torch.tensor([[1e100, 1.0]] * 4, dtype=torch.float64, device=device), 4,
+                         reward_weights=[1e60, 1.0])
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(multi_objective_aggregation="sum"), ValueError, "multi_objective_aggregation must be one of"),
+        (dict(multi_objective_aggregation=None), ValueError, "multi_objective_aggregation must be one of"),
+        (dict(multi_objective_aggregation="normalize_then_sum", scale="batch"), ValueError, "scale='batch' does not"),
+    ],
+)
+def test_gdpo_bad_input(device, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        group_advantages(torch.randn(12, 2, device=device), 4, **kwargs)

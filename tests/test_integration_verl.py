@@ -1,17 +1,31 @@
-"""verl adapter: the signatures of verl's fused log-prob/entropy functions, our kernel's numbers.
+"""verl adapter: verl's fused log-prob/entropy functions and policy losses, our kernels' numbers.
 
-verl is not installed here; the adapter is checked against the float64 reference, and
-``patch_verl`` against stand-in ``verl.*`` modules that hold the originals the way verl does.
+The log-prob functions are checked against the float64 reference; the policy losses and
+``patch_verl`` against real verl 0.9.1 (``verl.trainer.ppo.core_algos``) where it is installed
+(the CI's separate verl step), else ``patch_verl`` against stand-in ``verl.*`` modules that hold
+the originals the way verl does.
 """
 
+import importlib.util
 import sys
 import types
 
 import pytest
 import torch
 
-from grpo_kernels.integrations.verl import FusedLinearForPPO, linear_cross_entropy, patch_verl
+import grpo_kernels.ops.grpo_loss as grpo_loss_module
+from grpo_kernels.integrations.verl import (
+    VERL_POLICY_LOSSES,
+    FusedLinearForPPO,
+    linear_cross_entropy,
+    patch_verl,
+    policy_loss,
+)
 from grpo_kernels.reference import token_logprobs_reference
+
+HAS_VERL = importlib.util.find_spec("verl") is not None
+needs_verl = pytest.mark.skipif(not HAS_VERL, reason="verl is not installed (CI installs verl 0.9.1 separately)")
+stand_in_only = pytest.mark.skipif(HAS_VERL, reason="verl is installed: patch_verl is tested against the real one")
 
 TOL = {torch.float32: dict(atol=2e-4, rtol=2e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
 
@@ -102,6 +116,8 @@ def test_unsupported_arguments_raise(device):
 
 @pytest.fixture
 def fake_verl(monkeypatch):
+    if HAS_VERL:
+        pytest.skip("verl is installed: patch_verl is tested against the real one")
     """Stand-ins for the verl modules that define and import the fused functions."""
 
     def original_lce(hidden, weight, labels, temperature=1.0, reduction="none", dist_process_group=None):
@@ -131,7 +147,7 @@ def fake_verl(monkeypatch):
 
 
 def test_patch_verl_swaps_in_the_adapter(fake_verl, device):
-    replaced = patch_verl()
+    replaced = patch_verl()  # the stand-ins have no policy-loss registry: only the log-prob path
     assert replaced == [
         "verl.models.transformers.qwen2.linear_cross_entropy",
         "verl.utils.experimental.torch_functional.FusedLinearForPPO",
@@ -166,3 +182,177 @@ def test_patch_verl_without_verl_raises(monkeypatch):
     monkeypatch.setitem(sys.modules, "verl", None)  # makes `import verl...` fail
     with pytest.raises(ImportError, match="is verl installed"):
         patch_verl()
+
+
+# ----------------------------------------------------------------------------------------------
+# Policy losses against real verl 0.9.1
+# ----------------------------------------------------------------------------------------------
+
+VERL_LOSS_NAMES = ("vanilla", "gspo", "sapo", "cispo", "geo_mean", "dppo_tv", "dppo_kl", "kl_cov", "clip_cov")
+
+
+@pytest.fixture(params=["dispatch", "torch"])
+def loss_backend(request, monkeypatch):
+    """The default dispatch (Triton: GPU or interpreter) and the plain-PyTorch path."""
+    if request.param == "torch":
+        monkeypatch.setattr(grpo_loss_module, "resolve_backend", lambda device, backend="auto": "torch")
+    return request.param
+
+
+def _verl_config(name, global_batch_info=None):
+    from verl.workers.config import ActorConfig, PolicyLossConfig
+
+    config = ActorConfig(
+        strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, clip_ratio=0.2, clip_ratio_low=0.2,
+        clip_ratio_high=0.28, clip_ratio_c=3.0, tau_pos=1.0, tau_neg=1.05,
+        policy_loss=PolicyLossConfig(loss_mode=name, kl_cov_ratio=0.02, ppo_kl_coef=0.1, clip_cov_ratio=0.02,
+                                     clip_cov_lb=0.05, clip_cov_ub=5.0))
+    config.global_batch_info.update(global_batch_info or {})
+    return config
+
+
+def _verl_batch(device, B=6, T=300):
+    """verl-shaped inputs: probabilities' logs, per-token advantages (a row's scalar times the
+    mask), a bool response mask with one empty row and rows shorter than T (T spans two tiles)."""
+    logp = torch.rand(B, T, device=device).clamp(0.02, 0.98).log()
+    old = (logp + torch.randn(B, T, device=device) * 0.4).clamp(max=-1e-3)
+    old[0, :5] = logp[0, :5] - 1.5  # ratios above clip_ratio_c = 3: dual clip / DPPO truncation
+    lengths = torch.randint(1, T + 1, (B,), device=device)
+    lengths[1] = 0
+    lengths[2] = T
+    mask = torch.arange(T, device=device)[None, :] < lengths[:, None]
+    advantages = torch.randn(B, 1, device=device).expand(B, T) * mask
+    return logp, old, advantages, mask
+
+
+@needs_verl
+@pytest.mark.parametrize("name", VERL_LOSS_NAMES)
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum-norm-global"])
+def test_policy_loss_matches_verl(loss_backend, device, name, agg):
+    from verl.trainer.ppo import core_algos
+
+    if agg == "token-mean":
+        loss_agg_mode, info = "token-mean", {}
+    elif loss_backend == "torch":
+        pytest.skip("the batch-wide normalizers are shared by both backends: tested once, on the kernel")
+    else:  # verl's global normalizers of a data-parallel run
+        loss_agg_mode, info = "seq-mean-token-sum-norm", {"dp_size": 2, "global_batch_size": 11,
+                                                           "loss_scale_factor": 64}
+    logp, old, advantages, mask = _verl_batch(device)
+    rollout_is_weights = None
+    if agg == "token-mean" and name != "sapo":
+        rollout_is_weights = torch.rand_like(logp) + 0.5
+        if name == "gspo":  # sequence-level weights (see test_gspo_refuses_token_level_is_weights)
+            rollout_is_weights = rollout_is_weights[:, :1].expand_as(logp).contiguous()
+    config = _verl_config(name, info)
+    seed = int(torch.randint(0, 2**31, ()).item())
+
+    verl_logp = logp.detach().cpu().clone().requires_grad_()
+    torch.manual_seed(seed)  # clip_cov draws on torch's global generator
+    want_loss, want_metrics = core_algos.get_policy_loss_fn(name)(
+        old.cpu(), verl_logp, advantages.cpu(), mask.cpu(), loss_agg_mode, config,
+        None if rollout_is_weights is None else rollout_is_weights.cpu())
+    want_grad, = torch.autograd.grad(want_loss, verl_logp)
+
+    ours_logp = logp.detach().clone().requires_grad_()
+    torch.manual_seed(seed)
+    loss, metrics = policy_loss(name)(old, ours_logp, advantages, mask, loss_agg_mode, config, rollout_is_weights)
+    grad, = torch.autograd.grad(loss, ours_logp)
+
+    torch.testing.assert_close(loss.detach().cpu(), want_loss.detach().float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad.cpu(), want_grad, atol=1e-7, rtol=1e-4)
+    assert set(metrics) == set(want_metrics)
+    for key, value in want_metrics.items():
+        assert metrics[key] == pytest.approx(value, abs=1e-5), key
+
+
+@needs_verl
+def test_clip_cov_generator_makes_the_draw_reproducible(device):
+    logp, old, advantages, mask = _verl_batch(device)
+    config = _verl_config("clip_cov")
+    losses = [policy_loss("clip_cov", generator=torch.Generator().manual_seed(7))(
+        old, logp, advantages, mask, "token-mean", config)[0] for _ in range(2)]
+    assert losses[0].item() == losses[1].item()
+
+
+@needs_verl
+def test_gspo_refuses_token_level_is_weights(device):
+    logp, old, advantages, mask = _verl_batch(device)
+    with pytest.raises(ValueError, match="sequence-level rollout_is_weights"):
+        policy_loss("gspo")(old, logp, advantages, mask, "token-mean", _verl_config("gspo"), torch.rand_like(logp))
+
+
+def test_policy_loss_bad_input():
+    with pytest.raises(ValueError, match="unknown verl policy loss 'gpg'"):
+        policy_loss("gpg")
+    logp = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="needs the actor config"):
+        policy_loss("vanilla")(logp, logp, logp, torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="clip_ratio_c"):  # verl asserts clip_ratio_c > 1 for dual clip
+        policy_loss("vanilla")(logp, logp, logp, torch.ones(2, 3, dtype=torch.bool), "token-mean",
+                               {"clip_ratio": 0.2, "clip_ratio_c": 0.5})
+    assert set(VERL_POLICY_LOSSES) == set(VERL_LOSS_NAMES)
+
+
+def test_policy_loss_reads_a_plain_dict_config():
+    # an OmegaConf DictConfig or a dict works as well as verl's ActorConfig
+    logp = torch.rand(3, 7).clamp(0.05, 0.95).log().requires_grad_()
+    old = logp.detach() + 0.1
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    config = {"clip_ratio": 0.2, "clip_ratio_high": 0.3, "clip_ratio_c": 3.0, "global_batch_info": {}}
+    loss, metrics = policy_loss("vanilla")(old, logp, torch.ones(3, 7), mask, "token-mean", config)
+    assert loss.requires_grad and set(metrics) == {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"}
+
+
+@needs_verl
+def test_patch_verl_registers_policy_losses_and_log_prob_functions(monkeypatch, device):
+    import verl.utils.experimental.torch_functional  # noqa: F401
+    import verl.utils.kernel.linear_cross_entropy  # noqa: F401
+    from verl.trainer.ppo import core_algos
+
+    registry = core_algos.POLICY_LOSS_REGISTRY
+    originals = dict(registry)
+    for name in list(registry):  # restored after the test
+        monkeypatch.setitem(registry, name, registry[name])
+    for module_name, module in list(sys.modules.items()):
+        if module is not None and (module_name == "verl" or module_name.startswith("verl.")):
+            for attr in ("linear_cross_entropy", "FusedLinearForPPO"):
+                if attr in vars(module):
+                    monkeypatch.setattr(module, attr, getattr(module, attr))
+
+    replaced = patch_verl()
+    assert "verl.utils.kernel.linear_cross_entropy.linear_cross_entropy" in replaced
+    assert "verl.utils.experimental.torch_functional.FusedLinearForPPO" in replaced
+    for name in VERL_LOSS_NAMES:
+        assert f"verl.trainer.ppo.core_algos.POLICY_LOSS_REGISTRY[{name!r}]" in replaced
+        assert core_algos.get_policy_loss_fn(name)._grpo_kernels_loss == name
+    assert core_algos.get_policy_loss_fn("gpg") is originals["gpg"]  # modes we do not cover stay verl's
+    assert sys.modules["verl.utils.kernel.linear_cross_entropy"].linear_cross_entropy is linear_cross_entropy
+    assert patch_verl() == []  # idempotent
+
+    # what verl's actor then runs for loss_mode="vanilla"
+    logp, old, advantages, mask = _verl_batch(device, B=3, T=17)
+    config = _verl_config("vanilla")
+    ours, _ = core_algos.get_policy_loss_fn("vanilla")(old, logp, advantages, mask, "token-mean", config)
+    want, _ = originals["vanilla"](old.cpu(), logp.cpu(), advantages.cpu(), mask.cpu(), "token-mean", config)
+    torch.testing.assert_close(ours.cpu(), want, atol=1e-5, rtol=1e-5)
+
+
+@needs_verl
+def test_patch_verl_selected_policy_losses(monkeypatch):
+    from verl.trainer.ppo import core_algos
+
+    registry = core_algos.POLICY_LOSS_REGISTRY
+    for name in list(registry):
+        monkeypatch.setitem(registry, name, registry[name])
+    for module_name, module in list(sys.modules.items()):
+        if module is not None and (module_name == "verl" or module_name.startswith("verl.")):
+            for attr in ("linear_cross_entropy", "FusedLinearForPPO"):
+                if attr in vars(module):
+                    monkeypatch.setattr(module, attr, getattr(module, attr))
+    replaced = patch_verl(policy_losses=["dppo_tv"])
+    assert [r for r in replaced if "POLICY_LOSS_REGISTRY" in r] == [
+        "verl.trainer.ppo.core_algos.POLICY_LOSS_REGISTRY['dppo_tv']"]
+    assert not hasattr(core_algos.get_policy_loss_fn("vanilla"), "_grpo_kernels_loss")
+    with pytest.raises(ValueError, match="unknown policy loss"):
+        patch_verl(policy_losses=["nope"])

@@ -19,7 +19,7 @@ def op_args(batch, backend, **options):
     counts = [getattr(cfg, n).float() if isinstance(getattr(cfg, n), torch.Tensor) else None
               for n in grpo_loss_module._COUNT_OPTIONS]
     return (logp, entropy, t["mask"], t["advantages"], t["old"], t["ref"], t["sampling"], t["is_ratio"], *counts,
-            cfg.as_json(), backend, cfg.entropy_coef != 0)
+            None, cfg.as_json(), backend, cfg.entropy_coef != 0)  # None: no Clip-Cov draw seed
 
 
 @pytest.mark.parametrize("backend,options", [

@@ -3,6 +3,7 @@
 * ``grpo_kernels.integrations.trl``: ``FusedGRPOTrainer``, TRL's ``GRPOTrainer`` with its policy
   loss and log-probs on grpo-kernels (``pip install 'grpo-kernels[trl]'``, trl>=1.16,<1.17).
 * ``grpo_kernels.integrations.verl``: verl's fused log-prob/entropy functions
-  (``linear_cross_entropy``, ``FusedLinearForPPO``) on grpo-kernels, and ``patch_verl()``;
+  (``linear_cross_entropy``, ``FusedLinearForPPO``) and policy losses (``policy_loss(name)``) on
+  grpo-kernels, and ``patch_verl()``;
   ``grpo_kernels.integrations.verl_autopatch`` patches on import (verl's ``external_lib`` hook).
 """

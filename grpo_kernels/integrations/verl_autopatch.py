@@ -1,4 +1,5 @@
-"""Importing this module runs :func:`grpo_kernels.integrations.verl.patch_verl`.
+"""Importing this module runs :func:`grpo_kernels.integrations.verl.patch_verl`: verl's fused
+log-prob/entropy functions and its policy losses (``POLICY_LOSS_REGISTRY``) on grpo-kernels.
 
 For verl's ``external_lib`` hook, which imports a module in every actor/reference worker process
 before the model is built::

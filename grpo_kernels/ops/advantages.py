@@ -1,4 +1,4 @@
-"""Group-relative advantages (GRPO, Dr. GRPO, batch-scaled) and GFPO keep masks.
+"""Group-relative advantages (GRPO, Dr. GRPO, batch-scaled, GDPO) and GFPO keep masks.
 
 A batch holds ``B = num_groups * group_size`` completions, the ``group_size`` completions of a
 prompt stored contiguously. Per completion, the reward is the weighted sum of its reward
@@ -24,6 +24,21 @@ Definitions (``shared/grpo-semantics.md``, section "Advantages"; TRL 1.16
   completions are left out, as TRL's ``nanstd`` leaves out NaN rewards); ``r - group_mean`` for
   ``"none"`` (Dr. GRPO).
 
+GDPO (``multi_objective_aggregation="normalize_then_sum"``; TRL 1.16's option of that name, verl
+0.9.1's ``gdpo`` estimator) normalizes each reward function within its group before the weighted
+sum: ``z_k = (r_k - group_mean_k) / (group_std_k + eps)`` over the group's included completions
+that function scored (``r_k - group_mean_k`` for ``scale="none"``, verl's
+``norm_adv_by_std_in_grpo=False``), ``r = sum_k w_k z_k`` over the scored components, and then
+``advantages = (r - batch_mean) / (batch_std + eps)`` over every included completion of the batch
+(TRL; verl whitens the same ``r`` token-weighted with ``rsqrt(var + 1e-8)``). ``group_mean`` /
+``group_std`` / ``zero_std`` then describe ``r``, the quantity the batch normalization is applied
+to: a zero-std group is one whose completions all get the same advantage.
+
+Precision: every statistic is computed in float64 whatever the reward dtype (the outputs are
+float32, or float64 for float64 rewards), so rewards of any float32 magnitude, and float64 rewards
+beyond float32's range, give exact-to-rounding advantages; weighted rewards beyond 1e150 in
+magnitude, whose squared deviations would overflow float64, are rejected.
+
 Kernel: one Triton program per block of groups computes the NaN-aware weighted reward, the
 per-group mean and M2 (sum of squared deviations) and writes the advantages, all in registers,
 one launch. Each chunk of a group is shifted by its largest included reward before summing, so a
@@ -31,7 +46,10 @@ group of equal rewards gets exactly zero std and exactly zero advantages; groups
 chunk combine chunk statistics with Chan's parallel formula. ``scale="batch"`` needs the whole
 batch's std before any advantage can be written: the kernel runs twice (statistics, then
 advantages), and in between a few PyTorch ops over the ``[num_groups]`` statistics (not over the
-rewards) combine them into the batch std, on the device, without a host sync.
+rewards) combine them into the batch mean and std, on the device, without a host sync. GDPO runs the
+same two passes; its statistics pass loops over the reward functions (group statistics of each,
+then its normalized, weighted contribution accumulated into the advantages buffer, which holds
+``r`` until the second pass overwrites it with the advantages).
 """
 
 from __future__ import annotations
@@ -49,6 +67,9 @@ from grpo_kernels.ops.utils import CompileSpec, check_same_device, check_tensor,
 
 SCALES = ("group", "batch", "none")
 _SCALE_CODE = {"group": 0, "none": 1, "batch": 2}
+MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+# |weighted reward| bound: squared deviations of B such values must not overflow float64.
+MAX_WEIGHTED_REWARD = 1e150
 REWARD_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 ZERO_STD_ATOL = 1e-8  # torch.isclose(std, 0)'s default atol, as TRL logs frac_reward_zero_std
 # Register tile of one program: GROUPS_PER_PROGRAM x BLOCK_G rewards.
@@ -57,7 +78,8 @@ _BLOCK_G_CHOICES = (16, 64, 256, 1024)
 
 
 class GroupAdvantages(NamedTuple):
-    """advantages ``[B]`` float32; group_mean, group_std ``[B / group_size]`` float32; zero_std bool."""
+    """advantages ``[B]``; group_mean, group_std ``[B / group_size]``; zero_std ``[B / group_size]``
+    bool. Float tensors are float32, float64 for float64 rewards."""
 
     advantages: torch.Tensor
     group_mean: torch.Tensor
@@ -75,8 +97,8 @@ def _included_rewards(
     rewards_ptr, weights_ptr, keep_ptr, rows, row_ok, num_rewards, stride_row, stride_col,
     HAS_KEEP_MASK: tl.constexpr,
 ):
-    """Weighted reward of each completion in ``rows`` and whether it enters the statistics."""
-    total = tl.zeros(rows.shape, tl.float32)
+    """Weighted reward of each completion in ``rows`` (float64) and whether it enters the statistics."""
+    total = tl.zeros(rows.shape, tl.float64)
     num_scored = tl.zeros(rows.shape, tl.int32)
     for k in range(0, num_rewards):
         weight = tl.load(weights_ptr + k)
@@ -92,24 +114,51 @@ def _included_rewards(
 
 
 @triton.jit
+def _merge_chunk(count, mean, m2, value, included):
+    """Fold one ``[GROUPS, BLOCK_G]`` chunk into the running per-group (count, mean, M2).
+
+    The chunk is shifted by its largest included value first, so equal values get exactly zero
+    M2 and exactly their value as mean; chunks merge by Chan et al.'s formula, whose weight ratio
+    is exactly 1 on the first chunk (a one-chunk group keeps its chunk mean bit for bit).
+    """
+    chunk_count = tl.sum(included.to(tl.float64), axis=1)
+    shift = tl.max(tl.where(included, value, float("-inf")), axis=1)
+    shift = tl.where(chunk_count > 0, shift, 0.0)
+    shifted = tl.where(included, value - shift[:, None], 0.0)
+    shifted_mean = tl.sum(shifted, axis=1) / tl.maximum(chunk_count, 1.0)
+    deviation = tl.where(included, shifted - shifted_mean[:, None], 0.0)
+    chunk_m2 = tl.sum(deviation * deviation, axis=1)
+    chunk_mean = shift + shifted_mean
+    new_count = count + chunk_count
+    ratio = chunk_count / tl.maximum(new_count, 1.0)
+    delta = chunk_mean - mean
+    return new_count, mean + delta * ratio, m2 + chunk_m2 + delta * delta * count * ratio
+
+
+@triton.jit
+def _bessel_std(count, m2):
+    return tl.where(count > 1.0, tl.sqrt(m2 / tl.maximum(count - 1.0, 1.0)), 0.0)
+
+
+@triton.jit
 def _group_advantages_kernel(
-    rewards_ptr,  # [B, K] fp32, strided
-    weights_ptr,  # [K] fp32
+    rewards_ptr,  # [B, K] fp64, strided
+    weights_ptr,  # [K] fp64
     keep_ptr,  # [B] bool (read only when HAS_KEEP_MASK)
-    batch_std_ptr,  # [1] fp32 (read only when SCALE == 2 and WRITE_ADVANTAGES)
-    advantages_ptr,  # [B] fp32
-    group_mean_ptr,  # [num_groups] fp32
-    group_std_ptr,  # [num_groups] fp32
-    group_count_ptr,  # [num_groups] fp32 (written only for SCALE == 2)
-    group_m2_ptr,  # [num_groups] fp32 (written only for SCALE == 2)
+    scalars_ptr,  # [3] fp64: eps, then the batch (mean, std) (read by the advantage pass of SCALE 2 / GDPO)
+    advantages_ptr,  # [B] fp64 (GDPO: holds the normalized sum r between the passes)
+    group_mean_ptr,  # [num_groups] fp64
+    group_std_ptr,  # [num_groups] fp64
+    group_count_ptr,  # [num_groups] fp64 (written only when the batch statistics are needed)
+    group_m2_ptr,  # [num_groups] fp64 (idem)
     num_groups,
     group_size,
     num_rewards,
     stride_row,
     stride_col,
-    eps,
-    SCALE: tl.constexpr,  # 0: group std, 1: none, 2: batch std (read from batch_std_ptr)
-    WRITE_ADVANTAGES: tl.constexpr,  # False: statistics pass of scale="batch"
+    SCALE: tl.constexpr,  # 0: group std, 1: none, 2: batch std (read from scalars_ptr)
+    DECOUPLED: tl.constexpr,  # GDPO: normalize each reward function, then sum, then batch-normalize
+    WRITE_ADVANTAGES: tl.constexpr,  # False: statistics pass of scale="batch" / GDPO
     HAS_KEEP_MASK: tl.constexpr,
     GROUPS_PER_PROGRAM: tl.constexpr,
     BLOCK_G: tl.constexpr,
@@ -117,10 +166,46 @@ def _group_advantages_kernel(
     groups = tl.program_id(0) * GROUPS_PER_PROGRAM + tl.arange(0, GROUPS_PER_PROGRAM)
     group_ok = groups < num_groups
     members = tl.arange(0, BLOCK_G)
+    TWO_PASS: tl.constexpr = (SCALE == 2) or DECOUPLED
+    eps = tl.load(scalars_ptr)  # float64: a Python float argument would arrive as fp32
 
-    count = tl.zeros((GROUPS_PER_PROGRAM,), tl.float32)
-    mean = tl.zeros((GROUPS_PER_PROGRAM,), tl.float32)
-    m2 = tl.zeros((GROUPS_PER_PROGRAM,), tl.float32)
+    if DECOUPLED and not WRITE_ADVANTAGES:
+        # r = sum_k w_k z_k, accumulated in advantages_ptr one reward function at a time.
+        for k in range(0, num_rewards):
+            weight = tl.load(weights_ptr + k)
+            count_k = tl.zeros((GROUPS_PER_PROGRAM,), tl.float64)
+            mean_k = tl.zeros((GROUPS_PER_PROGRAM,), tl.float64)
+            m2_k = tl.zeros((GROUPS_PER_PROGRAM,), tl.float64)
+            for start in range(0, group_size, BLOCK_G):
+                member = start + members
+                rows = groups[:, None] * group_size + member[None, :]
+                row_ok = group_ok[:, None] & (member[None, :] < group_size)
+                _, included = _included_rewards(
+                    rewards_ptr, weights_ptr, keep_ptr, rows, row_ok, num_rewards, stride_row,
+                    stride_col, HAS_KEEP_MASK,
+                )
+                value = tl.load(rewards_ptr + rows * stride_row + k * stride_col, mask=row_ok, other=float("nan"))
+                count_k, mean_k, m2_k = _merge_chunk(count_k, mean_k, m2_k, value, included & (value == value))
+            std_k = _bessel_std(count_k, m2_k)
+            for start in range(0, group_size, BLOCK_G):
+                member = start + members
+                rows = groups[:, None] * group_size + member[None, :]
+                row_ok = group_ok[:, None] & (member[None, :] < group_size)
+                _, included = _included_rewards(
+                    rewards_ptr, weights_ptr, keep_ptr, rows, row_ok, num_rewards, stride_row,
+                    stride_col, HAS_KEEP_MASK,
+                )
+                value = tl.load(rewards_ptr + rows * stride_row + k * stride_col, mask=row_ok, other=float("nan"))
+                z = value - mean_k[:, None]
+                if SCALE == 0:
+                    z = z / (std_k[:, None] + eps)
+                contribution = tl.where(included & (value == value), weight * z, 0.0)
+                previous = tl.load(advantages_ptr + rows, mask=row_ok & (k > 0), other=0.0)
+                tl.store(advantages_ptr + rows, previous + contribution, mask=row_ok)
+
+    count = tl.zeros((GROUPS_PER_PROGRAM,), tl.float64)
+    mean = tl.zeros((GROUPS_PER_PROGRAM,), tl.float64)
+    m2 = tl.zeros((GROUPS_PER_PROGRAM,), tl.float64)
     for start in range(0, group_size, BLOCK_G):
         member = start + members
         rows = groups[:, None] * group_size + member[None, :]
@@ -129,32 +214,17 @@ def _group_advantages_kernel(
             rewards_ptr, weights_ptr, keep_ptr, rows, row_ok, num_rewards, stride_row, stride_col,
             HAS_KEEP_MASK,
         )
-        chunk_count = tl.sum(included.to(tl.float32), axis=1)
-        # Shifting by a member of the chunk keeps equal rewards exactly equal to the mean.
-        shift = tl.max(tl.where(included, reward, float("-inf")), axis=1)
-        shift = tl.where(chunk_count > 0, shift, 0.0)
-        shifted = tl.where(included, reward - shift[:, None], 0.0)
-        shifted_mean = tl.sum(shifted, axis=1) / tl.maximum(chunk_count, 1.0)
-        deviation = tl.where(included, shifted - shifted_mean[:, None], 0.0)
-        chunk_m2 = tl.sum(deviation * deviation, axis=1)
-        chunk_mean = shift + shifted_mean
-        # Chan et al.: merge (count, mean, m2) of the chunk into the running ones. The weight
-        # ratio is exactly 1 on the first chunk, so a one-chunk group keeps its chunk mean bit
-        # for bit.
-        new_count = count + chunk_count
-        ratio = chunk_count / tl.maximum(new_count, 1.0)
-        delta = chunk_mean - mean
-        mean = mean + delta * ratio
-        m2 = m2 + chunk_m2 + delta * delta * count * ratio
-        count = new_count
-    std = tl.where(count > 1.0, tl.sqrt_rn(m2 / tl.maximum(count - 1.0, 1.0)), 0.0)
+        if DECOUPLED:
+            reward = tl.load(advantages_ptr + rows, mask=row_ok, other=0.0)
+        count, mean, m2 = _merge_chunk(count, mean, m2, reward, included)
+    std = _bessel_std(count, m2)
 
-    # The advantage pass of scale="batch" recomputes the statistics (cheaper than a round trip
+    # The advantage pass of a two-pass mode recomputes the statistics (cheaper than a round trip
     # through memory) but leaves writing them to the statistics pass.
-    if (SCALE != 2) or (not WRITE_ADVANTAGES):
+    if (not TWO_PASS) or (not WRITE_ADVANTAGES):
         tl.store(group_mean_ptr + groups, mean, mask=group_ok)
         tl.store(group_std_ptr + groups, std, mask=group_ok)
-        if SCALE == 2:
+        if TWO_PASS:
             tl.store(group_count_ptr + groups, count, mask=group_ok)
             tl.store(group_m2_ptr + groups, m2, mask=group_ok)
 
@@ -167,12 +237,15 @@ def _group_advantages_kernel(
                 rewards_ptr, weights_ptr, keep_ptr, rows, row_ok, num_rewards, stride_row,
                 stride_col, HAS_KEEP_MASK,
             )
-            centered = reward - mean[:, None]
-            if SCALE == 0:
-                centered = tl.math.div_rn(centered, std[:, None] + eps)
-            elif SCALE == 2:
-                batch_std = tl.load(batch_std_ptr)
-                centered = tl.math.div_rn(centered, batch_std + eps)
+            if DECOUPLED:
+                reward = tl.load(advantages_ptr + rows, mask=row_ok, other=0.0)
+                centered = (reward - tl.load(scalars_ptr + 1)) / (tl.load(scalars_ptr + 2) + eps)
+            else:
+                centered = reward - mean[:, None]
+                if SCALE == 0:
+                    centered = centered / (std[:, None] + eps)
+                elif SCALE == 2:
+                    centered = centered / (tl.load(scalars_ptr + 2) + eps)
             tl.store(advantages_ptr + rows, tl.where(included, centered, 0.0), mask=row_ok)
 
 
@@ -183,53 +256,58 @@ def _launch_config(group_size: int) -> tuple[int, int]:
     return block_g, _TILE // block_g
 
 
-def _kernel_modes() -> list[tuple[int, bool]]:
-    """(SCALE, WRITE_ADVANTAGES) pairs that dispatch launches."""
-    return [(0, True), (1, True), (2, False), (2, True)]
+def _kernel_modes() -> list[tuple[int, bool, bool]]:
+    """(SCALE, DECOUPLED, WRITE_ADVANTAGES) triples that dispatch launches."""
+    return [(0, False, True), (1, False, True), (2, False, False), (2, False, True),
+            (0, True, False), (0, True, True), (1, True, False), (1, True, True)]
 
 
-def _group_advantages_triton(rewards2d, weights, keep_mask, group_size, scale, eps):
+def _group_advantages_triton(rewards2d, weights, keep_mask, group_size, scale, eps, decoupled):
+    """rewards2d ``[B, K]`` and weights ``[K]`` float64; returns float64 (advantages, mean, std)."""
     device = rewards2d.device
     batch, num_rewards = rewards2d.shape
     num_groups = batch // group_size
-    advantages = torch.empty(batch, dtype=torch.float32, device=device)
-    group_mean = torch.empty(num_groups, dtype=torch.float32, device=device)
-    group_std = torch.empty(num_groups, dtype=torch.float32, device=device)
+    f64 = dict(dtype=torch.float64, device=device)
+    advantages = torch.empty(batch, **f64)
+    group_mean = torch.empty(num_groups, **f64)
+    group_std = torch.empty(num_groups, **f64)
     scale_code = _SCALE_CODE[scale]
-    if scale_code == 2:
-        group_count = torch.empty(num_groups, dtype=torch.float32, device=device)
-        group_m2 = torch.empty(num_groups, dtype=torch.float32, device=device)
+    two_pass = scale_code == 2 or decoupled
+    scalars = torch.tensor([eps, 0.0, 0.0], **f64)
+    if two_pass:
+        group_count = torch.empty(num_groups, **f64)
+        group_m2 = torch.empty(num_groups, **f64)
     else:
         group_count = group_m2 = group_mean  # never touched by these modes
     block_g, groups_per_program = _launch_config(group_size)
     grid = (triton.cdiv(num_groups, groups_per_program),)
     has_keep = keep_mask is not None
     keep_arg = keep_mask if has_keep else advantages
-    batch_std = torch.zeros(1, dtype=torch.float32, device=device) if scale_code == 2 else group_mean
 
     def launch(write_advantages: bool):
         _group_advantages_kernel[grid](
-            rewards2d, weights, keep_arg, batch_std, advantages, group_mean, group_std,
+            rewards2d, weights, keep_arg, scalars, advantages, group_mean, group_std,
             group_count, group_m2, num_groups, group_size, num_rewards,
-            rewards2d.stride(0), rewards2d.stride(1), eps,
-            SCALE=scale_code, WRITE_ADVANTAGES=write_advantages, HAS_KEEP_MASK=has_keep,
-            GROUPS_PER_PROGRAM=groups_per_program, BLOCK_G=block_g,
+            rewards2d.stride(0), rewards2d.stride(1),
+            SCALE=scale_code, DECOUPLED=decoupled, WRITE_ADVANTAGES=write_advantages,
+            HAS_KEEP_MASK=has_keep, GROUPS_PER_PROGRAM=groups_per_program, BLOCK_G=block_g,
             num_warps=4, num_stages=1,
         )
 
-    if scale_code == 2:
+    if two_pass:
         launch(False)
-        batch_std.copy_(_batch_std_from_groups(group_count, group_mean, group_m2))
+        scalars[1:].copy_(torch.stack(_batch_stats_from_groups(group_count, group_mean, group_m2)))
     launch(True)
     return advantages, group_mean, group_std
 
 
-def _batch_std_from_groups(count, mean, m2) -> torch.Tensor:
-    """Bessel std of every included reward of the batch from per-group (count, mean, M2).
+def _batch_stats_from_groups(count, mean, m2) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, Bessel std) of every included value of the batch from per-group (count, mean, M2).
 
     M2_batch = sum_g M2_g + sum_g n_g (mean_g - mean_batch)^2; the group means are shifted by
-    one of them first so that a batch of equal rewards gets exactly zero std. 0 with fewer than
-    two included rewards. Returns a 0-d float32 tensor on the device of the inputs.
+    one of them first so that a batch of equal values gets exactly their value as mean and
+    exactly zero std. Mean 0 without included values, std 0 with fewer than two. 0-d tensors of
+    the dtype and device of the inputs.
     """
     total = count.sum()
     nonempty = count > 0
@@ -240,7 +318,7 @@ def _batch_std_from_groups(count, mean, m2) -> torch.Tensor:
     spread = torch.where(nonempty, shifted - shifted_mean, torch.zeros_like(mean))
     m2_batch = m2.sum() + (count * spread * spread).sum()
     variance = m2_batch / (total - 1.0).clamp(min=1.0)
-    return torch.where(total > 1, variance.sqrt(), torch.zeros_like(variance))
+    return reference + shifted_mean, torch.where(total > 1, variance.sqrt(), torch.zeros_like(variance))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,31 +326,54 @@ def _batch_std_from_groups(count, mean, m2) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _group_advantages_torch(rewards2d, weights, keep_mask, group_size, scale, eps):
-    values = rewards2d.float()
+def _grouped_stats(values, included):
+    """Per-group (count, mean, M2) of ``values [num_groups, G]`` where ``included``, shifted by
+    the group's largest included value as the kernel does."""
+    count = included.sum(dim=1).to(values.dtype)
+    shift = torch.where(included, values, torch.full_like(values, -math.inf)).amax(dim=1)
+    shift = torch.where(count > 0, shift, torch.zeros_like(shift))
+    shifted = torch.where(included, values - shift[:, None], torch.zeros_like(values))
+    shifted_mean = shifted.sum(dim=1) / count.clamp(min=1.0)
+    deviation = torch.where(included, shifted - shifted_mean[:, None], torch.zeros_like(values))
+    return count, shift + shifted_mean, (deviation * deviation).sum(dim=1)
+
+
+def _bessel_std_torch(count, m2):
+    return torch.where(count > 1, (m2 / (count - 1.0).clamp(min=1.0)).sqrt(), torch.zeros_like(m2))
+
+
+def _group_advantages_torch(rewards2d, weights, keep_mask, group_size, scale, eps, decoupled):
+    """The kernel's arithmetic on float64 ``rewards2d [B, K]`` and ``weights [K]``."""
+    values = rewards2d
     scored = ~torch.isnan(values)
-    reward = torch.where(scored, values * weights, torch.zeros_like(values)).sum(dim=1)
     included = scored.any(dim=1)
     if keep_mask is not None:
         included = included & keep_mask
-    reward = reward.view(-1, group_size)
     included = included.view(-1, group_size)
+    if decoupled:
+        reward = torch.zeros_like(included, dtype=values.dtype)
+        for k in range(values.shape[1]):
+            component = values[:, k].view(-1, group_size)
+            uses = included & scored[:, k].view(-1, group_size)
+            count_k, mean_k, m2_k = _grouped_stats(component, uses)
+            z = component - mean_k[:, None]
+            if scale == "group":
+                z = z / (_bessel_std_torch(count_k, m2_k)[:, None] + eps)
+            reward = reward + torch.where(uses, weights[k] * z, torch.zeros_like(z))
+    else:
+        reward = torch.where(scored, values * weights, torch.zeros_like(values)).sum(dim=1).view(-1, group_size)
 
-    count = included.sum(dim=1).float()
-    shift = torch.where(included, reward, torch.full_like(reward, -math.inf)).amax(dim=1)
-    shift = torch.where(count > 0, shift, torch.zeros_like(shift))
-    shifted = torch.where(included, reward - shift[:, None], torch.zeros_like(reward))
-    shifted_mean = shifted.sum(dim=1) / count.clamp(min=1.0)
-    deviation = torch.where(included, shifted - shifted_mean[:, None], torch.zeros_like(reward))
-    m2 = (deviation * deviation).sum(dim=1)
-    group_mean = shift + shifted_mean
-    group_std = torch.where(count > 1, (m2 / (count - 1.0).clamp(min=1.0)).sqrt(), torch.zeros_like(m2))
-
-    centered = reward - group_mean[:, None]
-    if scale == "group":
-        centered = centered / (group_std[:, None] + eps)
-    elif scale == "batch":
-        centered = centered / (_batch_std_from_groups(count, group_mean, m2) + eps)
+    count, group_mean, m2 = _grouped_stats(reward, included)
+    group_std = _bessel_std_torch(count, m2)
+    if decoupled:
+        batch_mean, batch_std = _batch_stats_from_groups(count, group_mean, m2)
+        centered = (reward - batch_mean) / (batch_std + eps)
+    else:
+        centered = reward - group_mean[:, None]
+        if scale == "group":
+            centered = centered / (group_std[:, None] + eps)
+        elif scale == "batch":
+            centered = centered / (_batch_stats_from_groups(count, group_mean, m2)[1] + eps)
     advantages = torch.where(included, centered, torch.zeros_like(centered)).reshape(-1)
     return advantages, group_mean, group_std
 
@@ -305,15 +406,15 @@ def _check_group_size(group_size, batch: int, what: str) -> int:
 
 def _reward_weights_tensor(reward_weights, num_rewards: int, device) -> torch.Tensor:
     if reward_weights is None:
-        return torch.ones(num_rewards, dtype=torch.float32, device=device)
+        return torch.ones(num_rewards, dtype=torch.float64, device=device)
     if isinstance(reward_weights, torch.Tensor):
         check_tensor("reward_weights", reward_weights, ndim=1)
         if not reward_weights.is_floating_point() and reward_weights.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"reward_weights must be a float tensor, got {reward_weights.dtype}")
-        weights = reward_weights.detach().to(device=device, dtype=torch.float32)
+        weights = reward_weights.detach().to(device=device, dtype=torch.float64)
     else:
         try:
-            weights = torch.tensor([float(w) for w in reward_weights], dtype=torch.float32, device=device)
+            weights = torch.tensor([float(w) for w in reward_weights], dtype=torch.float64, device=device)
         except (TypeError, ValueError):
             raise TypeError(
                 f"reward_weights must be a sequence of numbers or a 1-D tensor, got {reward_weights!r}"
@@ -336,6 +437,7 @@ def group_advantages(
     eps: float = 1e-4,
     reward_weights=None,
     keep_mask: torch.Tensor | None = None,
+    multi_objective_aggregation: str = "sum_then_normalize",
 ) -> GroupAdvantages:
     """Group-relative advantages of a batch of ``B = num_groups * group_size`` completions.
 
@@ -344,17 +446,25 @@ def group_advantages(
             Completion ``i`` belongs to group ``i // group_size``.
         group_size: completions per prompt (G); ``B % G == 0``.
         scale: ``"group"`` (per-group std), ``"batch"`` (std of the whole batch, mean still per
-            group) or ``"none"`` (Dr. GRPO: no division).
-        eps: added to the std before dividing (> 0).
+            group) or ``"none"`` (Dr. GRPO: no division). Under ``"normalize_then_sum"``:
+            ``"group"`` divides each reward function's centered scores by its group std,
+            ``"none"`` only centers them (verl's ``norm_adv_by_std_in_grpo=False``; TRL has no
+            such variant), ``"batch"`` is refused.
+        eps: added to every std before dividing (> 0). TRL uses 1e-4, verl 1e-6.
         reward_weights: ``K`` weights (sequence or 1-D tensor); default all 1.
         keep_mask: ``[B]`` bool (GFPO, see :func:`gfpo_keep_mask`): statistics over kept
             completions only; the others get advantage 0.
+        multi_objective_aggregation: ``"sum_then_normalize"`` (weighted sum of the reward
+            functions, then the group normalization; TRL's default) or ``"normalize_then_sum"``
+            (GDPO: each function normalized within its group, then the weighted sum, then a
+            batch normalization; TRL's option of that name, verl's ``gdpo``).
 
     Returns:
-        :class:`GroupAdvantages` (advantages ``[B]`` float32, group_mean / group_std
-        ``[B / G]`` float32, zero_std ``[B / G]`` bool). See the module docstring for the exact
-        definitions (std of fewer than two rewards is 0; a group with no included reward has
-        mean 0, std 0). Not differentiable (rewards carry no gradient in GRPO).
+        :class:`GroupAdvantages` (advantages ``[B]``, group_mean / group_std ``[B / G]``, float32,
+        or float64 for float64 rewards; zero_std ``[B / G]`` bool). See the module docstring for
+        the exact definitions (std of fewer than two rewards is 0; a group with no included reward
+        has mean 0, std 0; under GDPO the statistics are those of the normalized sum). Not
+        differentiable (rewards carry no gradient in GRPO).
     """
     check_tensor("rewards", rewards, dtypes=REWARD_DTYPES)
     if rewards.dim() not in (1, 2):
@@ -366,6 +476,16 @@ def group_advantages(
     group_size = _check_group_size(group_size, batch, "completions")
     if not isinstance(scale, str) or scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    if not isinstance(multi_objective_aggregation, str) or multi_objective_aggregation not in MULTI_OBJECTIVE_AGGREGATIONS:
+        raise ValueError(
+            f"multi_objective_aggregation must be one of {MULTI_OBJECTIVE_AGGREGATIONS}, "
+            f"got {multi_objective_aggregation!r}")
+    decoupled = multi_objective_aggregation == "normalize_then_sum"
+    if decoupled and scale == "batch":
+        raise ValueError(
+            "scale='batch' does not combine with multi_objective_aggregation='normalize_then_sum': "
+            "GDPO normalizes each reward function within its group ('group', or 'none' to only "
+            "center) and always normalizes the sum over the batch")
     if isinstance(eps, bool) or not isinstance(eps, Real):
         raise TypeError(f"eps must be a number, got {type(eps).__name__}")
     eps = float(eps)
@@ -379,23 +499,36 @@ def group_advantages(
         keep_mask = keep_mask.contiguous()
     if rewards2d.numel() >= 2**31:
         raise ValueError(f"rewards has {rewards2d.numel()} entries; at most 2**31 - 1 are supported")
-    if bool(torch.isinf(rewards2d).any()):
-        raise ValueError("rewards must be finite or NaN (NaN = could not score); got +-inf")
     weights = _reward_weights_tensor(reward_weights, num_rewards, rewards.device)
-
+    out_dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     if batch == 0:
-        empty = torch.zeros(0, dtype=torch.float32, device=rewards.device)
+        empty = torch.zeros(0, dtype=out_dtype, device=rewards.device)
         return GroupAdvantages(empty, empty.clone(), empty.clone(), empty.bool())
+    # Rewards are a few KB: float64 everywhere costs nothing and keeps one kernel specialization.
+    rewards64 = rewards2d.double()
+    _check_reward_range(rewards64, weights)
     if resolve_backend(rewards.device) == "triton":
-        # Rewards are a few KB: one cast keeps the kernel to a single (fp32) specialization.
         advantages, group_mean, group_std = _group_advantages_triton(
-            rewards2d.float(), weights, keep_mask, group_size, scale, eps
+            rewards64, weights, keep_mask, group_size, scale, eps, decoupled
         )
     else:
         advantages, group_mean, group_std = _group_advantages_torch(
-            rewards2d, weights, keep_mask, group_size, scale, eps
+            rewards64, weights, keep_mask, group_size, scale, eps, decoupled
         )
-    return GroupAdvantages(advantages, group_mean, group_std, group_std <= ZERO_STD_ATOL)
+    return GroupAdvantages(
+        advantages.to(out_dtype), group_mean.to(out_dtype), group_std.to(out_dtype), group_std <= ZERO_STD_ATOL)
+
+
+def _check_reward_range(rewards64: torch.Tensor, weights: torch.Tensor) -> None:
+    """One host sync: no +-inf reward, and every weighted reward small enough to square in float64."""
+    largest = float(rewards64.abs().nan_to_num(nan=0.0, posinf=math.inf).amax())
+    if math.isinf(largest):
+        raise ValueError("rewards must be finite or NaN (NaN = could not score); got +-inf")
+    bound = largest * float(weights.abs().sum())
+    if bound > MAX_WEIGHTED_REWARD:
+        raise ValueError(
+            f"rewards x reward_weights reach {bound:.3g} in magnitude; group_advantages supports up to "
+            f"{MAX_WEIGHTED_REWARD:.0e} (squared deviations must fit in float64): rescale the rewards")
 
 
 def gfpo_keep_mask(scores: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
@@ -423,31 +556,31 @@ def gfpo_keep_mask(scores: torch.Tensor, group_size: int, k: int) -> torch.Tenso
 
 def sm90_compile_specs() -> list[CompileSpec]:
     """Every configuration ``group_advantages`` launches on a GPU: each group-size bucket x
-    (scale, pass) x keep mask (rewards are cast to fp32 before the launch)."""
+    (scale, aggregation, pass) x keep mask (rewards and weights are cast to fp64 before the launch)."""
     specs = []
     for block_g in _BLOCK_G_CHOICES:
-        for scale_code, write_advantages in _kernel_modes():
+        for scale_code, decoupled, write_advantages in _kernel_modes():
             for has_keep in (False, True):
                 signature = {
-                    "rewards_ptr": "*fp32", "weights_ptr": "*fp32",
-                    "keep_ptr": "*i1" if has_keep else "*fp32", "batch_std_ptr": "*fp32",
-                    "advantages_ptr": "*fp32", "group_mean_ptr": "*fp32", "group_std_ptr": "*fp32",
-                    "group_count_ptr": "*fp32", "group_m2_ptr": "*fp32",
+                    "rewards_ptr": "*fp64", "weights_ptr": "*fp64",
+                    "keep_ptr": "*i1" if has_keep else "*fp64", "scalars_ptr": "*fp64",
+                    "advantages_ptr": "*fp64", "group_mean_ptr": "*fp64", "group_std_ptr": "*fp64",
+                    "group_count_ptr": "*fp64", "group_m2_ptr": "*fp64",
                     "num_groups": "i32", "group_size": "i32", "num_rewards": "i32",
-                    "stride_row": "i32", "stride_col": "i32", "eps": "fp32",
-                    "SCALE": "constexpr", "WRITE_ADVANTAGES": "constexpr",
+                    "stride_row": "i32", "stride_col": "i32",
+                    "SCALE": "constexpr", "DECOUPLED": "constexpr", "WRITE_ADVANTAGES": "constexpr",
                     "HAS_KEEP_MASK": "constexpr", "GROUPS_PER_PROGRAM": "constexpr",
                     "BLOCK_G": "constexpr",
                 }
                 constexprs = {
-                    "SCALE": scale_code, "WRITE_ADVANTAGES": write_advantages,
+                    "SCALE": scale_code, "DECOUPLED": decoupled, "WRITE_ADVANTAGES": write_advantages,
                     "HAS_KEEP_MASK": has_keep, "GROUPS_PER_PROGRAM": _TILE // block_g,
                     "BLOCK_G": block_g,
                 }
                 mode = {0: "group", 1: "none", 2: "batch"}[scale_code]
                 name = (
-                    f"group_advantages[{mode}{'' if write_advantages else '-stats'}"
-                    f"{'-keep' if has_keep else ''},G<={block_g}]"
+                    f"group_advantages[{'gdpo-' if decoupled else ''}{mode}"
+                    f"{'' if write_advantages else '-stats'}{'-keep' if has_keep else ''},G<={block_g}]"
                 )
                 specs.append(CompileSpec(name, _group_advantages_kernel, signature, constexprs, 4, 1))
     return specs

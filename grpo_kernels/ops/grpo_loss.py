@@ -121,9 +121,10 @@ def _policy_clip(x, o, rho, a, row_value, eps_low, eps_high, delta, clip_c):
 
 
 @triton.jit
-def _policy_cispo(x, o, rho, a, row_value, eps_high, p1, p2, p3):
-    """CISPO: P = -stopgrad(min(rho, eps_high)) A logp."""
-    capped = tl.minimum(rho, eps_high)
+def _policy_cispo(x, o, rho, a, row_value, eps_high, ratio_min, p2, p3):
+    """CISPO: P = -stopgrad(clamp(rho, ratio_min, eps_high)) A logp (TRL: ratio_min 0; verl:
+    clamp(rho, 1 - clip_ratio_low, 1 + clip_ratio_high))."""
+    capped = tl.minimum(tl.maximum(rho, ratio_min), eps_high)
     no_flag = tl.zeros_like(x) != 0
     return -capped * a * x, -capped * a, tl.zeros_like(x), no_flag, (rho > eps_high) & (a > 0), no_flag
 
@@ -153,6 +154,75 @@ def _policy_vespo(x, o, rho, a, row_value, k_pos, lambda_pos, k_neg, lambda_neg)
     phi = _vespo_phi(row_value, a, k_pos, lambda_pos, k_neg, lambda_neg)
     no_flag = tl.zeros_like(x) != 0
     return -phi * a * x, -phi * a, tl.zeros_like(x), no_flag, no_flag, no_flag
+
+
+@triton.jit
+def _gmpo_log_ratio(x, o, a, eps_low, eps_high):
+    """GMPO's g_t = s min(s l_t, s clamp(l_t, -eps_low, eps_high)), s = sign(A_t), and d g_t / d l_t
+    (torch's conventions: 1 unless clipped on the side of s, 0 where A = 0)."""
+    log_ratio = x - o
+    clamped = tl.minimum(tl.maximum(log_ratio, -eps_low), eps_high)
+    s = tl.where(a > 0, 1.0, tl.where(a < 0, -1.0, 0.0))
+    g = s * tl.minimum(s * log_ratio, s * clamped)
+    return g, tl.where((s != 0) & (s * log_ratio <= s * clamped), 1.0, 0.0)
+
+
+@triton.jit
+def _policy_geo_mean(x, o, rho, a, row_value, eps_low, eps_high, p2, p3):
+    """GMPO (verl geo_mean): P = -A_t rho_i, rho_i = exp(sum_t m g_t / (sum_t m + 1e-8)) the row's
+    geometric-mean ratio (the row pass, _ROW_LOG_RATIO_GMPO); averaged per row by sum_t m + 1e-8 this
+    is -A_i rho_i with verl's A_i. Flags: l_t outside [-eps_low, eps_high] with A > 0 (high) / A < 0 (low)."""
+    log_ratio = x - o
+    clipped = log_ratio != tl.minimum(tl.maximum(log_ratio, -eps_low), eps_high)
+    no_flag = tl.zeros_like(x) != 0
+    return -a * rho, tl.zeros_like(x), -a + tl.zeros_like(x), clipped & (a < 0), clipped & (a > 0), no_flag
+
+
+@triton.jit
+def _dppo_term(x, rho, a, valid, cap):
+    """DPPO's P = -A stopgrad(min(rho, cap) valid) logp; flags: invalid with A <= 0 (low) / A > 0 (high),
+    truncated and valid (lower: verl's pg_clipfrac_lower)."""
+    weight = tl.where(valid, tl.minimum(rho, cap), 0.0)
+    invalid = valid == 0
+    return -a * weight * x, -a * weight, tl.zeros_like(x), invalid & (a <= 0), invalid & (a > 0), (rho > cap) & valid
+
+
+@triton.jit
+def _policy_dppo_tv(x, o, rho, a, row_value, eps_low, eps_high, cap, p3):
+    """DPPO-Binary-TV: valid = p - q <= eps_high (A > 0) or p - q >= -eps_low (A <= 0), p = exp(logp), q = exp(old)."""
+    diff = tl.exp(x) - tl.exp(o)
+    return _dppo_term(x, rho, a, tl.where(a > 0, diff <= eps_high, diff >= -eps_low), cap)
+
+
+@triton.jit
+def _policy_dppo_kl(x, o, rho, a, row_value, eps_low, eps_high, cap, p3):
+    """DPPO-Binary-KL: b = q (old - logp) + (1 - q) log((1 - q + 1e-8) / (1 - p + 1e-8));
+    valid = b <= eps_high or p <= q (A > 0), b <= eps_low or p >= q (A <= 0)."""
+    p = tl.exp(x)
+    q = tl.exp(o)
+    b = q * (o - x) + (1.0 - q) * tl.log((1.0 - q + 1e-8) / (1.0 - p + 1e-8))
+    return _dppo_term(x, rho, a, tl.where(a > 0, (b <= eps_high) | (p <= q), (b <= eps_low) | (p >= q)), cap)
+
+
+@triton.jit
+def _policy_kl_cov(x, o, rho, a, selected, coef, p1, p2, p3):
+    """KL-Cov: P = -A rho + selected coef |l| (no clipping); ``selected`` is the per-token covariance
+    selection (1 or 0). Flag lower: selected."""
+    log_ratio = x - o
+    sign = tl.where(log_ratio > 0, 1.0, tl.where(log_ratio < 0, -1.0, 0.0))
+    no_flag = tl.zeros_like(x) != 0
+    return (-a * rho + selected * coef * tl.abs(log_ratio), selected * coef * sign, -a + tl.zeros_like(x),
+            no_flag, no_flag, selected != 0)
+
+
+@triton.jit
+def _policy_clip_cov(x, o, rho, a, selected, eps_low, eps_high, p2, p3):
+    """Clip-Cov: the PPO clip term (no delta, no dual clip) with the selected tokens' term zeroed.
+    Flags: the clip's low/high; lower: selected."""
+    policy, dpolicy_dx, dpolicy_drho, is_low, is_high, is_lower = _policy_clip(
+        x, o, rho, a, selected, eps_low, eps_high, float("inf"), float("inf"))
+    keep = 1.0 - selected
+    return policy * keep, dpolicy_dx, dpolicy_drho * keep, is_low, is_high, selected != 0
 
 
 # KL estimators of the reference penalty: (value, d value / d logp) from x = logp, r = ref logp.
@@ -251,6 +321,7 @@ def _token_loss(x, o, r, a, rho, row_value, multiplier, p0, p1, p2, p3, beta, bi
 _ROW_LOG_RATIO_NONE = 0  # nothing (token-level ratios)
 _ROW_LOG_RATIO_MEAN = 1  # sum_t m l_t / max(sum_t m, 1): the GSPO sequence ratio (rho is per row)
 _ROW_LOG_RATIO_VESPO = 2  # clamp(sum_t m clamp(l_t, +-20) + sum_t clamp(log is_t, log 1e-8, 20), log 1e-8, 20)
+_ROW_LOG_RATIO_GMPO = 3  # sum_t m g_t / (sum_t m + 1e-8), g_t GMPO's sign-clipped l_t (rho is per row)
 
 
 @dataclass(frozen=True)
@@ -261,14 +332,22 @@ class PolicyTerm:
     params: tuple
     row_log_ratio: int = _ROW_LOG_RATIO_NONE
     folds_is_ratio: bool = False  # the rollout IS ratio enters row_value instead of the multiplier
+    # "kl_cov" / "clip_cov": a per-token covariance selection over the micro-batch, computed before
+    # the row pass, is handed to the policy term in place of row_value
+    token_selection: str | None = None
 
 
 POLICIES = {
     "clip": PolicyTerm(_policy_clip, ("epsilon_low", "epsilon_high", "delta_or_inf", "clip_ratio_c_or_inf")),
-    "cispo": PolicyTerm(_policy_cispo, ("epsilon_high",)),
+    "cispo": PolicyTerm(_policy_cispo, ("epsilon_high", "cispo_ratio_min")),
     "sapo": PolicyTerm(_policy_sapo, ("sapo_temperature_pos", "sapo_temperature_neg")),
     "vespo": PolicyTerm(_policy_vespo, ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"),
                         row_log_ratio=_ROW_LOG_RATIO_VESPO, folds_is_ratio=True),
+    "geo_mean": PolicyTerm(_policy_geo_mean, ("epsilon_low", "epsilon_high"), row_log_ratio=_ROW_LOG_RATIO_GMPO),
+    "dppo_tv": PolicyTerm(_policy_dppo_tv, ("epsilon_low", "epsilon_high", "clip_ratio_c_or_inf")),
+    "dppo_kl": PolicyTerm(_policy_dppo_kl, ("epsilon_low", "epsilon_high", "clip_ratio_c_or_inf")),
+    "kl_cov": PolicyTerm(_policy_kl_cov, ("ppo_kl_coef",), token_selection="kl_cov"),
+    "clip_cov": PolicyTerm(_policy_clip_cov, ("epsilon_low", "epsilon_high"), token_selection="clip_cov"),
 }
 
 KL_ESTIMATORS = {
@@ -363,8 +442,12 @@ AGGREGATIONS = {
         0, lambda cfg, s, B, T: cfg.dp_size / _verl_sequences(cfg, s)
         / (T if cfg.loss_scale_factor is None else cfg.loss_scale_factor),
         "seq-mean-token-sum / loss_scale_factor (default: T, the padded length)"),
+    # verl's geo_mean ignores loss_agg_mode: torch.mean over every row of the row's -A_i rho_i
+    "verl:geo-mean": Aggregation(
+        2, lambda cfg, s, B, T: _ones(s, 1.0 / B), "mean over all B rows of sum_t m L / (sum_t m + 1e-8)"),
 }
-LOSS_AGG_MODES = tuple(name for name in AGGREGATIONS if not name.startswith("trl:"))
+# the named normalizers of the loss types (prefixed by their peer) are not selectable by name
+LOSS_AGG_MODES = tuple(name for name in AGGREGATIONS if ":" not in name)
 
 # Metrics every loss type reports, then the optional ones a loss type lists.
 COMMON_METRICS = ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "entropy")
@@ -376,8 +459,9 @@ METRIC_DOCS = {
     "entropy": "mean masked token entropy; NaN without entropy",
     "pg_clipfrac_lower": "dual clip: fraction of masked tokens with A < 0 whose loss hit -A * clip_ratio_c",
     "vespo/phi_seq_mean": "mean over the B completions of VESPO's weight phi",
+    "cov/selected_mean": "KL-Cov / Clip-Cov: fraction of masked tokens the covariance selection picked",
 }
-METRIC_NAMES = COMMON_METRICS + ("pg_clipfrac_lower", "vespo/phi_seq_mean")
+METRIC_NAMES = COMMON_METRICS + ("pg_clipfrac_lower", "vespo/phi_seq_mean", "cov/selected_mean")
 
 
 @dataclass(frozen=True)
@@ -390,6 +474,7 @@ class LossType:
     metrics: tuple = ()  # beyond COMMON_METRICS
     sequence_level: bool = False  # importance_sampling_level="sequence" allowed
     defaults: dict = field(default_factory=dict)  # type-specific defaults overriding OPTIONS
+    off_policy_mask: bool = True  # off_policy_mask_threshold allowed
     peer: str = "TRL 1.16"
     doc: str = ""
 
@@ -406,14 +491,33 @@ LOSS_TYPES_TABLE = {
                      doc="PPO clip; token mean over the whole generation batch (DAPO)"),
     "luspo": LossType("clip", "trl:seq-mean-token-sum", _CLIP_OPTIONS, ("pg_clipfrac_lower",), True,
                       doc="PPO clip; mean over sequences of the token sum (LUSPO)"),
-    "cispo": LossType("cispo", "trl:global-token-mean",
-                      doc="-stopgrad(min(rho, epsilon_high)) A logp (CISPO); epsilon_high is the cap"),
+    "cispo": LossType("cispo", "trl:global-token-mean", ("cispo_ratio_min",),
+                      doc="-stopgrad(clamp(rho, cispo_ratio_min, epsilon_high)) A logp (CISPO); epsilon_high is the cap"),
     "sapo": LossType("sapo", "trl:seq-mean-token-mean", ("sapo_temperature_pos", "sapo_temperature_neg"),
                      doc="soft gate -sigmoid(tau (rho - 1)) 4/tau A (SAPO)"),
     "vespo": LossType("vespo", "trl:global-token-mean",
                       ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"),
                       ("vespo/phi_seq_mean",),
                       doc="-stopgrad(phi(w)) A logp, phi the gamma weight of the summed sequence log-ratio (VESPO)"),
+    # (no off-policy mask: verl has none for GMPO, and that variant trips Triton's sm_90 ThreadLocality pass)
+    "geo_mean": LossType("geo_mean", "verl:geo-mean", off_policy_mask=False, peer="verl 0.9.1",
+                         doc="-A_i exp(mean_t of l_t clipped to [-epsilon_low, epsilon_high] on the side of sign(A)) "
+                             "(GMPO); epsilon_* bound the log-ratio"),
+    "dppo_tv": LossType("dppo_tv", "token-mean", ("clip_ratio_c",), ("pg_clipfrac_lower",),
+                        defaults={"clip_ratio_c": 20.0}, peer="verl 0.9.1",
+                        doc="-A stopgrad(min(rho, clip_ratio_c) valid) logp, valid: p - p_old within "
+                            "[-epsilon_low, epsilon_high] on the side of A (DPPO-Binary-TV)"),
+    "dppo_kl": LossType("dppo_kl", "token-mean", ("clip_ratio_c",), ("pg_clipfrac_lower",),
+                        defaults={"clip_ratio_c": 20.0}, peer="verl 0.9.1",
+                        doc="as dppo_tv with the binary KL of p_old to p as the trust region (DPPO-Binary-KL)"),
+    "kl_cov": LossType("kl_cov", "token-mean", ("kl_cov_ratio", "ppo_kl_coef"), ("cov/selected_mean",),
+                       peer="verl 0.9.1",
+                       doc="-A rho, + ppo_kl_coef |l| on the top kl_cov_ratio of masked tokens by "
+                           "cov(A, logp) over the micro-batch (KL-Cov)"),
+    "clip_cov": LossType("clip_cov", "token-mean", ("clip_cov_ratio", "clip_cov_lb", "clip_cov_ub", "generator"),
+                         ("cov/selected_mean",), peer="verl 0.9.1",
+                         doc="PPO clip with the term of clip_cov_ratio of the unclipped masked tokens, drawn at "
+                             "random among clip_cov_lb < cov(A, logp) < clip_cov_ub, zeroed (Clip-Cov)"),
 }
 LOSS_TYPES = tuple(LOSS_TYPES_TABLE)
 CLIP_LOSS_TYPES = tuple(name for name, spec in LOSS_TYPES_TABLE.items() if spec.policy == "clip")
@@ -556,6 +660,8 @@ OPTIONS = {
     "clip_cov_ratio": Option(2e-4, _positive, "Clip-Cov: fraction of the masked tokens drawn for a zeroed gradient"),
     "clip_cov_lb": Option(1.0, _finite, "Clip-Cov: lower covariance bound of the candidates"),
     "clip_cov_ub": Option(5.0, _finite, "Clip-Cov: upper covariance bound of the candidates"),
+    "cispo_ratio_min": Option(0.0, _nonnegative, "CISPO's lower bound of the weight (0: none, TRL; verl: "
+                              "1 - clip_ratio_low)"),
     "generator": Option(None, _optional(_generator), "Clip-Cov: the torch.Generator of its random draw "
                         "(reproducible results)"),
     "use_bias_correction_kl": Option(False, _boolean, "multiply the KL by the unclipped ratio (DeepSeek-V3.2)"),
@@ -633,6 +739,8 @@ def validate_loss_options(**options) -> _Config:
             raise ValueError(f"{name} is only used by loss_type {', '.join(readers)}; "
                              f"loss_type={loss_type!r} would ignore it")
         values[name] = option.check(name, value)
+    if values["off_policy_mask_threshold"] is not None and not spec.off_policy_mask:
+        raise ValueError(f"off_policy_mask_threshold is not supported with loss_type={loss_type!r}")
     if values["importance_sampling_level"] == "sequence" and not spec.sequence_level:
         raise ValueError(
             f"importance_sampling_level='sequence' (GSPO) makes no sense with loss_type={loss_type!r}: "
@@ -697,19 +805,21 @@ _KERNEL_MASK_DTYPES = {torch.float32: "fp32", torch.bool: "i1", torch.int32: "i3
 @triton.jit
 def _grpo_loss_kernel(
     Logp, OldLogp, RefLogp, SamplingLogp, Advantages, Mask, Entropy, RolloutRatio, EntropyThreshold,
-    GradLogp, GradEntropy, RowStats,
+    TokenValue, GradLogp, GradEntropy, RowStats,
     B, T,
     stride_logp, stride_old, stride_ref, stride_sampling, stride_mask,
-    stride_adv_b, stride_adv_t, stride_ent_b, stride_ent_t, stride_is_b, stride_is_t,
+    stride_adv_b, stride_adv_t, stride_ent_b, stride_ent_t, stride_is_b, stride_is_t, stride_token_value,
     p0, p1, p2, p3, beta, bias_kl, log_ratio_bound,
     is_clip_min, is_clip_max, is_mask_mode, off_policy_threshold, write_grad_entropy,
     POLICY: tl.constexpr, KL: tl.constexpr, ROW_LOG_RATIO: tl.constexpr, FOLDS_IS_RATIO: tl.constexpr,
-    OFF_POLICY: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
+    OFF_POLICY: tl.constexpr, TOKEN_VALUE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """Rows ``[pid * BLOCK_B, pid * BLOCK_B + BLOCK_B)``: per-token loss, its gradient, row sums.
 
     Absent optional inputs arrive as aliases that make their term vanish: old/ref/sampling point at
     Logp (log-ratio 0, KL 0), entropy at a zero scalar with strides 0, the rollout ratio at a one.
+    ``TokenValue`` (read when ``TOKEN_VALUE``): a per-token input handed to the policy term in place
+    of the row value (KL-Cov / Clip-Cov's covariance selection).
     ``GradLogp``/``GradEntropy`` hold the gradient before the batch-wide normalizer, which the
     caller folds into the backward's scalar.
     """
@@ -718,7 +828,7 @@ def _grpo_loss_kernel(
     row_ok = rows < B
     rows64 = rows.to(tl.int64)
     offs_t = tl.arange(0, BLOCK_T)
-    SEQ_LEVEL: tl.constexpr = ROW_LOG_RATIO == 1
+    SEQ_LEVEL: tl.constexpr = (ROW_LOG_RATIO == 1) or (ROW_LOG_RATIO == 3)  # one ratio per row
     ROW_PASS: tl.constexpr = (ROW_LOG_RATIO != 0) or OFF_POLICY
 
     tokens = tl.zeros((BLOCK_B,), dtype=tl.float32)
@@ -738,6 +848,12 @@ def _grpo_loss_kernel(
             if ROW_LOG_RATIO == 1:
                 o = tl.load(OldLogp + rows64[:, None] * stride_old + cols[None, :], mask=ok, other=0.0)
                 log_ratio_sum += tl.sum(tl.where(active, (x - o) * m, 0.0), axis=1)
+            if ROW_LOG_RATIO == 3:
+                o = tl.load(OldLogp + rows64[:, None] * stride_old + cols[None, :], mask=ok, other=0.0)
+                a = tl.load(Advantages + rows64[:, None] * stride_adv_b + cols[None, :] * stride_adv_t,
+                            mask=ok, other=0.0)
+                g, _ = _gmpo_log_ratio(x, o, a, p0, p1)
+                log_ratio_sum += tl.sum(tl.where(active, g * m, 0.0), axis=1)
             if ROW_LOG_RATIO == 2:
                 o = tl.load(OldLogp + rows64[:, None] * stride_old + cols[None, :], mask=ok, other=0.0)
                 clamped = tl.minimum(tl.maximum(x - o, -20.0), 20.0)
@@ -754,7 +870,13 @@ def _grpo_loss_kernel(
                 kl = tl.where(kl != kl, 0.0, kl)  # tokens the rollout engine could not score: no evidence
                 off_policy_kl_sum += tl.sum(tl.where(active, kl * m, 0.0), axis=1)
     inv_tokens = 1.0 / tl.maximum(tokens, 1.0)
-    seq_rho, seq_drho = _ratio(log_ratio_sum * inv_tokens, log_ratio_bound)
+    if ROW_LOG_RATIO == 3:
+        seq_norm = 1.0 / (tokens + 1e-8)  # verl's GMPO divides by sum_t m + 1e-8, without a clamp
+        seq_rho = tl.exp(log_ratio_sum * seq_norm)
+        seq_drho = seq_rho
+    else:
+        seq_norm = inv_tokens
+        seq_rho, seq_drho = _ratio(log_ratio_sum * inv_tokens, log_ratio_bound)
     row_value = tl.minimum(tl.maximum(log_ratio_sum + log_is_sum, -18.420680743952367), 20.0)
     off_policy_kl = off_policy_kl_sum * inv_tokens
     entropy_threshold = tl.load(EntropyThreshold)
@@ -797,8 +919,12 @@ def _grpo_loss_kernel(
             keep = (a >= 0) | (off_policy_kl[:, None] <= off_policy_threshold)
             multiplier = tl.where(keep, multiplier, 0.0)
 
+        if TOKEN_VALUE:
+            aux = tl.load(TokenValue + rows64[:, None] * stride_token_value + cols[None, :], mask=ok, other=0.0)
+        else:
+            aux = tl.zeros((BLOCK_B, BLOCK_T), dtype=tl.float32) + row_value[:, None]
         loss_t, dloss_dx, dloss_drho, kl, is_low, is_high, is_lower = _token_loss(
-            x, o, r, a, rho, row_value[:, None], multiplier, p0, p1, p2, p3, beta, bias_kl, POLICY, KL)
+            x, o, r, a, rho, aux, multiplier, p0, p1, p2, p3, beta, bias_kl, POLICY, KL)
 
         weight = tl.where(active, m, 0.0)
         acc_loss += tl.sum(tl.where(active, loss_t * weight, 0.0), axis=1)
@@ -824,8 +950,9 @@ def _grpo_loss_kernel(
             tl.store(GradEntropy + rows64[:, None] * T + cols[None, :], effective, mask=ok)
 
     if SEQ_LEVEL:
-        # d rho_i / d logp_t = rho_i' * m_t / max(n_i, 1): add the row's d loss / d rho to its tokens.
-        row_coef = acc_dloss_drho * seq_drho * inv_tokens
+        # d rho_i / d logp_t = rho_i' * m_t / max(n_i, 1) (GMPO: rho_i m_t g'_t / (n_i + 1e-8)): add
+        # the row's d loss / d rho to its tokens.
+        row_coef = acc_dloss_drho * seq_drho * seq_norm
         tl.debug_barrier()
         for t0 in range(0, T, BLOCK_T):
             cols = t0 + offs_t
@@ -833,7 +960,15 @@ def _grpo_loss_kernel(
             m = tl.load(Mask + rows64[:, None] * stride_mask + cols[None, :], mask=ok, other=0).to(tl.float32)
             g_ptrs = GradLogp + rows64[:, None] * T + cols[None, :]
             grad = tl.load(g_ptrs, mask=ok, other=0.0)
-            grad += tl.where(m != 0, m * row_coef[:, None], 0.0)
+            if ROW_LOG_RATIO == 3:
+                x = tl.load(Logp + rows64[:, None] * stride_logp + cols[None, :], mask=ok, other=0.0)
+                o = tl.load(OldLogp + rows64[:, None] * stride_old + cols[None, :], mask=ok, other=0.0)
+                a = tl.load(Advantages + rows64[:, None] * stride_adv_b + cols[None, :] * stride_adv_t,
+                            mask=ok, other=0.0)
+                _, dg = _gmpo_log_ratio(x, o, a, p0, p1)
+                grad += tl.where(m != 0, m * dg * row_coef[:, None], 0.0)
+            else:
+                grad += tl.where(m != 0, m * row_coef[:, None], 0.0)
             tl.store(g_ptrs, grad, mask=ok)
 
     phi = tl.zeros((BLOCK_B,), dtype=tl.float32)
@@ -874,6 +1009,7 @@ def _kernel_switches(cfg) -> dict:
         "ROW_LOG_RATIO": _ROW_LOG_RATIO_MEAN if cfg.sequence_level else policy.row_log_ratio,
         "FOLDS_IS_RATIO": policy.folds_is_ratio,
         "OFF_POLICY": cfg.off_policy_mask_threshold is not None,
+        "TOKEN_VALUE": policy.token_selection is not None,
     }
 
 
@@ -911,14 +1047,16 @@ def _rows_triton(cfg, t):
         is_ratio, stride_is = t["is_ratio"], t["is_ratio"].stride()
     else:
         is_ratio, stride_is = torch.ones(1, device=device, dtype=torch.float32), (0, 0)
+    token_value = t.get("token_value")
+    token_value, stride_token_value = (token_value, token_value.stride(0)) if token_value is not None else (logp, 0)
     p0, p1, p2, p3 = cfg.policy_params()
     grid = (triton.cdiv(B, _BLOCK_B),)
     _grpo_loss_kernel[grid](
         logp.detach(), old, ref.detach(), sampling.detach(), adv, t["mask"], entropy, is_ratio,
-        t["entropy_threshold"], grad_logp, grad_entropy, row_stats,
+        t["entropy_threshold"], token_value, grad_logp, grad_entropy, row_stats,
         B, T,
         logp.stride(0), stride_old, stride_ref, stride_sampling, t["mask"].stride(0),
-        adv.stride(0), adv.stride(1), stride_ent[0], stride_ent[1], stride_is[0], stride_is[1],
+        adv.stride(0), adv.stride(1), stride_ent[0], stride_ent[1], stride_is[0], stride_is[1], stride_token_value,
         p0, p1, p2, p3, cfg.beta, int(cfg.use_bias_correction_kl), cfg.log_ratio_bound,
         cfg.is_clip_min, cfg.is_clip_max, int(cfg.rollout_is_mode == "mask"),
         cfg.off_policy_threshold_or_inf, int(write_grad_entropy),
@@ -998,8 +1136,15 @@ def _rows_torch(cfg, t):
     tokens = m.sum(1)
     inv_tokens = 1.0 / tokens.clamp(min=1.0)
     row_value = torch.zeros_like(tokens)
+    seq_norm = inv_tokens
     if switches["ROW_LOG_RATIO"] == _ROW_LOG_RATIO_MEAN:
         seq_rho, seq_drho = ratio(torch.where(active, (x - o) * m, zero).sum(1) * inv_tokens, cfg.log_ratio_bound)
+        rho = seq_rho[:, None].expand(B, T)
+    elif switches["ROW_LOG_RATIO"] == _ROW_LOG_RATIO_GMPO:
+        g, dg = _on_torch(_gmpo_log_ratio)(x, o, a, *cfg.policy_params()[:2])
+        seq_norm = 1.0 / (tokens + 1e-8)
+        seq_rho = torch.exp(torch.where(active, g * m, zero).sum(1) * seq_norm)
+        seq_drho = seq_rho
         rho = seq_rho[:, None].expand(B, T)
     else:
         rho, drho_dx = ratio(x - o, cfg.log_ratio_bound)
@@ -1018,15 +1163,17 @@ def _rows_torch(cfg, t):
         keep = (a >= 0) | (off_policy_kl[:, None] <= cfg.off_policy_mask_threshold)
         multiplier = torch.where(keep, multiplier, zero)
 
+    aux = t["token_value"] if switches["TOKEN_VALUE"] else row_value[:, None].expand(B, T)
     loss_t, dloss_dx, dloss_drho, kl, is_low, is_high, is_lower = token_loss(
-        x, o, r, a, rho, row_value[:, None], multiplier, *cfg.policy_params(), cfg.beta,
+        x, o, r, a, rho, aux, multiplier, *cfg.policy_params(), cfg.beta,
         int(cfg.use_bias_correction_kl), _on_torch(switches["POLICY"]), _on_torch(switches["KL"]))
 
     weight = torch.where(active, m, zero)
     grad = torch.where(active, weight * dloss_dx, zero)
-    if switches["ROW_LOG_RATIO"] == _ROW_LOG_RATIO_MEAN:
+    if switches["ROW_LOG_RATIO"] in (_ROW_LOG_RATIO_MEAN, _ROW_LOG_RATIO_GMPO):
         row_dloss_drho = torch.where(active, weight * dloss_drho, zero).sum(1)
-        grad = grad + torch.where(active, m * (row_dloss_drho * seq_drho * inv_tokens)[:, None], zero)
+        per_token = m * dg if switches["ROW_LOG_RATIO"] == _ROW_LOG_RATIO_GMPO else m
+        grad = grad + torch.where(active, per_token * (row_dloss_drho * seq_drho * seq_norm)[:, None], zero)
     else:
         grad = grad + torch.where(active, weight * dloss_drho * drho_dx, zero)
 
@@ -1078,7 +1225,46 @@ def _metrics_vector(cfg, row_stats, has_ref, has_entropy):
         stats[_S_ENTROPY] / tokens if has_entropy else nan,
         stats[_S_LOWER] / tokens,
         stats[_S_PHI] / row_stats.shape[0],
+        stats[_S_LOWER] / tokens,  # the same column: the cov losses flag their selection there
     ])
+
+
+def covariance_selection(cfg, logp, t, draw_seed=None) -> torch.Tensor:
+    """KL-Cov / Clip-Cov's tokens ``[B, T]`` float32 (1 = selected), over the micro-batch's masked tokens.
+
+    cov_t = (A_t - mean A) (logp_t - mean logp) over the masked tokens (Clip-Cov: verl's masked_mean,
+    sum / (n + 1e-8)). KL-Cov: the top max(1, floor(kl_cov_ratio * n)) by cov. Clip-Cov: of the masked
+    tokens the clip does not already clip, with clip_cov_lb < cov < clip_cov_ub, max(1, floor(clip_cov_ratio
+    * sum m)) drawn by ``torch.randperm`` over the candidates in row-major order, on torch's global CPU
+    generator (verl), or, with a ``generator``, on a CPU generator seeded by ``draw_seed`` (a 63-bit
+    seed grpo_loss draws from it: a Generator cannot enter the custom op). Host syncs (the counts), as
+    in verl.
+    """
+    x = logp.detach()
+    B, T = x.shape
+    m = t["mask"].to(torch.float32)
+    valid = m != 0
+    a = t["advantages"].expand(B, T)
+    selected = torch.zeros(B * T, device=x.device, dtype=torch.float32)
+    n = int(valid.sum())
+    if n == 0:
+        return selected.view(B, T)
+    if cfg.policy.token_selection == "kl_cov":
+        a_valid, x_valid = a[valid], x[valid]
+        cov = (a_valid - a_valid.mean()) * (x_valid - x_valid.mean())
+        top = torch.topk(cov, max(1, int(n * cfg.kl_cov_ratio)), largest=True).indices
+        selected[torch.nonzero(valid.reshape(-1)).squeeze(1)[top]] = 1.0
+        return selected.view(B, T)
+    count = m.sum()
+    cov = (a - (a * m).sum() / (count + 1e-8)) * (x - (x * m).sum() / (count + 1e-8))
+    ratio = torch.exp(x - (t["old"] if t["old"] is not None else x))
+    clipped = -a * ratio.clamp(1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high) > -a * ratio
+    candidates = torch.nonzero(((cov < cfg.clip_cov_ub) & (cov > cfg.clip_cov_lb) & valid & ~clipped).reshape(-1))
+    if len(candidates) > 0:
+        generator = None if draw_seed is None else torch.Generator().manual_seed(int(draw_seed))
+        order = torch.randperm(len(candidates), generator=generator).to(x.device)
+        selected[candidates[order[: min(max(int(cfg.clip_cov_ratio * float(count)), 1), len(candidates))], 0]] = 1.0
+    return selected.view(B, T)
 
 
 def _check_values(cfg, tensors) -> None:
@@ -1128,8 +1314,8 @@ def _options_from_json(options_json: str) -> dict:
     return {name: ast.literal_eval(value) for name, value in pairs}
 
 
-def _loss_forward(logp, entropy, mask, advantages, old, ref, sampling, is_ratio, counts, options_json, backend,
-                  entropy_grad):
+def _loss_forward(logp, entropy, mask, advantages, old, ref, sampling, is_ratio, counts, draw_seed, options_json,
+                  backend, entropy_grad):
     """The loss, its metrics and its gradients w.r.t. logp and entropy (already scaled), eagerly.
 
     Everything data-dependent (value checks, the entropy quantile, host syncs) happens here, inside
@@ -1141,6 +1327,8 @@ def _loss_forward(logp, entropy, mask, advantages, old, ref, sampling, is_ratio,
     tensors = dict(mask=mask, advantages=advantages, old=old, ref=ref, sampling=sampling, is_ratio=is_ratio,
                    logp=logp, entropy=entropy, entropy_grad=entropy_grad)
     _check_values(cfg, tensors)
+    if cfg.policy.token_selection is not None:
+        tensors["token_value"] = covariance_selection(cfg, logp, tensors, draw_seed)
     if entropy is not None:
         tensors["entropy_threshold"] = _entropy_threshold(cfg, entropy, mask)
     else:
@@ -1164,18 +1352,18 @@ def _loss_forward(logp, entropy, mask, advantages, old, ref, sampling, is_ratio,
 def _grpo_loss_op(logp: torch.Tensor, entropy: torch.Tensor | None, mask: torch.Tensor, advantages: torch.Tensor,
                   old: torch.Tensor | None, ref: torch.Tensor | None, sampling: torch.Tensor | None,
                   is_ratio: torch.Tensor | None, num_items_in_batch: torch.Tensor | None,
-                  batch_num_tokens: torch.Tensor | None, global_batch_size: torch.Tensor | None, options_json: str,
-                  backend: str, entropy_grad: bool
+                  batch_num_tokens: torch.Tensor | None, global_batch_size: torch.Tensor | None,
+                  draw_seed: torch.Tensor | None, options_json: str, backend: str, entropy_grad: bool
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss [], metrics [len(METRIC_NAMES)], d loss / d logp [B, T], d loss / d entropy [B, T] or [0])``."""
     return _loss_forward(logp, entropy, mask, advantages, old, ref, sampling, is_ratio,
-                         (num_items_in_batch, batch_num_tokens, global_batch_size), options_json, backend,
+                         (num_items_in_batch, batch_num_tokens, global_batch_size), draw_seed, options_json, backend,
                          entropy_grad)
 
 
 @_grpo_loss_op.register_fake
 def _grpo_loss_fake(logp, entropy, mask, advantages, old, ref, sampling, is_ratio, num_items_in_batch,
-                    batch_num_tokens, global_batch_size, options_json, backend, entropy_grad):
+                    batch_num_tokens, global_batch_size, draw_seed, options_json, backend, entropy_grad):
     B, T = logp.shape
     d_entropy = logp.new_empty((B, T), dtype=torch.float32) if entropy_grad else logp.new_empty((0,),
                                                                                                   dtype=torch.float32)
@@ -1194,7 +1382,7 @@ def _grpo_loss_backward(ctx, grad_loss, _grad_metrics, _grad_d_logp, _grad_d_ent
     grad_loss = grad_loss.float()
     d_logp = d_logp * grad_loss if ctx.needs_input_grad[0] else None
     d_entropy = d_entropy * grad_loss if ctx.entropy_grad and ctx.needs_input_grad[1] else None
-    return (d_logp, d_entropy) + (None,) * 12
+    return (d_logp, d_entropy) + (None,) * 13
 
 
 _grpo_loss_op.register_autograd(_grpo_loss_backward, setup_context=_grpo_loss_setup_context)
@@ -1411,10 +1599,14 @@ def grpo_loss_prepared(logprobs, entropy, cfg, tensors, backend):
     counts = [getattr(cfg, name) for name in _COUNT_OPTIONS]
     counts = [c.to(device=logp32.device, dtype=torch.float32) if isinstance(c, torch.Tensor) else None
               for c in counts]
+    # Clip-Cov's draw: a seed from the caller's generator (a Generator cannot enter the op)
+    draw_seed = None
+    if cfg.generator is not None:
+        draw_seed = torch.randint(0, 2**62, (), generator=cfg.generator, device=cfg.generator.device)
     t = tensors
     loss, metrics, _, _ = torch.ops.grpo_kernels.grpo_loss(
         logp32, entropy32, t["mask"], t["advantages"], t["old"], t["ref"], t["sampling"], t["is_ratio"], *counts,
-        cfg.as_json(), backend, entropy_grad)
+        draw_seed, cfg.as_json(), backend, entropy_grad)
     everything = dict(zip(METRIC_NAMES, metrics.unbind(0)))
     return loss, {name: everything[name] for name in metric_names(cfg.loss_type)}
 
@@ -1438,13 +1630,14 @@ def _switch_combinations():
         for level in IMPORTANCE_SAMPLING_LEVELS:
             if level == "sequence" and not spec.sequence_level:
                 continue
-            for off_policy in (False, True):
+            for off_policy in (False, True) if spec.off_policy_mask else (False,):
                 add({"POLICY": policy.jit, "KL": _kl_trl_k3,
                      "ROW_LOG_RATIO": _ROW_LOG_RATIO_MEAN if level == "sequence" else policy.row_log_ratio,
-                     "FOLDS_IS_RATIO": policy.folds_is_ratio, "OFF_POLICY": off_policy})
+                     "FOLDS_IS_RATIO": policy.folds_is_ratio, "OFF_POLICY": off_policy,
+                     "TOKEN_VALUE": policy.token_selection is not None})
     for jit, _ in KL_ESTIMATORS.values():
         add({"POLICY": _policy_clip, "KL": jit, "ROW_LOG_RATIO": _ROW_LOG_RATIO_NONE, "FOLDS_IS_RATIO": False,
-             "OFF_POLICY": False})
+             "OFF_POLICY": False, "TOKEN_VALUE": False})
     return list(combos.values())
 
 
@@ -1452,11 +1645,12 @@ def sm90_compile_specs() -> list[CompileSpec]:
     """Every switch combination x every mask dtype the launcher passes, at the one tile shape."""
     signature = {name: "*fp32" for name in ("Logp", "OldLogp", "RefLogp", "SamplingLogp", "Advantages")}
     signature["Mask"] = None  # per spec
-    signature.update({name: "*fp32" for name in ("Entropy", "RolloutRatio", "EntropyThreshold", "GradLogp",
-                                                 "GradEntropy", "RowStats")})
+    signature.update({name: "*fp32" for name in ("Entropy", "RolloutRatio", "EntropyThreshold", "TokenValue",
+                                                 "GradLogp", "GradEntropy", "RowStats")})
     signature.update({name: "i32" for name in (
         "B", "T", "stride_logp", "stride_old", "stride_ref", "stride_sampling", "stride_mask",
-        "stride_adv_b", "stride_adv_t", "stride_ent_b", "stride_ent_t", "stride_is_b", "stride_is_t")})
+        "stride_adv_b", "stride_adv_t", "stride_ent_b", "stride_ent_t", "stride_is_b", "stride_is_t",
+        "stride_token_value")})
     signature.update({name: "fp32" for name in ("p0", "p1", "p2", "p3", "beta")})
     signature["bias_kl"] = "i32"
     signature.update({name: "fp32" for name in ("log_ratio_bound", "is_clip_min", "is_clip_max")})
