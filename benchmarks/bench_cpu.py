@@ -141,14 +141,23 @@ def _cell(records: list[dict]) -> str:
         return records[0]["status"] if records else "-"
     times = [r["s_median"] for r in ok]
     peaks = [r["peak_mib"] for r in ok]
-    spread = lambda xs, fmt: fmt.format(min(xs)) if len(xs) == 1 else f"{fmt.format(min(xs))}-{fmt.format(max(xs))}"  # noqa: E731
-    return f"{spread(times, '{:.2f}')} s / {spread(peaks, '{:.0f}')} MiB"
+    return f"{_range(times, '{:.2f}')} s / {_range(peaks, '{:.0f}')} MiB"
+
+
+def _range(values, fmt: str) -> str:
+    low, high = fmt.format(min(values)), fmt.format(max(values))
+    return low if low == high else f"{low}-{high}"
+
+
+def _matching(records, impl, shape, ok_only=False):
+    return [r for r in records if r["impl"] == impl and (r["N"], r["D"], r["V"]) == tuple(shape)
+            and (r["status"] == "ok" or not ok_only)]
 
 
 def write_report(records: list[dict], environment: dict, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "cpu.json").write_text(json.dumps({"environment": environment, "records": records}, indent=1))
-    impls = [i for i in environment["impls"]]
+    impls = list(environment["impls"])
     lines = [
         "# CPU: fused linear + GRPO loss, forward + backward (fp32)",
         "",
@@ -169,18 +178,15 @@ def write_report(records: list[dict], environment: dict, out_dir: Path) -> Path:
         "|---|" + "---|" * (len(impls) + 1),
     ]
     for n, d, v in environment["shapes"]:
-        cells = []
-        for impl in impls:
-            cells.append(_cell([r for r in records if r["impl"] == impl and (r["N"], r["D"], r["V"]) == (n, d, v)]))
-        ours = [r for r in records if r["impl"] == "ours" and r["status"] == "ok" and (r["N"], r["D"], r["V"]) == (n, d, v)]
-        over = (f"{min(r['peak_over_grads_mib'] for r in ours):.0f}-{max(r['peak_over_grads_mib'] for r in ours):.0f} "
-                f"MiB (grads {ours[0]['grads_mib']:.0f} MiB)") if ours else "-"
+        cells = [_cell(_matching(records, impl, (n, d, v))) for impl in impls]
+        ours = _matching(records, "ours", (n, d, v), ok_only=True)
+        over = (f"{_range([r['peak_over_grads_mib'] for r in ours], '{:.0f}')} MiB "
+                f"(grads {ours[0]['grads_mib']:.0f} MiB)") if ours else "-"
         lines.append(f"| {n}, {d}, {v} | " + " | ".join(cells) + f" | {over} |")
     ratio_lines = []
     for n, d, v in environment["shapes"]:
         def median_time(impl):
-            ok = [r["s_median"] for r in records if r["impl"] == impl and r["status"] == "ok"
-                  and (r["N"], r["D"], r["V"]) == (n, d, v)]
+            ok = [r["s_median"] for r in _matching(records, impl, (n, d, v), ok_only=True)]
             return statistics.median(ok) if ok else None
         ours, eager = median_time("ours"), median_time("torch")
         if ours and eager:
@@ -232,11 +238,11 @@ def main(argv=None) -> None:
                 record = _run_in_fresh_process(impl, shape, runs, args.timeout)
                 record["repeat"] = repeat
                 records.append(record)
-                if record["status"] == "ok":
-                    print(f"[bench_cpu] {impl:9s} N={shape[0]} D={shape[1]} V={shape[2]}: {record['s_median']:.2f} s, "
-                          f"peak {record['peak_mib']:.0f} MiB (grads {record['grads_mib']:.0f})", flush=True)
-                else:
-                    print(f"[bench_cpu] {impl:9s} N={shape[0]} D={shape[1]} V={shape[2]}: {record['status']}", flush=True)
+                result = record["status"]
+                if result == "ok":
+                    result = (f"{record['s_median']:.2f} s, peak {record['peak_mib']:.0f} MiB "
+                              f"(grads {record['grads_mib']:.0f})")
+                print(f"[bench_cpu] {impl:9s} N={shape[0]} D={shape[1]} V={shape[2]}: {result}", flush=True)
     environment["loadavg_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     out_dir = args.out or RESULTS / cpu_slug()
     if args.append and (out_dir / "cpu.json").exists():

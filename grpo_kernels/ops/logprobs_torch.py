@@ -35,8 +35,6 @@ _MIN_SLAB_ROWS = 512
 # Rows of a tile whose elementwise passes run together: each such block (and its scratch
 # buffers) stays in cache across the passes.
 _BLOCK_BYTES = 4 * 2**20
-# 1 in ``1 - tanh^2`` (one fused addcmul instead of three passes).
-_ONE = torch.ones(())
 
 
 def _tile_sizes(num_rows: int, vocab: int) -> tuple[int, int]:
@@ -69,9 +67,8 @@ class _Rows:
     def __init__(self, rows: torch.Tensor):
         self.index = rows.long()
         self.count = rows.numel()
-        first = int(self.index[0]) if self.count else 0
-        self.offset = first if self.count and int(self.index[-1]) - first + 1 == self.count and bool(
-            (self.index.diff() == 1).all()) else None
+        contiguous = self.count > 0 and bool((self.index.diff() == 1).all())
+        self.offset = int(self.index[0]) if contiguous else None
 
     def take(self, tensor, r0, r1):
         if self.offset is not None:
@@ -96,7 +93,7 @@ class _Head:
         if self.weight.dtype == torch.float32:
             return self.weight[v0:v1]
         if self._chunk_key != (v0, v1):
-            self._chunk_key, self._chunk = None, None  # free the previous chunk first
+            self._chunk = None  # drop the previous chunk before converting the next: one alive
             self._chunk_key, self._chunk = (v0, v1), self.weight[v0:v1].float()
         return self._chunk
 
@@ -120,7 +117,7 @@ class _Head:
         if self.softcap is not None:
             block.tanh_()
             if cap_derivative is not None:
-                torch.addcmul(_ONE, block, block, value=-1.0, out=cap_derivative)
+                cap_derivative.fill_(1.0).addcmul_(block, block, value=-1.0)
             block.mul_(self.softcap / self.temperature)
         return block
 
@@ -129,7 +126,7 @@ class _Head:
         return values if self.softcap is None else self.activate(values.clone())
 
     def cap_derivative(self, values):
-        """1 - tanh^2(y / softcap) of gathered pre-activation values y / softcap (1 without a softcap)."""
+        """1 - tanh^2(y / softcap) of gathered pre-activation values y / softcap (None without a softcap)."""
         return None if self.softcap is None else 1.0 - values.tanh().square()
 
 
