@@ -1,6 +1,6 @@
 """Speed and memory of the fused linear + GRPO loss against its peers (issue 4), and the GPU kit.
 
-``python -m benchmarks.suite`` runs the full suite on a GPU; ``pytest benchmarks/ --benchmark-only``
+``python -m benchmarks.suite`` runs the full suite on a GPU; ``pytest benchmarks/ --benchmark-enable --benchmark-only``
 runs a tiny CPU smoke version; ``bash benchmarks/gpu_session.sh --budget-s 420`` is the budgeted
 GPU session (``benchmarks.kit``). See benchmarks/README.md.
 """

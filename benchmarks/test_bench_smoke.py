@@ -1,4 +1,4 @@
-"""CPU smoke of the benchmark suite: ``pytest benchmarks/ --benchmark-only`` (seconds).
+"""CPU smoke of the benchmark suite: ``pytest benchmarks/ --benchmark-enable --benchmark-only`` (seconds).
 
 Tiny shapes; numbers from here mean nothing about GPU performance. What it checks: every
 implementation runs on the same inputs and computes the same loss and log-probs as the float32

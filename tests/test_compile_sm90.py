@@ -1,6 +1,10 @@
-"""Every kernel configuration the library can launch compiles for H100 (sm_90): no compile
-error, no register spill, shared memory within the H100 limit. Runs the real Triton compiler on
-this CPU-only machine (grpo_kernels.ops.sm90_check), in a subprocess without TRITON_INTERPRET."""
+"""Kernel configurations compile for H100 (sm_90): no compile error, no register spill, shared
+memory within the H100 limit. Runs the real Triton compiler on this CPU-only machine
+(grpo_kernels.ops.sm90_check), in a subprocess without TRITON_INTERPRET.
+
+The suite compiles, per kernel and dtype, the heaviest configuration (most switches on); CI
+(`.ci/run`) and the GPU kit compile every shipped configuration with the same module, before the
+suite (some 550 compiles: minutes with a cold Triton cache on 2 cores)."""
 
 import os
 import re
@@ -13,10 +17,10 @@ from grpo_kernels.ops.sm90_check import SPEC_MODULES
 
 
 @pytest.mark.parametrize("module", SPEC_MODULES)
-def test_every_kernel_config_compiles_for_sm90(module):
+def test_heaviest_kernel_configs_compile_for_sm90(module):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
-        [sys.executable, "-m", "grpo_kernels.ops.sm90_check", "--module", module],
+        [sys.executable, "-m", "grpo_kernels.ops.sm90_check", "--module", module, "--heaviest-per-kernel"],
         env=env, capture_output=True, text=True, timeout=900,
     )
     print(result.stdout[-5000:], result.stderr[-5000:])

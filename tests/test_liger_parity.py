@@ -151,10 +151,27 @@ def test_reference_from_ref_input():
 def test_without_bias_and_bf16():
     assert_parity(dict(loss_type="grpo"), {"ref_per_token_logps": "ref", "old_per_token_logps": "old"},
                   with_bias=False)
-    # Liger rounds its bf16 logits to bf16 before the softmax (ours stay float32): loose bounds, and
-    # no old log-probs (ratio 1) so that no token sits near a clip boundary that the rounding could cross
-    assert_parity(dict(loss_type="dapo", temperature=0.7), {"ref_per_token_logps": "ref"},
-                  inputs=make_inputs(torch.bfloat16), with_bias=False, value_tol=3e-2, grad_tol=5e-2)
+    # bf16 inputs: ours computes the logits in float32 from the bf16 values, Liger rounds its logits
+    # to bf16 before the softmax, and exp(ref - logp) in the KL amplifies that rounding by a
+    # seed-dependent amount. So the exact oracle is Liger on float32 copies of the same bf16 values
+    # (ours must then agree to float32 rounding, gradients to bf16 rounding of the results), and
+    # Liger's own bf16 run only checks dtypes and the rough value. No old log-probs (ratio 1), so no
+    # token sits near a clip boundary.
+    inputs = make_inputs(torch.bfloat16)
+    module_kwargs, forward_kwargs = dict(loss_type="dapo", temperature=0.7), {"ref_per_token_logps": inputs["ref"]}
+    ours = run(FusedLinearGRPOLoss, inputs, module_kwargs, forward_kwargs, with_bias=False)
+    upcast = {k: (v.float() if v.is_floating_point() else v) for k, v in inputs.items()}
+    exact = run(LigerFusedLinearGRPOLoss, upcast, {**module_kwargs, "compiled": False}, forward_kwargs, with_bias=False)
+    assert torch.allclose(ours[0], exact[0], rtol=1e-5, atol=1e-6), f"loss {ours[0]} vs liger(fp32) {exact[0]}"
+    for a, b in zip(ours[1], exact[1]):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6)
+    for name, a, b in zip(("input", "weight"), ours[2], exact[2]):
+        assert a.dtype == torch.bfloat16, name
+        assert rel_err(a, b) < 1e-2, f"grad {name}: rel err {rel_err(a, b):.3g}"
+    theirs = run(LigerFusedLinearGRPOLoss, inputs, {**module_kwargs, "compiled": False}, forward_kwargs,
+                 with_bias=False)
+    assert [g.dtype for g in theirs[2][:2]] == [g.dtype for g in ours[2][:2]]
+    assert torch.allclose(ours[0], theirs[0], rtol=0.2), f"loss {ours[0]} vs liger(bf16) {theirs[0]}"
 
 
 def test_flat_input_and_errors():

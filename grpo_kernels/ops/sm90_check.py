@@ -89,18 +89,38 @@ def compile_one(args):
     return label, "; ".join(problems), usage
 
 
+def _heaviest_per_kernel(specs, indices):
+    """Per (kernel, pointer dtypes), the spec with the most boolean constexprs switched on: the one
+    most likely to run out of registers or shared memory."""
+    best = {}
+    for i in indices:
+        spec = specs[i]
+        key = (getattr(spec.kernel, "__name__", repr(spec.kernel)),
+               tuple(sorted(v for v in spec.signature.values() if v.startswith("*"))))
+        weight = sum(1 for v in spec.constexprs.values() if v is True)
+        if key not in best or weight > best[key][0]:
+            best[key] = (weight, i)
+    return sorted(i for _, i in best.values())
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--filter", default="", help="only specs whose name contains this")
     parser.add_argument("--module", action="append", help="only these ops modules (default: all)")
+    parser.add_argument("--heaviest-per-kernel", action="store_true",
+                        help="only, per kernel and dtype, the spec with the most constexpr switches on "
+                             "(the test suite's quick check; CI and the GPU kit compile every spec)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("sm90_check: unset TRITON_INTERPRET (the interpreter replaces the compiler)", file=sys.stderr)
         return 2
     modules = tuple(args.module or SPEC_MODULES)
     specs = all_specs(modules)
-    work = [(modules, i, aligned) for i, spec in enumerate(specs) if args.filter in spec.name for aligned in (True, False)]
+    chosen = [i for i, spec in enumerate(specs) if args.filter in spec.name]
+    if args.heaviest_per_kernel:
+        chosen = _heaviest_per_kernel(specs, chosen)
+    work = [(modules, i, aligned) for i in chosen for aligned in (True, False)]
     failures = 0
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         for label, problem, usage in pool.map(compile_one, work):
