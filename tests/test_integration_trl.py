@@ -430,11 +430,16 @@ def test_unsupported_config_raises(overrides, message, model_dir, tmp_path, monk
         build(FusedGRPOTrainer, model_dir(), make_config(tmp_path, **overrides))
 
 
-def test_entropy_mask_on_several_processes_raises():
+def test_entropy_mask_on_several_processes_raises(tmp_path):
+    import dataclasses
     from types import SimpleNamespace
 
-    config = SimpleNamespace(loss_type="dapo", importance_sampling_level="token", top_entropy_quantile=0.2,
-                             world_size=2)
+    from trl import GRPOConfig
+
+    # a real GRPOConfig's fields, with world_size (a read-only property there) set by hand
+    base = GRPOConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True, loss_type="dapo",
+                      top_entropy_quantile=0.2, report_to="none")
+    config = SimpleNamespace(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)}, world_size=2)
     with pytest.raises(ValueError, match="several processes"):
         check_grpo_config(config)
     check_grpo_config(SimpleNamespace(**{**vars(config), "world_size": 1}))

@@ -25,7 +25,11 @@ def _on_test_device():
 def _batch(per_token=False):
     batch = make_batch(B=5, T=300, advantage_per_token=per_token)  # two 256-token tiles, a partial row block
     batch["old"] = batch["old"].clamp(max=-0.05)  # probabilities (DPPO compares p and p_old), 1 - p_old >= 0.05
-    batch["old"][0, :4] = batch["logp"][0, :4] - 3.5  # ratios above DPPO's cap clip_ratio_c
+    # ratios above DPPO's cap clip_ratio_c, in row 0 (A > 0) and in the last row (A < 0), where
+    # p >= p_old keeps them inside DPPO's trust region whatever the draw, so the truncation is exercised
+    batch["old"][0, :4] = batch["logp"][0, :4] - 3.5
+    batch["old"][-1, :4] = batch["logp"][-1, :4] - 3.5
+    batch["mask"][-1, :4] = 1
     return batch
 
 

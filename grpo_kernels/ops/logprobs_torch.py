@@ -115,9 +115,12 @@ class _Head:
         """In place on a row block: y / softcap -> z (no-op without a softcap); optionally writes
         1 - tanh^2(y / softcap) into ``cap_derivative``."""
         if self.softcap is not None:
-            block.tanh_()
             if cap_derivative is not None:
-                cap_derivative.fill_(1.0).addcmul_(block, block, value=-1.0)
+                # 1 / cosh^2(x), not 1 - tanh^2(x): the latter cancels to 0 or a few ulps once tanh
+                # rounds to +-1 (|x| > ~9 in float32), where the true derivative is e^{-2|x|}-small
+                # but not 0 (cosh overflowing to inf gives the right 0 beyond |x| ~ 89)
+                torch.cosh(block, out=cap_derivative).square_().reciprocal_()
+            block.tanh_()
             block.mul_(self.softcap / self.temperature)
         return block
 
@@ -127,7 +130,7 @@ class _Head:
 
     def cap_derivative(self, values):
         """1 - tanh^2(y / softcap) of gathered pre-activation values y / softcap (None without a softcap)."""
-        return None if self.softcap is None else 1.0 - values.tanh().square()
+        return None if self.softcap is None else values.cosh().square().reciprocal()
 
 
 def _scratch(numel, device, needed=True):
