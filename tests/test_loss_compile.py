@@ -66,8 +66,6 @@ def test_compile_keeps_the_value_checks():
         step(batch["logp"].clone().requires_grad_())
 
 
-@pytest.mark.xfail(reason="needs token_logprobs as a custom op (developer lptriton's branch); "
-                          "passes once both are merged", strict=False)
 def test_fused_compile_fullgraph_matches_eager():
     batch, hidden, weight, bias, ids = make_fused()
 
