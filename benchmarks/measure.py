@@ -137,3 +137,21 @@ def device_slug(device: torch.device) -> str:
     """Folder name of a device's results, e.g. ``nvidia-h100-80gb-hbm3``."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
+
+
+def matmul_step(inputs):
+    """The matmul floor: a bf16 ``[N, D] x [D, V]`` matmul in row chunks of at most 4 GiB of
+    output, one call per input set (``step(i)``, cycling inputs as the measured ops do)."""
+    hidden = [inp.hidden.detach().reshape(-1, inp.hidden.shape[-1]).to(torch.bfloat16) for inp in inputs]
+    weight = [inp.lm_head_weight.detach().to(torch.bfloat16) for inp in inputs]
+    rows, vocab = hidden[0].shape[0], weight[0].shape[0]
+    chunk = max(1, min(rows, (4 << 30) // (2 * vocab)))
+    out = torch.empty(chunk, vocab, dtype=torch.bfloat16, device=hidden[0].device)
+
+    def step(i):
+        for start in range(0, rows, chunk):
+            h = hidden[i][start:start + chunk]
+            torch.matmul(h, weight[i].t(), out=out[: h.shape[0]])
+        return out
+
+    return step

@@ -27,7 +27,7 @@ if not torch.cuda.is_available():
 
 from benchmarks import impls as impls_module  # noqa: E402
 from benchmarks import report, shapes  # noqa: E402
-from benchmarks.measure import Measurement, device_slug, measure, release_memory  # noqa: E402
+from benchmarks.measure import Measurement, device_slug, matmul_step, measure, release_memory  # noqa: E402
 
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 OPS = ("loss_fwd_bwd", "logprobs_nograd", "logprobs_fwd_bwd", "advantages")
@@ -46,23 +46,6 @@ def _record(shape_fields: dict, impl: str, op: str, m, **extra) -> dict:
 def _shape_fields(shape) -> dict:
     return {"head": shape.head, "sweep": shape.sweep, "B": shape.B, "T": shape.T, "N": shape.N, "D": shape.D,
             "V": shape.V, "dtype": shape.dtype_name}
-
-
-def _matmul_step(inputs, device):
-    """A bf16 [N, D] x [D, V] matmul in row chunks of at most 4 GiB of output, cycling inputs."""
-    hidden = [inp.hidden.detach().reshape(-1, inp.hidden.shape[-1]).to(torch.bfloat16) for inp in inputs]
-    weight = [inp.lm_head_weight.detach().to(torch.bfloat16) for inp in inputs]
-    rows, vocab = hidden[0].shape[0], weight[0].shape[0]
-    chunk = max(1, min(rows, (4 << 30) // (2 * vocab)))
-    out = torch.empty(chunk, vocab, dtype=torch.bfloat16, device=device)
-
-    def step(i):
-        for start in range(0, rows, chunk):
-            h = hidden[i][start:start + chunk]
-            torch.matmul(h, weight[i].t(), out=out[: h.shape[0]])
-        return out
-
-    return step
 
 
 def _check(impl, op, inp):
@@ -102,7 +85,7 @@ def run_loss_benchmarks(shape_list, impl_list, device, ops, *, min_runs, cpu_run
         nograd_inputs = [inp.for_nograd_pass() for inp in inputs]
         matmul_ms = None
         if device.type == "cuda":
-            m = measure(_matmul_step(inputs, device), ROTATIONS, device, min_runs=min_runs)
+            m = measure(matmul_step(inputs), ROTATIONS, device, min_runs=min_runs)
             matmul_ms = m.ms_median
             flops = 2.0 * shape.N * shape.D * shape.V
             records.append(_record(fields, "cublas", "matmul_bf16", m,

@@ -32,7 +32,7 @@ import torch
 from benchmarks import impls as impls_module
 from benchmarks import logits as logit_modes
 from benchmarks.kit.common import Deadline, device_info, md_table, stage_device, write_json, write_text
-from benchmarks.measure import Measurement, measure, release_memory
+from benchmarks.measure import Measurement, matmul_step, measure, release_memory
 from benchmarks.shapes import Shape
 
 OPS = {  # op -> (matmuls in the floor, needs grad)
@@ -73,22 +73,6 @@ def thin_for_dry_run(items):
             kept.append(item)
             seen.add(item["impl"])
     return kept
-
-
-def _matmul_step(inputs):
-    hidden = [inp.hidden.detach().reshape(-1, inp.hidden.shape[-1]).to(torch.bfloat16) for inp in inputs]
-    weight = [inp.lm_head_weight.detach().to(torch.bfloat16) for inp in inputs]
-    rows, vocab = hidden[0].shape[0], weight[0].shape[0]
-    chunk = max(1, min(rows, (4 << 30) // (2 * vocab)))
-    out = torch.empty(chunk, vocab, dtype=torch.bfloat16, device=hidden[0].device)
-
-    def step(i):
-        for start in range(0, rows, chunk):
-            h = hidden[i][start:start + chunk]
-            torch.matmul(h, weight[i].t(), out=out[: h.shape[0]])
-        return out
-
-    return step
 
 
 def _step(impl, op, inputs):
@@ -255,7 +239,7 @@ def main(argv=None) -> int:
             stats[label] = logit_modes.logit_stats(inputs[0].hidden.detach(), inputs[0].lm_head_weight.detach(),
                                                    inputs[0].completion_ids, max_rows=64 if args.dry_run else 2048)
             if device.type == "cuda":
-                m = measure(_matmul_step(inputs), ROTATIONS, device, min_runs=args.min_runs)
+                m = measure(matmul_step(inputs), ROTATIONS, device, min_runs=args.min_runs)
                 floors[label] = {"status": m.status, "ms_median": m.ms_median, "ms_p20": m.ms_p20,
                                  "ms_p80": m.ms_p80,
                                  "tflops": 2.0 * item["B"] * item["T"] * dim * vocab / (m.ms_median * 1e9)
