@@ -114,6 +114,22 @@ def _included_rewards(
 
 
 @triton.jit
+def _reward_function_chunk(
+    rewards_ptr, weights_ptr, keep_ptr, groups, group_ok, member, group_size, k, num_rewards, stride_row,
+    stride_col, HAS_KEEP_MASK: tl.constexpr,
+):
+    """GDPO: one [GROUPS_PER_PROGRAM, BLOCK_G] chunk of reward function k's column: the row ids,
+    which exist, which completions take part in the statistics, and the raw values (NaN off-row)."""
+    rows = groups[:, None] * group_size + member[None, :]
+    row_ok = group_ok[:, None] & (member[None, :] < group_size)
+    _, included = _included_rewards(
+        rewards_ptr, weights_ptr, keep_ptr, rows, row_ok, num_rewards, stride_row, stride_col, HAS_KEEP_MASK,
+    )
+    value = tl.load(rewards_ptr + rows * stride_row + k * stride_col, mask=row_ok, other=float("nan"))
+    return rows, row_ok, included, value
+
+
+@triton.jit
 def _merge_chunk(count, mean, m2, value, included):
     """Fold one ``[GROUPS, BLOCK_G]`` chunk into the running per-group (count, mean, M2).
 
@@ -177,25 +193,17 @@ def _group_advantages_kernel(
             mean_k = tl.zeros((GROUPS_PER_PROGRAM,), tl.float64)
             m2_k = tl.zeros((GROUPS_PER_PROGRAM,), tl.float64)
             for start in range(0, group_size, BLOCK_G):
-                member = start + members
-                rows = groups[:, None] * group_size + member[None, :]
-                row_ok = group_ok[:, None] & (member[None, :] < group_size)
-                _, included = _included_rewards(
-                    rewards_ptr, weights_ptr, keep_ptr, rows, row_ok, num_rewards, stride_row,
-                    stride_col, HAS_KEEP_MASK,
+                rows, row_ok, included, value = _reward_function_chunk(
+                    rewards_ptr, weights_ptr, keep_ptr, groups, group_ok, start + members, group_size, k,
+                    num_rewards, stride_row, stride_col, HAS_KEEP_MASK,
                 )
-                value = tl.load(rewards_ptr + rows * stride_row + k * stride_col, mask=row_ok, other=float("nan"))
                 count_k, mean_k, m2_k = _merge_chunk(count_k, mean_k, m2_k, value, included & (value == value))
             std_k = _bessel_std(count_k, m2_k)
             for start in range(0, group_size, BLOCK_G):
-                member = start + members
-                rows = groups[:, None] * group_size + member[None, :]
-                row_ok = group_ok[:, None] & (member[None, :] < group_size)
-                _, included = _included_rewards(
-                    rewards_ptr, weights_ptr, keep_ptr, rows, row_ok, num_rewards, stride_row,
-                    stride_col, HAS_KEEP_MASK,
+                rows, row_ok, included, value = _reward_function_chunk(
+                    rewards_ptr, weights_ptr, keep_ptr, groups, group_ok, start + members, group_size, k,
+                    num_rewards, stride_row, stride_col, HAS_KEEP_MASK,
                 )
-                value = tl.load(rewards_ptr + rows * stride_row + k * stride_col, mask=row_ok, other=float("nan"))
                 z = value - mean_k[:, None]
                 if SCALE == 0:
                     z = z / (std_k[:, None] + eps)
