@@ -71,8 +71,9 @@ def token_logprobs_reference(
 
 def group_advantages_reference(
     rewards: torch.Tensor,
-    group_size: int,
+    group_size: int | None = None,
     *,
+    index: torch.Tensor | None = None,
     scale: str = "group",
     eps: float = 1e-4,
     reward_weights=None,
@@ -81,8 +82,10 @@ def group_advantages_reference(
 ):
     """Group-relative advantages, one group at a time, in float64, from the contract.
 
-    rewards ``[B]`` or ``[B, K]`` (NaN = could not score), keep_mask ``[B]`` bool. Returns
-    ``(advantages [B], group_mean [B/G], group_std [B/G], zero_std [B/G])``, float64 and bool.
+    rewards ``[B]`` or ``[B, K]`` (NaN = could not score), keep_mask ``[B]`` bool; groups of
+    ``group_size`` consecutive rows, or ``index [B]`` (a group id per row; group g is the g-th
+    smallest id). Returns ``(advantages [B], group_mean [G], group_std [G], zero_std [G])``,
+    float64 and bool, G the number of groups.
     Conventions (also those of ``grpo_kernels.ops.advantages``): a completion with every component
     NaN, or not kept, is *excluded*: out of every statistic, advantage 0; the std of fewer than
     two values is 0; a group with no included value has mean 0; zero_std is std <= 1e-8
@@ -104,7 +107,13 @@ def group_advantages_reference(
     included = scored.any(dim=1)
     if keep_mask is not None:
         included &= keep_mask.detach().cpu().bool()
-    num_groups = batch // group_size
+    if index is None:
+        groups = [list(range(g * group_size, (g + 1) * group_size)) for g in range(batch // group_size)]
+    else:
+        ids = index.tolist()
+        groups = [[i for i in range(batch) if ids[i] == gid] for gid in sorted(set(ids))]
+    num_groups = len(groups)
+    group_of = {i: g for g, members in enumerate(groups) for i in members}
 
     def mean_and_std(values: torch.Tensor) -> tuple[float, float]:
         mean = values.mean().item() if values.numel() > 0 else 0.0
@@ -121,8 +130,7 @@ def group_advantages_reference(
     elif multi_objective_aggregation == "normalize_then_sum":
         if scale not in ("group", "none"):
             raise ValueError(f"GDPO takes scale 'group' or 'none', got {scale!r}")
-        for g in range(num_groups):
-            members = range(g * group_size, (g + 1) * group_size)
+        for members in groups:
             for k in range(num_functions):
                 uses = [i for i in members if included[i] and scored[i, k]]
                 mean_k, std_k = mean_and_std(per_function[uses, k])
@@ -136,8 +144,8 @@ def group_advantages_reference(
 
     group_mean = torch.zeros(num_groups, dtype=torch.float64)
     group_std = torch.zeros(num_groups, dtype=torch.float64)
-    for g in range(num_groups):
-        members = slice(g * group_size, (g + 1) * group_size)
+    for g, members in enumerate(groups):
+        members = torch.tensor(members, dtype=torch.long)
         group_mean[g], group_std[g] = mean_and_std(reward[members][included[members]])
     batch_mean, batch_std = mean_and_std(reward[included])
 
@@ -145,7 +153,7 @@ def group_advantages_reference(
     for i in range(batch):
         if not included[i]:
             continue
-        g = i // group_size
+        g = group_of[i]
         if multi_objective_aggregation == "normalize_then_sum":
             advantages[i] = (reward[i] - batch_mean) / (batch_std + eps)
             continue
