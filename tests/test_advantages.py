@@ -364,11 +364,13 @@ def test_gdpo_matches_trl(backend, device, group_size):
 
 
 @pytest.mark.parametrize("scale", ["group", "none"])
-def test_gdpo_matches_verl(backend, device, scale):
+def test_gdpo_matches_verl(backend, device, scale, monkeypatch):
     """verl 0.9.1's compute_gdpo_outcome_advantage with one response token per completion: its
     token-weighted batch whitening then weighs completions equally, as ours does; eps = verl's 1e-6
     (verl's rsqrt(var + 1e-8) vs our 1 / (std + 1e-6) differ by ~1e-6 relative)."""
     core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
+    grpo = core_algos.compute_grpo_outcome_advantage  # verl's gdpo calls it: verl's own, not a patched one
+    monkeypatch.setattr(core_algos, "compute_grpo_outcome_advantage", getattr(grpo, "_verl_original", grpo))
     import numpy as np
     from omegaconf import OmegaConf
 
