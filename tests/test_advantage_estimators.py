@@ -245,3 +245,14 @@ def test_validate_estimator_options_without_tensors():
 
 def test_docs_table_in_sync():
     assert docs_in_sync(DOC), "docs/semantics.md is out of date: run `python -m grpo_kernels.ops.advantages --write-docs`"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_rewards(device, dtype):
+    # read exactly (every half value is a float64), computed in float64, returned as float32
+    data = make_batch(device)
+    rewards = data["rewards"].to(dtype)
+    out = estimate_advantages("rloo", rewards, data["mask"], index=data["index"])
+    want = estimate_advantages("rloo", rewards.double(), data["mask"], index=data["index"])
+    assert out.advantages.dtype == torch.float32
+    torch.testing.assert_close(out.advantages, want.advantages.float())

@@ -4,8 +4,8 @@
 reward, the per-group mean and M2 (sum of squared deviations) and writes the advantages, all in
 registers, one launch. Group ``g`` is the rows ``offsets[g]:offsets[g + 1]`` of the (group-
 ordered) rewards: contiguous equal groups (``group_size``) and verl's ``index`` (rows sorted by
-group id once, on the host side of the launch: the rewards are ``[B, K]``, a few KB) run the
-same code. Each chunk of a group is shifted by its largest included reward before summing, so a
+group id once, and the ``[B, K]`` rewards, a few KB, gathered into that order by PyTorch before
+the launch) run the same code. Each chunk of a group is shifted by its largest included reward before summing, so a
 group of equal rewards gets exactly zero std and exactly zero advantages; groups longer than one
 chunk combine chunk statistics with Chan's parallel formula. ``scale="batch"`` and GDPO need the
 whole batch's statistics before any advantage can be written: the kernel runs twice (statistics,
