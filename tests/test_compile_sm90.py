@@ -37,7 +37,7 @@ def test_deterministic_backward_has_no_atomics():
                  "logprobs_bwd_det[bf16,bias=True,softcap=True,entropy=True,dWdB]",
                  "logprobs_bwd_det[bf16,bias=True,softcap=True,entropy=True,dH]"):
         result = subprocess.run(
-            [sys.executable, "-m", "grpo_kernels.ops.sm90_check", "--module", "grpo_kernels.ops.logprobs",
+            [sys.executable, "-m", "grpo_kernels.ops.sm90_check", "--module", "grpo_kernels.ops.logprobs.specs",
              "--filter", name], env=env, capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         counts[name] = [int(m) for m in re.findall(r"atomics=(\d+)", result.stdout)]

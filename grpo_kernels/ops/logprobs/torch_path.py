@@ -1,6 +1,6 @@
 """The chunked PyTorch backend of ``token_logprobs``: what CPU users, the demo and CI run.
 
-Same drivers, same numbers as the Triton kernels in ``logprobs.py`` (see the interface there):
+Same drivers, same numbers as the Triton kernels of this package (see the interface in ``drivers``):
 for each compacted row ``n`` and each of its ``K`` targets ``t_k``::
 
     y    = h_n @ W.T + b                                    # [V]
