@@ -29,11 +29,11 @@ def test_heaviest_kernel_configs_compile_for_sm90(module):
 
 
 def test_deterministic_backward_has_no_atomics():
-    # The full check above fails on an atomic in a forbid_atomics spec; this shows the PTX scan
+    # The full check above fails on an atomic in a spec not marked float_atomics; this shows the PTX scan
     # sees atomics where there are some (the default backward), so that the check can fail.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     counts = {}
-    for name in ("logprobs_bwd[bf16,bias=True,softcap=True,entropy=True,dH=True,dW=False]",
+    for name in ("logprobs_bwd_atomic[bf16,bias=True,softcap=True,entropy=True,dH=True,dW=False]",
                  "logprobs_bwd_det[bf16,bias=True,softcap=True,entropy=True,dWdB]",
                  "logprobs_bwd_det[bf16,bias=True,softcap=True,entropy=True,dH]"):
         result = subprocess.run(

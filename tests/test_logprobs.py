@@ -189,7 +189,7 @@ def test_chunked_paths(device, backend, dtype, monkeypatch):
     # Several row chunks in the torch path; several row-chunk launches and (bf16, exact) several
     # vocabulary-chunk launches of the d-weight pass in the Triton path.
     monkeypatch.setattr(logprobs_torch_module, "_SLAB_BYTES", 4 * 47 * 5)
-    monkeypatch.setattr(launch_module, "_GRAD_CHUNK_BYTES", 4 * 24 * 16)
+    monkeypatch.setattr(launch_module, "ATOMIC_GRAD_CHUNK_BYTES", 4 * 24 * 16)
     hidden, weight, bias, targets = make_inputs((45,), 24, 47, dtype, device, bias=True, masked=3)
     check_against_reference(hidden, weight, bias, targets, backend=backend, dtype=dtype,
                             return_entropy=True, temperature=0.9)
@@ -374,7 +374,7 @@ def test_batch_invariant_forward(device, monkeypatch):
     # The same 5 rows alone (batches of 1), in a batch of 7 and in a batch of 300, at random
     # positions, with ignored rows interleaved: bitwise-equal log-probs, entropies and lse.
     # V = 67: 3 vocabulary splits. 64-row tiles keep the interpreter quick at 300 rows.
-    monkeypatch.setattr(launch_module, "_INTERPRETER_CONFIG", (64, 16, 16, 1, 1))
+    monkeypatch.setattr(launch_module, "INTERPRETER_CONFIG", launch_module.LaunchConfig(64, 16, 16, 1, 1))
     dim, vocab = 16, 67
     weight = torch.randn(vocab, dim, device=device) / 4
     probe_hidden = torch.randn(5, dim, device=device)
@@ -416,7 +416,7 @@ def test_deterministic_backward_is_reproducible(device):
 
 def test_deterministic_backward_chunked(device, monkeypatch):
     # several row chunks of the d-hidden partials and several vocabulary chunks of d weight
-    monkeypatch.setattr(launch_module, "_GRAD_CHUNK_BYTES", 4 * 24 * 16 * 3)
+    monkeypatch.setattr(launch_module, "ATOMIC_GRAD_CHUNK_BYTES", 4 * 24 * 16 * 3)
     hidden, weight, bias, targets = make_inputs((45,), 24, 47, torch.float32, device, bias=True, masked=3)
     check_full(hidden, weight, bias, targets, dtype=torch.float32, deterministic=True, backend="triton",
                filter_eps=2.0**-30)

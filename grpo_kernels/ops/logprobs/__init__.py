@@ -59,10 +59,18 @@ Modules, lowest layer first (each imports only those above it in this list):
   (``grpo_kernels.ops.vocab_parallel``, which itself uses ``drivers`` and ``op`` only).
 """
 
-from grpo_kernels.ops.logprobs.launch import _GPU_CONFIG  # noqa: F401  (the GPU kit's sweep overrides it)
+from grpo_kernels.ops.logprobs.launch import (
+    DEFAULT_WORKSPACE_BYTES,
+    GPU_CONFIG,
+    BackwardPlan,
+    LaunchConfig,
+    backward_plan,
+    forward_splits,
+)
 from grpo_kernels.ops.logprobs.specs import sm90_compile_specs
 
-__all__ = ["token_logprobs", "sm90_compile_specs"]
+__all__ = ["token_logprobs", "sm90_compile_specs", "GPU_CONFIG", "LaunchConfig", "BackwardPlan", "backward_plan",
+           "forward_splits", "DEFAULT_WORKSPACE_BYTES"]
 
 
 def __getattr__(name):

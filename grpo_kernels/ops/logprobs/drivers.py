@@ -14,21 +14,30 @@ from grpo_kernels.ops.logprobs.kernels import (
 from grpo_kernels.ops.logprobs.torch_path import torch_backward, torch_forward
 
 
-def _triton_forward(hidden, weight, bias, targets, rows, temperature, compute_entropy, *, softcap=None,
+def _interpreted(tensor: torch.Tensor) -> bool:
+    return tensor.device.type != "cuda"
+
+
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+
+
+def triton_forward(hidden, weight, bias, targets, rows, temperature, compute_entropy, *, softcap=None,
                     batch_invariant=True):
     """hidden [N, D], weight [V, D], bias [V] or None, targets [N, K] int32 (ids outside [0, V)
     match nothing), rows [M] int32. Returns (logp [M, K], lse [M], entropy [M] or None), float32."""
     num_rows, (vocab, dim), num_targets = rows.numel(), weight.shape, targets.shape[1]
-    block_n, block_v, block_d, num_warps, num_stages = launch._config("fwd", hidden.dtype, hidden.device)
-    merge_n, _, _, merge_warps, merge_stages = launch._config("merge", hidden.dtype, hidden.device)
-    vocab_per_split = launch._forward_vocab_per_split(num_rows, vocab, block_n, block_v, hidden.device, batch_invariant)
-    splits = triton.cdiv(vocab, vocab_per_split)  # every split holds at least one token
+    device_type = hidden.device.type
+    block_n, block_v, block_d, num_warps, num_stages = launch.launch_config("fwd", hidden.dtype, device_type)
+    merge_n, _, _, merge_warps, merge_stages = launch.launch_config("merge", hidden.dtype, device_type)
+    vocab_per_split, splits = launch.forward_splits(num_rows, vocab, hidden.dtype, device_type, batch_invariant,
+                                                    _num_sms(hidden.device))
 
     target_logit = torch.zeros((num_rows, num_targets), device=hidden.device, dtype=torch.float32)
     lse = torch.empty(num_rows, device=hidden.device, dtype=torch.float32)
     entropy = torch.empty(num_rows, device=hidden.device, dtype=torch.float32) if compute_entropy else None
     # Row chunks bound the partial states; a row's result does not depend on its chunk.
-    row_chunk = max(block_n, launch._FWD_PART_BYTES // (12 * splits) // block_n * block_n)
+    row_chunk = max(block_n, launch.FORWARD_PARTIAL_BYTES // (12 * splits) // block_n * block_n)
     for start in range(0, num_rows, row_chunk):
         sl = slice(start, start + row_chunk)
         chunk_rows = rows[sl]
@@ -41,7 +50,7 @@ def _triton_forward(hidden, weight, bias, targets, rows, temperature, compute_en
             1.0 / temperature, float(softcap or 1.0), vocab_per_split, splits,
             BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, COMPUTE_ENTROPY=compute_entropy,
-            DOT_PRECISION=launch._dot_precision(hidden.dtype), INTERPRETER=launch._interpreted(hidden),
+            DOT_PRECISION=launch.dot_precision(hidden.dtype), INTERPRETER=_interpreted(hidden),
             num_warps=num_warps, num_stages=num_stages,
         )
         _logprobs_merge_kernel[(triton.cdiv(chunk_rows.numel(), merge_n),)](
@@ -64,7 +73,7 @@ def _launch_backward(hidden, weight, bias, targets, rows, lse, mean_logit, grad_
                      grad_bias):
     """One atomic backward launch over the compacted ``rows`` x vocabulary ids ``[v_begin, v_end)``."""
     dim = weight.shape[1]
-    block_n, block_v, block_d, num_warps, num_stages = launch._config("bwd", hidden.dtype, hidden.device)
+    block_n, block_v, block_d, num_warps, num_stages = launch.launch_config("bwd_atomic", hidden.dtype, hidden.device.type)
     grid = (triton.cdiv(rows.numel(), block_n) * triton.cdiv(v_end - v_begin, block_v),)
     _logprobs_bwd_kernel[grid](
         *_backward_args(hidden, weight, bias, targets, rows, lse, mean_logit, grad_logp, grad_logp_sum, grad_ent),
@@ -76,10 +85,10 @@ def _launch_backward(hidden, weight, bias, targets, rows, lse, mean_logit, grad_
         grad_hidden_acc.stride(0) if grad_hidden_acc is not None else 0,
         grad_weight_acc.stride(0) if grad_weight_acc is not None else 0,
         1.0 / temperature, float(softcap or 1.0), float(filter_eps or 0.0),
-        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, GROUP_N=launch._GROUP_N,
+        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, GROUP_N=launch.BACKWARD_GROUP_ROWS,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, ENTROPY_GRAD=grad_ent is not None,
         HIDDEN_GRAD=grad_hidden_acc is not None, WEIGHT_GRAD=grad_weight_acc is not None,
-        DOT_PRECISION=launch._dot_precision(hidden.dtype), INTERPRETER=launch._interpreted(hidden),
+        DOT_PRECISION=launch.dot_precision(hidden.dtype), INTERPRETER=_interpreted(hidden),
         num_warps=num_warps, num_stages=num_stages,
     )
 
@@ -91,7 +100,7 @@ def _launch_backward_det(hidden, weight, bias, targets, rows, lse, mean_logit, g
     float32) or the d-weight/d-bias pass (``grad_weight_acc`` [v_end - v_begin, D] float32 and/or
     ``grad_bias`` [V] float32)."""
     dim = weight.shape[1]
-    block_n, block_v, block_d, num_warps, num_stages = launch._config("bwd_det", hidden.dtype, hidden.device)
+    block_n, block_v, block_d, num_warps, num_stages = launch.launch_config("bwd_det", hidden.dtype, hidden.device.type)
     hidden_pass = grad_hidden_parts is not None
     if hidden_pass:
         grid = (triton.cdiv(rows.numel(), block_n), grad_hidden_parts.shape[0])
@@ -110,12 +119,12 @@ def _launch_backward_det(hidden, weight, bias, targets, rows, lse, mean_logit, g
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, ENTROPY_GRAD=grad_ent is not None,
         HIDDEN_PASS=hidden_pass, WEIGHT_GRAD=grad_weight_acc is not None, BIAS_GRAD=grad_bias is not None,
-        DOT_PRECISION=launch._dot_precision(hidden.dtype), INTERPRETER=launch._interpreted(hidden),
+        DOT_PRECISION=launch.dot_precision(hidden.dtype), INTERPRETER=_interpreted(hidden),
         num_warps=num_warps, num_stages=num_stages,
     )
 
 
-def _triton_backward(hidden, weight, bias, targets, rows, lse, mean_logit, grad_logp, grad_ent,
+def triton_backward(hidden, weight, bias, targets, rows, lse, mean_logit, grad_logp, grad_ent,
                      temperature, filter_eps, exact, grad_hidden, grad_weight, grad_bias, *, softcap=None,
                      deterministic=False):
     """Writes the gradients of the compacted rows into grad_hidden / grad_weight / grad_bias.
@@ -130,7 +139,7 @@ def _triton_backward(hidden, weight, bias, targets, rows, lse, mean_logit, grad_
     partial products in 16-bit arithmetic. Exact mode instead runs pass 2, over vocabulary chunks,
     which recomputes the logits (a 5th matmul) and accumulates d weight in a float32 chunk buffer.
     Deterministic scheme: see the module docstring (always float32 accumulation, 6 matmuls).
-    Extra memory either way: the chunk buffers (_GRAD_CHUNK_BYTES each).
+    Extra memory either way: the chunk buffers (launch.ATOMIC_GRAD_CHUNK_BYTES each).
     """
     vocab, dim = weight.shape
     grad_logp_sum = grad_logp.sum(dim=1)  # the softmax term weighs p by every target's gradient
@@ -142,15 +151,15 @@ def _triton_backward(hidden, weight, bias, targets, rows, lse, mean_logit, grad_
 
     full_args = (rows, lse, mean_logit, grad_logp, grad_logp_sum, grad_ent)
     if deterministic:
-        block_n, block_v = launch._config("bwd_det", hidden.dtype, hidden.device)[:2]
+        block_n, block_v = launch.launch_config("bwd_det", hidden.dtype, hidden.device.type)[:2]
         # Vocabulary splits of the d-hidden pass: enough programs to fill the GPU at small N (the
         # split count may depend on N: run-to-run determinism only needs the same shapes).
         row_blocks = triton.cdiv(rows.numel(), block_n)
-        splits = max(1, min(triton.cdiv(launch._programs_to_fill(hidden.device), row_blocks), 8,
+        splits = max(1, min(triton.cdiv(4 * _num_sms(hidden.device) if hidden.is_cuda else 3, row_blocks), 8,
                             triton.cdiv(vocab, block_v)))
         vocab_per_split = triton.cdiv(triton.cdiv(vocab, splits), block_v) * block_v
         splits = triton.cdiv(vocab, vocab_per_split)
-        row_chunk = max(block_n, (launch._GRAD_CHUNK_BYTES // (4 * dim * splits)) // block_n * block_n)
+        row_chunk = max(block_n, (launch.ATOMIC_GRAD_CHUNK_BYTES // (4 * dim * splits)) // block_n * block_n)
         for start in range(0, rows.numel(), row_chunk):
             sl = slice(start, start + row_chunk)
             parts = torch.zeros((splits, rows[sl].numel(), dim), device=hidden.device, dtype=torch.float32)
@@ -162,7 +171,7 @@ def _triton_backward(hidden, weight, bias, targets, rows, lse, mean_logit, grad_
             grad_hidden.index_copy_(0, rows[sl].long(), total.to(grad_hidden.dtype))
         if grad_weight is None and grad_bias is None:
             return
-        vocab_chunk = max(block_v, (launch._GRAD_CHUNK_BYTES // (4 * dim)) // block_v * block_v)
+        vocab_chunk = max(block_v, (launch.ATOMIC_GRAD_CHUNK_BYTES // (4 * dim)) // block_v * block_v)
         for v_begin in range(0, vocab, vocab_chunk):
             v_end = min(v_begin + vocab_chunk, vocab)
             grad_weight_acc = None
@@ -175,9 +184,9 @@ def _triton_backward(hidden, weight, bias, targets, rows, lse, mean_logit, grad_
                 grad_weight[v_begin:v_end] = grad_weight_acc
         return
 
-    block_n, block_v = launch._config("bwd", hidden.dtype, hidden.device)[:2]
+    block_n, block_v = launch.launch_config("bwd_atomic", hidden.dtype, hidden.device.type)[:2]
     weight_in_pass_1 = grad_weight is not None and (grad_weight.dtype == torch.float32 or not exact)
-    row_chunk = max(block_n, (launch._GRAD_CHUNK_BYTES // (4 * dim)) // block_n * block_n)
+    row_chunk = max(block_n, (launch.ATOMIC_GRAD_CHUNK_BYTES // (4 * dim)) // block_n * block_n)
     for start in range(0, rows.numel(), row_chunk):
         sl = slice(start, start + row_chunk)
         grad_hidden_acc = torch.zeros((rows[sl].numel(), dim), device=hidden.device, dtype=torch.float32)
@@ -186,7 +195,7 @@ def _triton_backward(hidden, weight, bias, targets, rows, lse, mean_logit, grad_
         grad_hidden.index_copy_(0, rows[sl].long(), grad_hidden_acc.to(grad_hidden.dtype))
 
     if grad_weight is not None and not weight_in_pass_1:
-        vocab_chunk = max(block_v, (launch._GRAD_CHUNK_BYTES // (4 * dim)) // block_v * block_v)
+        vocab_chunk = max(block_v, (launch.ATOMIC_GRAD_CHUNK_BYTES // (4 * dim)) // block_v * block_v)
         for v_begin in range(0, vocab, vocab_chunk):
             v_end = min(v_begin + vocab_chunk, vocab)
             grad_weight_acc = torch.zeros((v_end - v_begin, dim), device=weight.device, dtype=torch.float32)
@@ -195,4 +204,5 @@ def _triton_backward(hidden, weight, bias, targets, rows, lse, mean_logit, grad_
             grad_weight[v_begin:v_end] = grad_weight_acc
 
 
-_BACKENDS = {"triton": (_triton_forward, _triton_backward), "torch": (torch_forward, torch_backward)}
+# backend name -> (forward driver, backward driver)
+BACKENDS = {"triton": (triton_forward, triton_backward), "torch": (torch_forward, torch_backward)}

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from grpo_kernels.ops.logprobs.drivers import _BACKENDS
+from grpo_kernels.ops.logprobs.drivers import BACKENDS
 from grpo_kernels.ops.utils import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -49,7 +49,7 @@ def _token_logprobs_op(
     entropy = hidden.new_zeros(num_rows if compute_entropy else 0, dtype=torch.float32)
     lse = hidden.new_zeros(num_rows, dtype=torch.float32)
     if rows.numel() > 0:
-        forward_fn, _ = _BACKENDS[backend]
+        forward_fn, _ = BACKENDS[backend]
         options = {"softcap": softcap}
         if backend == "triton":
             options["batch_invariant"] = batch_invariant
@@ -108,7 +108,7 @@ def _token_logprobs_backward_op(
     # Whenever there is a bias the kernels produce d bias ([V] float32, small), needed or not.
     grad_bias = torch.zeros(weight.shape[0], device=weight.device, dtype=torch.float32) if bias is not None else None
     if rows.numel() > 0:
-        _, backward_fn = _BACKENDS[backend]
+        _, backward_fn = BACKENDS[backend]
         idx = rows.long()
         # E_p[z] = lse - entropy
         mean_logit = (lse - entropy)[idx].contiguous() if grad_entropy is not None else None

@@ -7,13 +7,13 @@ from grpo_kernels.ops.logprobs.kernels import (
     _logprobs_fwd_kernel,
     _logprobs_merge_kernel,
 )
-from grpo_kernels.ops.logprobs.launch import _GPU_CONFIG, _GROUP_N, _dot_precision
+from grpo_kernels.ops.logprobs.launch import BACKWARD_GROUP_ROWS, GPU_CONFIG, dot_precision
 from grpo_kernels.ops.utils import FLOAT_DTYPES, TRITON_DTYPE, CompileSpec
 
 _FLOAT_ARGS = ("inv_temp", "softcap", "filter_eps")
 
 
-def _spec(name, kernel, pointers, constexprs, config, forbid_atomics=False):
+def _spec(name, kernel, pointers, constexprs, config, float_atomics=False):
     """A CompileSpec whose signature is derived from the kernel's arguments: ``pointers`` names the
     pointer arguments' types, ``_FLOAT_ARGS`` are fp32 scalars, every other argument is an i32."""
     signature = {}
@@ -26,7 +26,7 @@ def _spec(name, kernel, pointers, constexprs, config, forbid_atomics=False):
             signature[arg] = "fp32" if arg in _FLOAT_ARGS else "i32"
     *_, num_warps, num_stages = config
     return CompileSpec(name=name, kernel=kernel, signature=signature, constexprs=constexprs,
-                       num_warps=num_warps, num_stages=num_stages, forbid_atomics=forbid_atomics)
+                       num_warps=num_warps, num_stages=num_stages, float_atomics=float_atomics)
 
 
 def _tiles(config):
@@ -39,19 +39,19 @@ def sm90_compile_specs() -> list[CompileSpec]:
     flags = [(bias, softcap, entropy) for bias in (False, True) for softcap in (False, True) for entropy in (False, True)]
     for dtype in FLOAT_DTYPES:
         ty = TRITON_DTYPE[dtype]
-        common = {"DOT_PRECISION": _dot_precision(dtype), "INTERPRETER": False}
+        common = {"DOT_PRECISION": dot_precision(dtype), "INTERPRETER": False}
         inputs = {"Hidden": f"*{ty}", "Weight": f"*{ty}", "Bias": f"*{ty}", "Targets": "*i32", "RowIdx": "*i32"}
         grads_in = {"Lse": "*fp32", "MeanLogit": "*fp32", "GradLogp": "*fp32", "GradLogpSum": "*fp32",
                     "GradEnt": "*fp32", "GradHidden": "*fp32", "GradBias": "*fp32"}
 
-        config = _GPU_CONFIG["merge"][dtype]
+        config = GPU_CONFIG["merge"][dtype]
         for entropy in (False, True):
             specs.append(_spec(
                 f"logprobs_merge[{ty},entropy={entropy}]", _logprobs_merge_kernel,
                 {name: "*fp32" for name in ("PartMax", "PartSum", "PartEnt", "Lse", "Entropy")},
                 {"BLOCK_N": config[0], "COMPUTE_ENTROPY": entropy}, config))
 
-        config = _GPU_CONFIG["fwd"][dtype]
+        config = GPU_CONFIG["fwd"][dtype]
         for bias, softcap, entropy in flags:
             specs.append(_spec(
                 f"logprobs_fwd[{ty},bias={bias},softcap={softcap},entropy={entropy}]", _logprobs_fwd_kernel,
@@ -59,21 +59,21 @@ def sm90_compile_specs() -> list[CompileSpec]:
                 {**_tiles(config), **common, "HAS_BIAS": bias, "HAS_SOFTCAP": softcap, "COMPUTE_ENTROPY": entropy},
                 config))
 
-        config = _GPU_CONFIG["bwd"][dtype]
+        config = GPU_CONFIG["bwd_atomic"][dtype]
         # (d hidden, d weight, d weight accumulator dtype): pass 1 without / with d weight, and
         # the exact d-weight pass into a float32 chunk buffer (16-bit weights only).
         passes = [(True, False, ty), (True, True, ty)] + ([(False, True, "fp32")] if ty != "fp32" else [])
         for bias, softcap, entropy in flags:
             for hidden_grad, weight_grad, grad_weight_ty in passes:
                 specs.append(_spec(
-                    (f"logprobs_bwd[{ty},bias={bias},softcap={softcap},entropy={entropy},dH={hidden_grad},"
+                    (f"logprobs_bwd_atomic[{ty},bias={bias},softcap={softcap},entropy={entropy},dH={hidden_grad},"
                      f"dW={weight_grad and grad_weight_ty}]"), _logprobs_bwd_kernel,
                     {**inputs, **grads_in, "GradWeight": f"*{grad_weight_ty}"},
-                    {**_tiles(config), **common, "GROUP_N": _GROUP_N, "HAS_BIAS": bias, "HAS_SOFTCAP": softcap,
+                    {**_tiles(config), **common, "GROUP_N": BACKWARD_GROUP_ROWS, "HAS_BIAS": bias, "HAS_SOFTCAP": softcap,
                      "ENTROPY_GRAD": entropy, "HIDDEN_GRAD": hidden_grad, "WEIGHT_GRAD": weight_grad},
-                    config))
+                    config, float_atomics=True))
 
-        config = _GPU_CONFIG["bwd_det"][dtype]
+        config = GPU_CONFIG["bwd_det"][dtype]
         for bias, softcap, entropy in flags:
             # (d-hidden pass, d weight, d bias): the d-hidden pass, then the vocabulary pass with
             # d weight and/or d bias (d bias exactly when there is a bias).
@@ -85,5 +85,5 @@ def sm90_compile_specs() -> list[CompileSpec]:
                     {**inputs, **grads_in, "GradWeight": "*fp32"},
                     {**_tiles(config), **common, "HAS_BIAS": bias, "HAS_SOFTCAP": softcap, "ENTROPY_GRAD": entropy,
                      "HIDDEN_PASS": hidden_pass, "WEIGHT_GRAD": weight_grad, "BIAS_GRAD": bias_grad},
-                    config, forbid_atomics=True))
+                    config))
     return specs
