@@ -373,8 +373,10 @@ def test_lse_gradient_alone(device, backend):
 def test_batch_invariant_forward(device, monkeypatch):
     # The same 5 rows alone (batches of 1), in a batch of 7 and in a batch of 300, at random
     # positions, with ignored rows interleaved: bitwise-equal log-probs, entropies and lse.
-    # V = 67: 3 vocabulary splits. 64-row tiles keep the interpreter quick at 300 rows.
+    # V = 67: 3 vocabulary splits. 64-row tiles keep the interpreter quick at 300 rows. Raster
+    # groups of 2 row blocks: 300 rows are 3 groups, the last one partial.
     monkeypatch.setattr(launch_module, "INTERPRETER_CONFIG", launch_module.LaunchConfig(64, 16, 16, 1, 1))
+    monkeypatch.setattr(launch_module, "FORWARD_GROUP_ROWS", 2)
     dim, vocab = 16, 67
     weight = torch.randn(vocab, dim, device=device) / 4
     probe_hidden = torch.randn(5, dim, device=device)

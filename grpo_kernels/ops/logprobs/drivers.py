@@ -43,12 +43,12 @@ def triton_forward(hidden, weight, bias, targets, rows, temperature, compute_ent
         chunk_rows = rows[sl]
         part = torch.empty((3, chunk_rows.numel(), splits), device=hidden.device, dtype=torch.float32)
         part_max, part_sum, part_ent = part.unbind(0)
-        _logprobs_fwd_kernel[(triton.cdiv(chunk_rows.numel(), block_n), splits)](
+        _logprobs_fwd_kernel[(triton.cdiv(chunk_rows.numel(), block_n) * splits,)](
             hidden, weight, bias if bias is not None else hidden, targets, chunk_rows,
             part_max, part_sum, part_ent, target_logit[sl],
             chunk_rows.numel(), vocab, dim, num_targets, hidden.stride(0), weight.stride(0), targets.stride(0),
             1.0 / temperature, float(softcap or 1.0), vocab_per_split, splits,
-            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
+            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, GROUP_N=launch.FORWARD_GROUP_ROWS,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, COMPUTE_ENTROPY=compute_entropy,
             DOT_PRECISION=launch.dot_precision(hidden.dtype), INTERPRETER=_interpreted(hidden),
             num_warps=num_warps, num_stages=num_stages,

@@ -24,6 +24,19 @@ def _tanh(x):
 
 
 @triton.jit
+def _grouped_tile(pid, num_row_blocks, num_cols, GROUP_N: tl.constexpr):
+    """(row block, column) of program ``pid`` in a grid of num_row_blocks x num_cols, rastered in
+    groups of GROUP_N row blocks: inside a group the row block varies fastest, then the column
+    (a vocabulary split or tile). The programs running together then share a few row blocks of
+    hidden and each column's weight tiles in L2 (see launch.FORWARD_GROUP_ROWS)."""
+    per_group = GROUP_N * num_cols
+    first_row = (pid // per_group) * GROUP_N
+    group_rows = tl.minimum(num_row_blocks - first_row, GROUP_N)
+    in_group = pid % per_group
+    return first_row + in_group % group_rows, in_group // group_rows
+
+
+@triton.jit
 def _logit_tile(
     Hidden, Weight, Bias, rows, offs_v, row_ok, v_ok, D, stride_h, stride_w,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -50,16 +63,16 @@ def _logprobs_fwd_kernel(
     Hidden, Weight, Bias, Targets, RowIdx,
     PartMax, PartSum, PartEnt, TargetLogit,
     M, V, D, K, stride_h, stride_w, stride_t, inv_temp, softcap, vocab_per_split, num_splits,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
 ):
-    """One program: BLOCK_N rows x one vocabulary split. Writes per-split partial states
+    """One program: BLOCK_N rows x one vocabulary split (a 1-D grid of row blocks x splits, rastered
+    in groups of GROUP_N row blocks: see _grouped_tile). Writes per-split partial states
     (running max, sum of exp(z - max), sum of exp(z - max) * (z - max)) into Part* [M, splits],
     and the logit of every target id in the split into TargetLogit [M, K] (each (row, k) lies in
     at most one tile of one split, so the stores never collide)."""
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    pid_n, pid_s = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_N), num_splits, GROUP_N)
     offs_m = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = offs_m < M
     rows = tl.load(RowIdx + offs_m, mask=row_ok, other=0)
@@ -205,14 +218,7 @@ def _logprobs_bwd_kernel(
     gradient is added too. The row-block index varies fastest inside groups of GROUP_N row
     blocks, so that programs running together share weight tiles in L2.
     """
-    pid = tl.program_id(0)
-    num_n_blocks = tl.cdiv(M, BLOCK_N)
-    num_v_blocks = tl.cdiv(v_end - v_begin, BLOCK_V)
-    per_group = GROUP_N * num_v_blocks
-    first_n = (pid // per_group) * GROUP_N
-    group_rows = tl.minimum(num_n_blocks - first_n, GROUP_N)
-    pid_n = first_n + (pid % per_group) % group_rows
-    pid_v = (pid % per_group) // group_rows
+    pid_n, pid_v = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_N), tl.cdiv(v_end - v_begin, BLOCK_V), GROUP_N)
 
     offs_m = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = offs_m < M

@@ -7,7 +7,7 @@ from grpo_kernels.ops.logprobs.kernels import (
     _logprobs_fwd_kernel,
     _logprobs_merge_kernel,
 )
-from grpo_kernels.ops.logprobs.launch import BACKWARD_GROUP_ROWS, GPU_CONFIG, dot_precision
+from grpo_kernels.ops.logprobs.launch import BACKWARD_GROUP_ROWS, FORWARD_GROUP_ROWS, GPU_CONFIG, dot_precision
 from grpo_kernels.ops.utils import FLOAT_DTYPES, TRITON_DTYPE, CompileSpec
 
 _FLOAT_ARGS = ("inv_temp", "softcap", "filter_eps")
@@ -56,7 +56,8 @@ def sm90_compile_specs() -> list[CompileSpec]:
             specs.append(_spec(
                 f"logprobs_fwd[{ty},bias={bias},softcap={softcap},entropy={entropy}]", _logprobs_fwd_kernel,
                 {**inputs, "PartMax": "*fp32", "PartSum": "*fp32", "PartEnt": "*fp32", "TargetLogit": "*fp32"},
-                {**_tiles(config), **common, "HAS_BIAS": bias, "HAS_SOFTCAP": softcap, "COMPUTE_ENTROPY": entropy},
+                {**_tiles(config), **common, "GROUP_N": FORWARD_GROUP_ROWS, "HAS_BIAS": bias, "HAS_SOFTCAP": softcap,
+                 "COMPUTE_ENTROPY": entropy},
                 config))
 
         config = GPU_CONFIG["bwd_atomic"][dtype]
