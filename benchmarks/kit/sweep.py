@@ -35,7 +35,7 @@ import torch
 
 from benchmarks.kit.common import Deadline, device_info, md_table, stage_device, write_json, write_text
 
-KINDS = ("fwd", "bwd_atomic")
+KINDS = ("fwd", "dlogits")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GPU_SHAPE = (16384, 4096, 151936)
 DRY_SHAPE = (16, 16, 37)
@@ -257,7 +257,7 @@ def write_results(out_dir, meta, rows, winners):
     write_json(out_dir / "sweep.json", {"meta": meta, "winners": winners, "rows": rows})
     lines = [f"# Stage 2: log-prob kernel block sizes, {meta['device']}", "",
              f"{meta['date']}; N={meta['N']}, D={meta['D']}, V={meta['V']}. Command: `{meta['command']}`.", "",
-             "`fwd`: `token_logprobs(..., return_entropy=True)` under no_grad; `bwd`: forward + backward (exact) with "
+             "`fwd`: `token_logprobs(..., return_entropy=True)` under no_grad; `dlogits`: forward + backward (default) with "
              "the forward at the shipped configuration. Config = (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages); "
              "registers / shared from the sm_90 compile of the most-featured configurations it changes.", ""]
     if winners:

@@ -13,13 +13,15 @@ The forward streams the vocabulary through on-chip tiles (``tl.dot`` of ``[BLOCK
 hidden by ``[BLOCK_D, BLOCK_V]`` weight tiles), keeps an online logsumexp and an online
 ``sum p (z - max)`` for the entropy, copies each target's logit out of the tile that holds it,
 and stores O(N) state only. The vocabulary is split across programs; a small merge kernel
-combines the per-split partial states in a fixed order (split 0, 1, 2, ...).
+combines the per-split partial states in a fixed order (split 0, 1, 2, ...). Programs are
+rastered in groups of row blocks (``launch.FORWARD_GROUP_ROWS``) so that those running together
+share hidden rows and weight tiles in L2.
 
 Batch invariance (``batch_invariant=True``, the default): the split size is a constant of the
-launch configuration (``_INVARIANT_SPLIT_VOCAB`` ids), never a function of the number of rows,
-and every tile configuration depends on the dtype only. A row's reduction order is then fixed by
-V and the dtype alone, so its log-prob, entropy and lse are bitwise identical whatever else is in
-the batch (its size, the other rows, ignored rows, the row's position). With
+launch configuration (``launch.INVARIANT_SPLIT_VOCAB`` ids), never a function of the number of
+rows, and every tile configuration depends on the dtype only. A row's reduction order is then
+fixed by V and the dtype alone, so its log-prob, entropy and lse are bitwise identical whatever
+else is in the batch (its size, the other rows, ignored rows, the row's position). With
 ``batch_invariant=False`` the split count grows when there are few row blocks, to fill the GPU
 (faster for a few hundred rows, but a row's bits then depend on N).
 
@@ -28,21 +30,20 @@ The backward recomputes each ``[BLOCK_N, BLOCK_V]`` logit tile and forms, on chi
     d z_v = sum_k g_k [v == t_k] - p_v * sum_k g_k - g_ent * p_v * (z_v - E_p[z])
     d y_v = d z_v / temperature * (1 - tanh^2(y_v / c))       # the last factor under a soft-cap
 
-Default scheme (Cut Cross-Entropy's): ``d y @ W`` goes into ``d hidden`` and ``d y^T @ h`` into
-``d weight`` with atomic adds, so no ``[N, V]`` buffer ever exists. ``d hidden`` is accumulated
-in float32 over row chunks of bounded size; ``d weight`` in a float32 vocabulary-chunk buffer
-(``exact=True``) or in the weight's dtype. Rows that are ignored or whose incoming gradient is
-zero are compacted away before the launch and cost nothing.
+Default scheme (``backward="workspace"``, module ``workspace``): the tile's ``d y`` is stored in
+a bounded buffer (a chunk of rows x vocabulary ids, in the input dtype), and cuBLAS GEMMs turn
+it into ``d hidden`` (a float32 accumulator across vocabulary chunks) and ``d weight`` (float32
+accumulation inside the GEMM). 4 matmuls in all with the forward, no floating-point atomics, so
+the gradients are bitwise identical run to run (``deterministic=True`` is this path).
 
-Deterministic scheme (``deterministic=True``): floating-point atomics add in whatever order the
-programs happen to run, so the last bits of the gradients change from run to run. Instead, one
-kernel owns each (row block, vocabulary split) and loops over the split's vocabulary tiles in
-order, read-add-writing its own float32 ``d hidden`` partial (no other program touches it); the
-few split partials are summed in a fixed order. A second kernel owns each vocabulary block and
-loops over all row blocks in order, read-add-writing its ``d weight`` rows and keeping ``d bias``
-in registers. No atomics at all (the sm_90 check verifies the PTX has no ``atom.``/``red.``), so
-the gradients are bitwise identical run to run; the logits are recomputed in both kernels (6
-matmuls in all instead of 4-5).
+Atomic scheme (``backward="atomic"``, Cut Cross-Entropy's): ``d y @ W`` goes into ``d hidden``
+and ``d y^T @ h`` into ``d weight`` with atomic adds, so no ``[N, V]`` buffer of any size exists.
+``d hidden`` is accumulated in float32 over row chunks of bounded size; ``d weight`` in a float32
+vocabulary-chunk buffer (``exact=True``: a second pass, 5 matmuls) or in the weight's dtype
+(``exact=False``: 4 matmuls). Kept until a GPU run has compared the two schemes.
+
+Either way, rows that are ignored or whose incoming gradient is zero are compacted away before
+the launch and cost nothing.
 
 On CPU tensors the same Triton kernels run under ``TRITON_INTERPRET=1``; otherwise the chunked
 PyTorch path of ``torch_path`` computes the same thing.
@@ -52,6 +53,7 @@ Modules, lowest layer first (each imports only those above it in this list):
 - ``kernels``: the Triton jit kernels.
 - ``launch``: their launch configuration (tiles, warps, stages per dtype; vocabulary splits).
 - ``torch_path``: the chunked PyTorch drivers (CPU without the interpreter).
+- ``workspace``: the default backward's driver (the d-logits kernel and the GEMMs).
 - ``drivers``: the Triton drivers; ``BACKENDS`` maps a backend name to its (forward, backward).
 - ``op``: the custom ops, their autograd, the argument checks, ``single_device_logprobs``.
 - ``specs``: every kernel configuration the launcher can pick, for the sm_90 compile check.

@@ -3,7 +3,7 @@ head when a process group is given. The top layer of the package: nothing below 
 
 import torch
 
-from grpo_kernels.ops.logprobs.op import single_device_logprobs
+from grpo_kernels.ops.logprobs.op import check_backward_options, single_device_logprobs
 from grpo_kernels.ops.vocab_parallel import vocab_parallel_logprobs
 
 
@@ -22,6 +22,8 @@ def token_logprobs(
     exact: bool = True,
     batch_invariant: bool = True,
     deterministic: bool = False,
+    backward: str = "workspace",
+    workspace_bytes: int | None = None,
     backend: str = "auto",
     process_group=None,
 ):
@@ -48,11 +50,12 @@ def token_logprobs(
         filter_eps: backward only: skip ``[BLOCK_N, BLOCK_V]`` tiles whose every ``|d logit|`` is
             below this (Cut Cross-Entropy's gradient filtering, e.g. ``2**-12`` for bf16). ``None``
             (default) is exact.
-        exact: backward only, 16-bit weights only. ``True`` (default): every gradient is
-            accumulated in float32; d weight takes a second pass that recomputes the logits
-            (5 matmuls in all instead of 4). ``False``: d weight is accumulated in the weight's
-            dtype within the single pass (Cut Cross-Entropy's scheme): faster, but its 16-bit
-            rounding error grows with the number of rows.
+        exact: ``backward="atomic"`` only, 16-bit weights only (the workspace backward always
+            accumulates in float32). ``True`` (default): every gradient is accumulated in float32;
+            d weight takes a second pass that recomputes the logits (5 matmuls in all instead of
+            4). ``False``: d weight is accumulated in the weight's dtype within the single pass
+            (Cut Cross-Entropy's scheme): faster, but its 16-bit rounding error grows with the
+            number of rows.
         batch_invariant: Triton kernels: a row's outputs are bitwise identical whatever else is in
             the batch (batch size, other rows, ignored rows, position), because the vocabulary
             split, and so the reduction order, is fixed by V and the dtype. Default ``True``: at
@@ -61,12 +64,24 @@ def token_logprobs(
             vocabulary further for small N (a few hundred rows) to fill the GPU: faster there,
             but a row's last bits then depend on N. The chunked torch path makes no such promise
             (its matmul blocking is the BLAS library's choice).
-        deterministic: backward only, Triton kernels: bitwise-identical gradients run to run. The
-            default backward adds partial products with floating-point atomics, whose order (and
-            so the last bits) varies between runs; ``True`` gives every gradient element one
-            owning program that accumulates in a fixed order (no atomics: 6 matmuls instead of
-            4-5, always float32 accumulation). Use it to debug a divergence, or for RL
-            reproducibility studies that replay a run bit for bit; the kit measures its cost.
+        deterministic: backward only: ask for bitwise-identical gradients run to run (same GPU,
+            shapes and library versions). The default ``backward="workspace"`` is that already (no
+            floating-point atomics); ``deterministic=True`` with ``backward="atomic"`` is a
+            ``ValueError``, since atomics add in whatever order the programs run.
+        backward: backward scheme of the Triton path. ``"workspace"`` (default): a kernel
+            recomputes the logit tiles and writes d logits into a bounded buffer, then GEMMs
+            (cuBLAS) form d hidden (float32 accumulator) and d weight (float32 accumulation inside
+            the GEMM, each row written once while all rows fit one chunk): 4 matmuls in all, no
+            atomics, deterministic. ``"atomic"``: each tile's products are scattered into the
+            gradients with float32 atomics (Cut Cross-Entropy's scheme; ``exact`` applies), kept
+            until a GPU run has compared the two. The torch path ignores it.
+        workspace_bytes: ``backward="workspace"``: the scratch memory the backward may allocate
+            besides its float32 accumulators (d logits, gathered hidden rows, d-bias partials):
+            an int > 0 or ``None`` (256 MiB). Larger means fewer, bigger chunks: less
+            accumulator traffic, more memory. The accumulators come on top: float32 d hidden
+            ``4 M D`` bytes for M active rows (none for float32 inputs whose active rows are
+            contiguous). At N = 16384, D = 4096, V = 151936, bf16: 252 + 256 MiB. See
+            :func:`grpo_kernels.ops.logprobs.launch.backward_plan`.
         backend: ``"auto"`` (Triton on CUDA or under ``TRITON_INTERPRET=1``, else chunked torch),
             ``"triton"`` or ``"torch"``.
         process_group: vocabulary-parallel head (tensor parallelism): ``weight``/``bias`` are this
@@ -81,9 +96,11 @@ def token_logprobs(
         forward runs. ``torch.compile(fullgraph=True)`` traces through it (a custom op,
         ``torch.ops.grpo_kernels.token_logprobs``), and meta tensors give the output shapes.
     """
+    check_backward_options(backward, workspace_bytes, deterministic)
     if process_group is not None:
         unsupported = [name for name, on in (('return_lse', return_lse), ('softcap', softcap is not None),
-                       ('deterministic', deterministic), ('K targets per row', targets.dim() == hidden.dim()))
+                       ('deterministic', deterministic), ('K targets per row', targets.dim() == hidden.dim()),
+                       ("backward='atomic'", backward == "atomic"), ('workspace_bytes', workspace_bytes is not None))
                        if on]
         if unsupported:
             raise ValueError(f"process_group (vocabulary-parallel head) does not support {', '.join(unsupported)} yet")
@@ -93,4 +110,5 @@ def token_logprobs(
     return single_device_logprobs(
         hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index,
         return_entropy=return_entropy, return_lse=return_lse, softcap=softcap, filter_eps=filter_eps, exact=exact,
-        batch_invariant=batch_invariant, deterministic=deterministic, backend=backend)
+        batch_invariant=batch_invariant, deterministic=deterministic, backward=backward,
+        workspace_bytes=workspace_bytes, backend=backend)

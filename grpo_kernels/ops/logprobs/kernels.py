@@ -1,4 +1,5 @@
-"""The Triton kernels of the log-prob op: forward, split merge and backward (see the package
+"""The Triton kernels of the log-prob op: the forward, the merge of its vocabulary splits, the
+d-logits kernel of the default (workspace) backward and the atomic backward (see the package
 docstring for the math; ``launch`` holds their tile configurations, ``drivers`` launches them)."""
 
 import triton
@@ -199,7 +200,7 @@ def _grad_logit_tile(
 
 
 @triton.jit
-def _logprobs_bwd_kernel(
+def _logprobs_bwd_atomic_kernel(
     Hidden, Weight, Bias, Targets, RowIdx, Lse, MeanLogit, GradLogp, GradLogpSum, GradEnt,
     GradHidden, GradWeight, GradBias,
     M, v_begin, v_end, D, K, stride_h, stride_w, stride_t, stride_gh, stride_gw, inv_temp, softcap,
@@ -209,8 +210,8 @@ def _logprobs_bwd_kernel(
     HIDDEN_GRAD: tl.constexpr, WEIGHT_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     INTERPRETER: tl.constexpr,
 ):
-    """One program: a [BLOCK_N, BLOCK_V] tile of d logits, scattered into d hidden and/or d weight
-    with atomic adds.
+    """The atomic backward's kernel (``backward="atomic"``): one program forms a [BLOCK_N, BLOCK_V]
+    tile of d logits and scatters its products into d hidden and/or d weight with atomic adds.
 
     Covers the M compacted rows x vocabulary ids [v_begin, v_end). GradHidden is indexed by the
     compacted row position ``offs_m``; GradWeight by ``offs_v - v_begin`` (so that it can be a
@@ -272,83 +273,44 @@ def _logprobs_bwd_kernel(
 
 
 @triton.jit
-def _logprobs_bwd_det_kernel(
+def _logprobs_dlogits_kernel(
     Hidden, Weight, Bias, Targets, RowIdx, Lse, MeanLogit, GradLogp, GradLogpSum, GradEnt,
-    GradHidden, GradWeight, GradBias,
-    M, v_begin, v_end, D, K, stride_h, stride_w, stride_t, stride_gh, stride_gh_split, stride_gw,
-    inv_temp, softcap, filter_eps, vocab_per_split,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    GradLogits, BiasPartial,
+    M, v_begin, v_end, D, K, stride_h, stride_w, stride_t, stride_g, inv_temp, softcap, filter_eps,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ENTROPY_GRAD: tl.constexpr,
-    HIDDEN_PASS: tl.constexpr, WEIGHT_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
 ):
-    """The deterministic backward: every output element has exactly one owning program, which
-    accumulates into it with plain loads and stores, in a fixed loop order. No atomics.
+    """The workspace backward's kernel: one program recomputes one [BLOCK_N, BLOCK_V] logit tile
+    and stores its d logits (d loss / d y) into the chunk buffer; no atomics, every element of the
+    buffer has exactly one writer.
 
-    HIDDEN_PASS: program (row block, split) loops over the split's vocabulary tiles in order and
-    read-add-writes d hidden of its rows into its own split partial ``GradHidden[split]``
-    ([splits, M, D] float32, summed in split order by the caller).
-    Otherwise: program (vocabulary block) of [v_begin, v_end) loops over all row blocks in order,
-    read-add-writing d weight of its ids (``GradWeight`` indexed by ``offs_v - v_begin``) and
-    summing d bias in registers (``GradBias`` indexed by ``offs_v``).
+    Covers the M compacted rows x vocabulary ids [v_begin, v_end) of one chunk. GradLogits is
+    ``[M, v_end - v_begin]`` (row stride ``stride_g``) in its own dtype (the input dtype), indexed by
+    the compacted row position and ``offs_v - v_begin``. A tile whose every ``|d y|`` is below
+    filter_eps is stored as zeros (Cut Cross-Entropy's gradient filtering). With HAS_BIAS the
+    tile's float32 column sums go to ``BiasPartial[row block, offs_v - v_begin]`` (``[row blocks,
+    v_end - v_begin]``), which the driver sums over row blocks in order: d bias without atomics.
+    Programs are rastered in groups of GROUP_N row blocks (_grouped_tile).
     """
-    if HIDDEN_PASS:
-        offs_m = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = offs_m < M
-        rows = tl.load(RowIdx + offs_m, mask=row_ok, other=0)
-        split_begin = v_begin + tl.program_id(1) * vocab_per_split
-        split_end = tl.minimum(split_begin + vocab_per_split, v_end)
-        gh_ptrs = GradHidden + tl.program_id(1).to(tl.int64) * stride_gh_split + offs_m.to(tl.int64)[:, None] * stride_gh
-        for tile_begin in range(split_begin, split_end, BLOCK_V):
-            offs_v = tile_begin + tl.arange(0, BLOCK_V)
-            v_ok = offs_v < split_end
-            grad_y = _grad_logit_tile(
-                Hidden, Weight, Bias, Targets, rows, offs_m, offs_v, row_ok, v_ok, tile_begin,
-                tl.minimum(tile_begin + BLOCK_V, split_end), Lse, MeanLogit, GradLogp, GradLogpSum,
-                GradEnt, D, K, stride_h, stride_w, stride_t, inv_temp, softcap, BLOCK_N, BLOCK_V,
-                BLOCK_D, HAS_BIAS, HAS_SOFTCAP, ENTROPY_GRAD, DOT_PRECISION, INTERPRETER)
-            if tl.max(tl.max(tl.abs(grad_y), axis=1), axis=0) >= filter_eps:
-                grad_y_op = grad_y.to(Hidden.dtype.element_ty)
-                w_ptrs = Weight + offs_v.to(tl.int64)[:, None] * stride_w
-                for d0 in range(0, D, BLOCK_D):
-                    offs_d = d0 + tl.arange(0, BLOCK_D)
-                    d_ok = offs_d < D
-                    w = tl.load(w_ptrs + offs_d[None, :], mask=v_ok[:, None] & d_ok[None, :], other=0.0)
-                    gh_mask = row_ok[:, None] & d_ok[None, :]
-                    acc = tl.load(gh_ptrs + offs_d[None, :], mask=gh_mask, other=0.0)
-                    acc = _dot(grad_y_op, w, acc, DOT_PRECISION, INTERPRETER)
-                    tl.store(gh_ptrs + offs_d[None, :], acc, mask=gh_mask)
-    else:
-        tile_begin = v_begin + tl.program_id(0) * BLOCK_V
-        offs_v = tile_begin + tl.arange(0, BLOCK_V)
-        v_ok = offs_v < v_end
-        tile_end = tl.minimum(tile_begin + BLOCK_V, v_end)
-        gw_ptrs = GradWeight + (offs_v - v_begin).to(tl.int64)[:, None] * stride_gw
-        grad_bias = tl.zeros((BLOCK_V,), dtype=tl.float32)
-        for m0 in range(0, M, BLOCK_N):
-            offs_m = m0 + tl.arange(0, BLOCK_N)
-            row_ok = offs_m < M
-            rows = tl.load(RowIdx + offs_m, mask=row_ok, other=0)
-            grad_y = _grad_logit_tile(
-                Hidden, Weight, Bias, Targets, rows, offs_m, offs_v, row_ok, v_ok, tile_begin, tile_end,
-                Lse, MeanLogit, GradLogp, GradLogpSum, GradEnt, D, K, stride_h, stride_w, stride_t,
-                inv_temp, softcap, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP, ENTROPY_GRAD,
-                DOT_PRECISION, INTERPRETER)
-            if BIAS_GRAD:
-                grad_bias += tl.sum(grad_y, axis=0)
-            if WEIGHT_GRAD:
-                if tl.max(tl.max(tl.abs(grad_y), axis=1), axis=0) >= filter_eps:
-                    grad_y_op = tl.trans(grad_y.to(Hidden.dtype.element_ty))
-                    h_ptrs = Hidden + rows.to(tl.int64)[:, None] * stride_h
-                    for d0 in range(0, D, BLOCK_D):
-                        offs_d = d0 + tl.arange(0, BLOCK_D)
-                        d_ok = offs_d < D
-                        h = tl.load(h_ptrs + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                        gw_mask = v_ok[:, None] & d_ok[None, :]
-                        acc = tl.load(gw_ptrs + offs_d[None, :], mask=gw_mask, other=0.0)
-                        acc = _dot(grad_y_op, h, acc, DOT_PRECISION, INTERPRETER)
-                        tl.store(gw_ptrs + offs_d[None, :], acc, mask=gw_mask)
-        if BIAS_GRAD:
-            tl.store(GradBias + offs_v, grad_bias, mask=v_ok)
-
-
+    num_ids = v_end - v_begin
+    pid_n, pid_v = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_N), tl.cdiv(num_ids, BLOCK_V), GROUP_N)
+    offs_m = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = offs_m < M
+    rows = tl.load(RowIdx + offs_m, mask=row_ok, other=0)
+    tile_begin = v_begin + pid_v * BLOCK_V
+    offs_v = tile_begin + tl.arange(0, BLOCK_V)
+    v_ok = offs_v < v_end
+    grad_y = _grad_logit_tile(
+        Hidden, Weight, Bias, Targets, rows, offs_m, offs_v, row_ok, v_ok, tile_begin,
+        tl.minimum(tile_begin + BLOCK_V, v_end), Lse, MeanLogit, GradLogp, GradLogpSum, GradEnt,
+        D, K, stride_h, stride_w, stride_t, inv_temp, softcap, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS,
+        HAS_SOFTCAP, ENTROPY_GRAD, DOT_PRECISION, INTERPRETER)
+    # filter_eps = 0 (no filtering) keeps every tile: no |d y| is below 0.
+    keep = tl.max(tl.max(tl.abs(grad_y), axis=1), axis=0) >= filter_eps
+    grad_y = tl.where(keep, grad_y, 0.0)
+    cols = offs_v - v_begin
+    g_ptrs = GradLogits + offs_m.to(tl.int64)[:, None] * stride_g + cols[None, :]
+    tl.store(g_ptrs, grad_y.to(GradLogits.dtype.element_ty), mask=row_ok[:, None] & v_ok[None, :])
+    if HAS_BIAS:
+        tl.store(BiasPartial + pid_n.to(tl.int64) * num_ids + cols, tl.sum(grad_y, axis=0), mask=v_ok)

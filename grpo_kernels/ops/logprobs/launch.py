@@ -58,12 +58,6 @@ GPU_CONFIG: dict[str, dict[torch.dtype, LaunchConfig]] = {
         torch.float16: LaunchConfig(128, 128, 64, 8, 2),
         torch.float32: LaunchConfig(64, 64, 32, 4, 2),
     },
-    # deterministic backward (both passes)
-    "bwd_det": {
-        torch.bfloat16: LaunchConfig(128, 128, 64, 8, 2),
-        torch.float16: LaunchConfig(128, 128, 64, 8, 2),
-        torch.float32: LaunchConfig(64, 64, 32, 4, 2),
-    },
 }
 # Under the interpreter every kind uses small tiles, so that tests at small shapes still cross
 # tile boundaries.

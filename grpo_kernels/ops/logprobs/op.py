@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from grpo_kernels.ops.logprobs.drivers import BACKENDS
+from grpo_kernels.ops.logprobs.launch import DEFAULT_WORKSPACE_BYTES
 from grpo_kernels.ops.utils import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -18,6 +19,8 @@ from grpo_kernels.ops.utils import (
     resolve_backend,
 )
 
+# The backward schemes (token_logprobs' ``backward``): the default first.
+BACKWARDS = ("workspace", "atomic")
 # ignore_index is compared with int32 ids on the device: it must be an int32 itself.
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
@@ -32,13 +35,14 @@ def _kernel_targets(targets: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
 def _token_logprobs_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
     temperature: float, softcap: Optional[float], ignore_index: int, compute_entropy: bool,
-    batch_invariant: bool, filter_eps: Optional[float], exact: bool, deterministic: bool, backend: str,
+    batch_invariant: bool, filter_eps: Optional[float], exact: bool, backward: str, workspace_bytes: Optional[int],
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden [N, D] (row-contiguous), weight [V, D], bias [V] or None, targets [N, K] int32/int64.
 
     Returns float32 (logp [N, K], entropy [N] (or [0] without compute_entropy), lse [N]); 0 for
-    ignored entries, and entropy/lse 0 for rows with no live target. filter_eps, exact and
-    deterministic are backward options (the autograd context reads them from here).
+    ignored entries, and entropy/lse 0 for rows with no live target. filter_eps, exact, backward and
+    workspace_bytes are backward options (the autograd context reads them from here).
     """
     num_rows, num_targets = targets.shape
     # The data-dependent checks live inside the op, where torch.compile does not trace.
@@ -65,8 +69,8 @@ def _token_logprobs_op(
 
 
 @_token_logprobs_op.register_fake
-def _token_logprobs_fake(hidden, weight, bias, targets, temperature, softcap, ignore_index, compute_entropy, batch_invariant,
-      filter_eps, exact, deterministic, backend):
+def _token_logprobs_fake(hidden, weight, bias, targets, temperature, softcap, ignore_index, compute_entropy,
+                         batch_invariant, filter_eps, exact, backward, workspace_bytes, backend):
     num_rows, num_targets = targets.shape
     return (hidden.new_empty((num_rows, num_targets), dtype=torch.float32),
             hidden.new_empty(num_rows if compute_entropy else 0, dtype=torch.float32),
@@ -78,8 +82,8 @@ def _token_logprobs_backward_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
     lse: torch.Tensor, entropy: torch.Tensor, grad_logp: Optional[torch.Tensor],
     grad_entropy: Optional[torch.Tensor], grad_lse: Optional[torch.Tensor], temperature: float,
-    softcap: Optional[float], ignore_index: int, filter_eps: Optional[float], exact: bool,
-    deterministic: bool, backend: str, need_weight: bool, need_bias: bool,
+    softcap: Optional[float], ignore_index: int, filter_eps: Optional[float], exact: bool, backward: str,
+    workspace_bytes: Optional[int], backend: str, need_weight: bool, need_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (d hidden [N, D], d weight [V, D] (or [0]), d bias [V] (or [0])) of
     <grad_logp, logp> + <grad_entropy, entropy> + <grad_lse, lse> (None = no gradient)."""
@@ -116,7 +120,7 @@ def _token_logprobs_backward_op(
             hidden, weight, bias, kernel_targets, rows, lse[idx].contiguous(), mean_logit,
             grad_logp[idx].contiguous(), grad_entropy[idx].contiguous() if grad_entropy is not None else None,
             temperature, filter_eps, exact, grad_hidden, grad_weight, grad_bias,
-            softcap=softcap, deterministic=deterministic,
+            softcap=softcap, backward=backward, workspace_bytes=workspace_bytes,
         )
     return (grad_hidden,
             grad_weight if need_weight else hidden.new_empty(0),
@@ -124,25 +128,26 @@ def _token_logprobs_backward_op(
 
 
 @_token_logprobs_backward_op.register_fake
-def _token_logprobs_backward_fake(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, grad_lse, temperature, softcap,
-      ignore_index, filter_eps, exact, deterministic, backend, need_weight, need_bias):
+def _token_logprobs_backward_fake(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, grad_lse,
+                                  temperature, softcap, ignore_index, filter_eps, exact, backward, workspace_bytes,
+                                  backend, need_weight, need_bias):
     return (torch.empty_like(hidden),
             torch.empty_like(weight) if need_weight else hidden.new_empty(0),
             torch.empty_like(bias) if need_bias else hidden.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, temperature, softcap, ignore_index, _, _, filter_eps, exact, deterministic, \
-        backend = inputs
+    hidden, weight, bias, targets, temperature, softcap, ignore_index, _, _, filter_eps, exact, backward, \
+        workspace_bytes, backend = inputs
     _, entropy, lse = output
     ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
-    ctx.options = (temperature, softcap, ignore_index, filter_eps, exact, deterministic, backend)
+    ctx.options = (temperature, softcap, ignore_index, filter_eps, exact, backward, workspace_bytes, backend)
     # An output nobody used gets None, not a zero tensor that would switch on its backward terms.
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_logp, grad_entropy, grad_lse):
-    no_grads = (None,) * 13
+    no_grads = (None,) * 14
     if grad_logp is None and grad_entropy is None and grad_lse is None:
         return no_grads
     hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
@@ -201,13 +206,28 @@ def _validate(hidden, weight, targets, bias, temperature, ignore_index, filter_e
     return temperature, filter_eps, softcap
 
 
+def check_backward_options(backward, workspace_bytes, deterministic) -> None:
+    """``backward`` in BACKWARDS, ``workspace_bytes`` an int > 0 or None, and not deterministic
+    with the atomic backward; raises ValueError naming the argument."""
+    if not isinstance(backward, str) or backward not in BACKWARDS:
+        raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
+    if workspace_bytes is not None and (not isinstance(workspace_bytes, int) or isinstance(workspace_bytes, bool)
+                                        or workspace_bytes <= 0):
+        raise ValueError(f"workspace_bytes must be an int > 0 (bytes) or None (the default, "
+                         f"{DEFAULT_WORKSPACE_BYTES} = 256 MiB), got {workspace_bytes!r}")
+    if deterministic and backward == "atomic":
+        raise ValueError("deterministic=True needs backward='workspace' (the default): backward='atomic' adds "
+                         "with floating-point atomics, whose order varies between runs")
+
 
 def single_device_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
                            return_entropy=False, return_lse=False, softcap=None, filter_eps=None, exact=True,
-                           batch_invariant=True, deterministic=False, backend="auto"):
+                           batch_invariant=True, deterministic=False, backward="workspace", workspace_bytes=None,
+                           backend="auto"):
     """:func:`grpo_kernels.token_logprobs` without ``process_group``: same arguments, checks and result."""
     temperature, filter_eps, softcap = _validate(hidden, weight, targets, bias, temperature, ignore_index,
                                                  filter_eps, softcap)
+    check_backward_options(backward, workspace_bytes, deterministic)
     backend = resolve_backend(hidden.device, backend)
     lead_shape = hidden.shape[:-1]
     num_targets = targets.shape[-1] if targets.dim() == hidden.dim() else 1
@@ -218,7 +238,7 @@ def single_device_logprobs(hidden, weight, targets, *, bias=None, temperature=1.
     bias_c = bias.contiguous() if bias is not None else None
     logp, entropy, lse = torch.ops.grpo_kernels.token_logprobs(
         hidden_2d, weight_c, bias_c, targets.reshape(-1, num_targets), temperature, softcap, ignore_index,
-        bool(return_entropy), bool(batch_invariant), filter_eps, bool(exact), bool(deterministic), backend)
+        bool(return_entropy), bool(batch_invariant), filter_eps, bool(exact), backward, workspace_bytes, backend)
     outputs = (logp.view(targets.shape),)
     if return_entropy:
         outputs += (entropy.view(lead_shape),)

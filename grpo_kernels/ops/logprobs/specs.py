@@ -2,8 +2,8 @@
 (``python -m grpo_kernels.ops.sm90_check``) and the GPU kit."""
 
 from grpo_kernels.ops.logprobs.kernels import (
-    _logprobs_bwd_det_kernel,
-    _logprobs_bwd_kernel,
+    _logprobs_bwd_atomic_kernel,
+    _logprobs_dlogits_kernel,
     _logprobs_fwd_kernel,
     _logprobs_merge_kernel,
 )
@@ -42,7 +42,7 @@ def sm90_compile_specs() -> list[CompileSpec]:
         common = {"DOT_PRECISION": dot_precision(dtype), "INTERPRETER": False}
         inputs = {"Hidden": f"*{ty}", "Weight": f"*{ty}", "Bias": f"*{ty}", "Targets": "*i32", "RowIdx": "*i32"}
         grads_in = {"Lse": "*fp32", "MeanLogit": "*fp32", "GradLogp": "*fp32", "GradLogpSum": "*fp32",
-                    "GradEnt": "*fp32", "GradHidden": "*fp32", "GradBias": "*fp32"}
+                    "GradEnt": "*fp32"}
 
         config = GPU_CONFIG["merge"][dtype]
         for entropy in (False, True):
@@ -68,23 +68,19 @@ def sm90_compile_specs() -> list[CompileSpec]:
             for hidden_grad, weight_grad, grad_weight_ty in passes:
                 specs.append(_spec(
                     (f"logprobs_bwd_atomic[{ty},bias={bias},softcap={softcap},entropy={entropy},dH={hidden_grad},"
-                     f"dW={weight_grad and grad_weight_ty}]"), _logprobs_bwd_kernel,
-                    {**inputs, **grads_in, "GradWeight": f"*{grad_weight_ty}"},
+                     f"dW={weight_grad and grad_weight_ty}]"), _logprobs_bwd_atomic_kernel,
+                    {**inputs, **grads_in, "GradHidden": "*fp32", "GradBias": "*fp32",
+                     "GradWeight": f"*{grad_weight_ty}"},
                     {**_tiles(config), **common, "GROUP_N": BACKWARD_GROUP_ROWS, "HAS_BIAS": bias, "HAS_SOFTCAP": softcap,
                      "ENTROPY_GRAD": entropy, "HIDDEN_GRAD": hidden_grad, "WEIGHT_GRAD": weight_grad},
                     config, float_atomics=True))
 
-        config = GPU_CONFIG["bwd_det"][dtype]
+        config = GPU_CONFIG["dlogits"][dtype]
         for bias, softcap, entropy in flags:
-            # (d-hidden pass, d weight, d bias): the d-hidden pass, then the vocabulary pass with
-            # d weight and/or d bias (d bias exactly when there is a bias).
-            det_passes = [(True, False, False), (False, True, bias)] + ([(False, False, True)] if bias else [])
-            for hidden_pass, weight_grad, bias_grad in det_passes:
-                specs.append(_spec(
-                    (f"logprobs_bwd_det[{ty},bias={bias},softcap={softcap},entropy={entropy},"
-                     f"{'dH' if hidden_pass else 'dW' * weight_grad + 'dB' * bias_grad}]"), _logprobs_bwd_det_kernel,
-                    {**inputs, **grads_in, "GradWeight": "*fp32"},
-                    {**_tiles(config), **common, "HAS_BIAS": bias, "HAS_SOFTCAP": softcap, "ENTROPY_GRAD": entropy,
-                     "HIDDEN_PASS": hidden_pass, "WEIGHT_GRAD": weight_grad, "BIAS_GRAD": bias_grad},
-                    config))
+            specs.append(_spec(
+                f"logprobs_dlogits[{ty},bias={bias},softcap={softcap},entropy={entropy}]", _logprobs_dlogits_kernel,
+                {**inputs, **grads_in, "GradLogits": f"*{ty}", "BiasPartial": "*fp32"},
+                {**_tiles(config), **common, "GROUP_N": BACKWARD_GROUP_ROWS, "HAS_BIAS": bias, "HAS_SOFTCAP": softcap,
+                 "ENTROPY_GRAD": entropy},
+                config))
     return specs
