@@ -148,6 +148,12 @@ class BackwardPlan(NamedTuple):
     gathered_hidden_bytes: int  # hidden's rows gathered for the d-weight GEMM (0 when none)
 
 
+def padded_ids(ids: int) -> int:
+    """The row length of a d-logits buffer holding ``ids`` vocabulary ids: rounded up to 16, so
+    that the kernel's stores and cuBLAS's leading dimension stay 16-element aligned."""
+    return triton.cdiv(ids, 16) * 16
+
+
 def _balanced(count: int, cap: int) -> int:
     """Per-chunk size, at most ``cap`` (>= 1), that cuts ``count`` into the fewest chunks of
     (nearly) equal size, so that the last chunk is not a sliver."""
@@ -211,7 +217,7 @@ def backward_plan(num_rows: int, vocab: int, dim: int, dtype: torch.dtype, works
         rows = _balanced(row_blocks, rows // block_n) * block_n
     rows = min(rows, num_rows)
     chunked_rows = rows < num_rows
-    ids_alloc = min(ids, vocab)
+    ids_alloc = padded_ids(min(ids, vocab))
 
     in_place = (grad_hidden_dtype or dtype) == torch.float32 and contiguous_rows
     accumulators = 0 if in_place else 4 * num_rows * dim

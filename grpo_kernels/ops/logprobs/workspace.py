@@ -122,7 +122,7 @@ def workspace_backward(hidden, weight, bias, targets, rows, lse, mean_logit, gra
     block_n, block_v, block_d, num_warps, num_stages = launch.launch_config("dlogits", dtype, device.type)
     row_spans, vocab_spans = _spans(num_rows, plan.rows_per_chunk), _spans(vocab, plan.ids_per_chunk)
     rows_chunked = len(row_spans) > 1
-    ids_alloc = min(plan.ids_per_chunk, vocab)
+    ids_alloc = launch.padded_ids(min(plan.ids_per_chunk, vocab))
     rows_alloc = plan.rows_per_chunk
 
     # The allocations of the plan, exactly.
@@ -155,7 +155,9 @@ def workspace_backward(hidden, weight, bias, targets, rows, lse, mean_logit, gra
     for v0, v1 in vocab_spans:
         for r0, r1 in row_spans:
             num_ids, chunk_rows = v1 - v0, r1 - r0
-            dlogits = dlogits_flat[:chunk_rows * num_ids].view(chunk_rows, num_ids)
+            # rows padded to a multiple of 16 ids: aligned kernel stores and cuBLAS leading dimensions
+            row_stride = launch.padded_ids(num_ids)
+            dlogits = dlogits_flat[:chunk_rows * row_stride].view(chunk_rows, row_stride)[:, :num_ids]
             grid = (triton.cdiv(chunk_rows, block_n) * triton.cdiv(num_ids, block_v),)
             _logprobs_dlogits_kernel[grid](
                 hidden, weight, bias if bias is not None else hidden, targets, rows[r0:r1], lse[r0:r1],
