@@ -73,7 +73,8 @@ def _launch_atomic(hidden, weight, bias, targets, rows, lse, mean_logit, grad_lo
                      grad_bias):
     """One atomic backward launch over the compacted ``rows`` x vocabulary ids ``[v_begin, v_end)``."""
     dim = weight.shape[1]
-    block_n, block_v, block_d, num_warps, num_stages = launch.launch_config("bwd_atomic", hidden.dtype, hidden.device.type)
+    block_n, block_v, block_d, num_warps, num_stages = launch.launch_config("bwd_atomic", hidden.dtype,
+                                                                            hidden.device.type)
     grid = (triton.cdiv(rows.numel(), block_n) * triton.cdiv(v_end - v_begin, block_v),)
     _logprobs_bwd_atomic_kernel[grid](
         *_backward_args(hidden, weight, bias, targets, rows, lse, mean_logit, grad_logp, grad_logp_sum, grad_ent),

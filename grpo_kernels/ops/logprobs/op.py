@@ -163,7 +163,6 @@ _token_logprobs_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 
-
 def _validate(hidden, weight, targets, bias, temperature, ignore_index, filter_eps, softcap):
     """Shape, dtype and scalar checks (no data-dependent ones: those run inside the op)."""
     check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, min_ndim=1)

@@ -71,8 +71,9 @@ def sm90_compile_specs() -> list[CompileSpec]:
                      f"dW={weight_grad and grad_weight_ty}]"), _logprobs_bwd_atomic_kernel,
                     {**inputs, **grads_in, "GradHidden": "*fp32", "GradBias": "*fp32",
                      "GradWeight": f"*{grad_weight_ty}"},
-                    {**_tiles(config), **common, "GROUP_N": BACKWARD_GROUP_ROWS, "HAS_BIAS": bias, "HAS_SOFTCAP": softcap,
-                     "ENTROPY_GRAD": entropy, "HIDDEN_GRAD": hidden_grad, "WEIGHT_GRAD": weight_grad},
+                    {**_tiles(config), **common, "GROUP_N": BACKWARD_GROUP_ROWS, "HAS_BIAS": bias,
+                     "HAS_SOFTCAP": softcap, "ENTROPY_GRAD": entropy, "HIDDEN_GRAD": hidden_grad,
+                     "WEIGHT_GRAD": weight_grad},
                     config, float_atomics=True))
 
         config = GPU_CONFIG["dlogits"][dtype]
