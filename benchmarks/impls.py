@@ -337,19 +337,23 @@ def _cce_impl(options, device) -> Impl:
                 loss, logprobs_of, version=_version("cut-cross-entropy"))
 
 
-# Our variants (the stage-1 kit measures each): name -> (exact, filter_eps, what it is).
+# Our variants (the stage-1 kit measures each): name -> (token_logprobs' backward options, what it is).
 OURS_VARIANTS = {
-    "ours": (True, None, "exact (default): every gradient accumulated in float32, 5 matmuls"),
-    "ours_filtered": (True, 2.0**-12, "exact + filter_eps=2**-12 (CCE-style gradient filtering)"),
-    "ours_fast": (False, None, "exact=False: single-pass backward, d weight accumulated in its dtype, 4 matmuls"),
-    "ours_fast_filtered": (False, 2.0**-12, "exact=False + filter_eps=2**-12"),
+    "ours": ({}, "default: workspace backward (d logits, then cuBLAS GEMMs; no atomics), float32 accumulation, "
+                 "4 matmuls"),
+    "ours_filtered": ({"filter_eps": 2.0**-12}, "default + filter_eps=2**-12 (CCE-style gradient filtering)"),
+    "ours_atomic": ({"backward": "atomic"}, "backward='atomic', exact: float32 atomics, 5 matmuls"),
+    "ours_fast": ({"backward": "atomic", "exact": False},
+                  "backward='atomic', exact=False: single pass, d weight accumulated in its dtype, 4 matmuls"),
+    "ours_fast_filtered": ({"backward": "atomic", "exact": False, "filter_eps": 2.0**-12},
+                           "backward='atomic', exact=False, filter_eps=2**-12"),
 }
 
 
 def _ours_impl(options, device, name="ours") -> Impl:
     import grpo_kernels as gk
 
-    exact, filter_eps, what = OURS_VARIANTS[name]
+    backward_options, what = OURS_VARIANTS[name]
     # On CPU (the smoke) the PyTorch path: the Triton interpreter would take seconds per call;
     # tests/ exercise the kernels themselves.
     backend = "auto" if device.type == "cuda" else "torch"
@@ -357,12 +361,12 @@ def _ours_impl(options, device, name="ours") -> Impl:
     def loss(inp):
         return gk.fused_linear_grpo_loss(inp.hidden, inp.lm_head_weight, inp.completion_ids, inp.completion_mask,
                                          inp.advantages, old_logprobs=inp.old_logprobs,
-                                         ref_logprobs=inp.ref_logprobs, backend=backend, exact=exact,
-                                         filter_eps=filter_eps, **options)[0]
+                                         ref_logprobs=inp.ref_logprobs, backend=backend, **backward_options,
+                                         **options)[0]
 
     def logprobs(inp):
         return gk.token_logprobs(inp.hidden, inp.lm_head_weight, inp.targets, temperature=options["temperature"],
-                                 ignore_index=IGNORE_INDEX, backend=backend, exact=exact, filter_eps=filter_eps)
+                                 ignore_index=IGNORE_INDEX, backend=backend, **backward_options)
 
     description = f"grpo_kernels.fused_linear_grpo_loss; log-probs: grpo_kernels.token_logprobs; {what}"
     if backend == "torch":

@@ -59,7 +59,7 @@ def test_dry_run_stage_files(dry_run):
     assert (results / "peers_time.png").stat().st_size > 0
 
     swept = json.loads((results / "sweep.json").read_text())
-    assert {w["kind"] for w in swept["winners"]} == {"fwd", "bwd"}
+    assert {w["kind"] for w in swept["winners"]} == set(sweep.KINDS)
     assert all(r["compile"] == "ok" for r in swept["rows"])  # the sm_90 pre-filter ran
 
     suite_records = json.loads((results / "suite" / "kernels.json").read_text())
@@ -121,15 +121,15 @@ def test_sweep_candidates_and_override():
     from grpo_kernels.ops import logprobs
 
     for kind in sweep.KINDS:
-        shipped = logprobs._GPU_CONFIG[kind][torch.bfloat16]
+        shipped = logprobs.GPU_CONFIG[kind][torch.bfloat16]
         found = sweep.candidates(kind, torch.bfloat16, shipped, 12)
         assert found[0] == tuple(shipped) and len(set(found)) == 12
         for config in found[1:]:
             registers, shared = sweep._budget(kind, config, 2)
             assert registers <= sweep.MAX_ACC_REGISTERS and shared <= sweep.SM90_MAX_SHARED
         with sweep.override(kind, torch.bfloat16, found[1]):
-            assert logprobs._GPU_CONFIG[kind][torch.bfloat16] == found[1]
-        assert logprobs._GPU_CONFIG[kind][torch.bfloat16] == shipped
+            assert logprobs.GPU_CONFIG[kind][torch.bfloat16] == found[1]
+        assert logprobs.GPU_CONFIG[kind][torch.bfloat16] == shipped
         specs = sweep.specs_for(kind, torch.bfloat16, found[1], 2)
         assert len(specs) == 2 and all(s.num_warps == found[1][3] for s in specs)
 

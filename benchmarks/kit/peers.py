@@ -10,9 +10,9 @@ work), in two input modes (``benchmarks.logits``: random and realistic logits), 
 - ``loss_fwd_bwd``: hidden states -> GRPO loss (dapo, beta 0.04, Liger's defaults), forward + backward;
 - ``loss_fwd``: the same loss under ``torch.no_grad()``;
 
-and every implementation (ours: exact / ``exact=False``, with and without ``filter_eps``; Cut
-Cross-Entropy; Liger's ``LigerFusedLinearGRPOLoss`` and fused linear cross-entropy; TRL 1.16's
-``ChunkedLogProbFunction``; materialized logits), it records median / p20 / p80 time, peak memory
+and every implementation (ours: the default and the atomic backward, its ``exact=False``, with
+and without ``filter_eps``; Cut Cross-Entropy; Liger's ``LigerFusedLinearGRPOLoss`` and fused
+linear cross-entropy; TRL 1.16's ``ChunkedLogProbFunction``; materialized logits), it records median / p20 / p80 time, peak memory
 above the inputs, and ``x_floor``: the time over the floor measured in the same run, 4 bf16
 ``[N, D] x [D, V]`` matmuls for forward + backward, 1 for forward only. An OOM is a result.
 
@@ -54,7 +54,7 @@ def work_list(shapes) -> list[dict]:
     """Every (shape, mode, op, impl), most valuable first."""
     items = []
     for b, t in shapes:
-        for tier_ops, impls in ((("logprobs_fwd_bwd", "loss_fwd_bwd"), ("ours", "ours_fast", "cce", "trl_fused",
+        for tier_ops, impls in ((("logprobs_fwd_bwd", "loss_fwd_bwd"), ("ours", "ours_atomic", "ours_fast", "cce", "trl_fused",
                                                                          "liger", "torch", "ours_fast_filtered",
                                                                          "ours_filtered")),
                                 (("logprobs_fwd", "loss_fwd"), ("ours", "cce", "trl_fused", "liger", "torch"))):

@@ -9,7 +9,7 @@ Triton's interpreter does not catch what the real GPU compiler rejects (``tl.dot
 and sizes, as the launcher sees for usual shapes, and none, for odd shapes), reads register,
 spill and shared-memory use from the cubin and the atomic instructions from the PTX, and exits
 non-zero on a compile error, a spill, shared memory over the H100 limit, or an atomic instruction
-in a spec marked ``forbid_atomics``. Must run with ``TRITON_INTERPRET`` unset.
+in a spec not marked ``float_atomics``. Must run with ``TRITON_INTERPRET`` unset.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
-SPEC_MODULES = ("grpo_kernels.ops.logprobs", "grpo_kernels.ops.grpo_loss", "grpo_kernels.ops.advantages")
+SPEC_MODULES = ("grpo_kernels.ops.logprobs.specs", "grpo_kernels.ops.grpo_loss", "grpo_kernels.ops.advantages")
 H100_MAX_SHARED_BYTES = 227 * 1024  # per block, opt-in maximum on sm_90
 _RESOURCE_RE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 _ATOMIC_RE = re.compile(r"^\s*(?:@!?%\w+\s+)?(?:atom|red)\.", re.MULTILINE)  # PTX atomic instructions
@@ -80,7 +80,7 @@ def compile_one(args):
     atomics = len(_ATOMIC_RE.findall(compiled.asm["ptx"]))
     usage = {"registers": regs, "stack": stack, "local": local, "shared": shared, "atomics": atomics}
     problems = []
-    if spec.forbid_atomics and atomics:
+    if not spec.float_atomics and atomics:
         problems.append(f"{atomics} atomic instruction(s) in a kernel that must have none")
     if local > 0:
         problems.append(f"register spill ({local} bytes of local memory)")

@@ -93,8 +93,8 @@ class CompileSpec:
     ``signature`` maps every kernel argument to its Triton type (``"*bf16"``, ``"*fp32"``,
     ``"i32"``, ``"fp32"``, or ``"constexpr"``); ``constexprs`` gives the value of each constexpr
     argument. ``tests/test_compile_sm90.py`` compiles each spec for H100 and checks spills and
-    shared memory, and, with ``forbid_atomics``, that the PTX holds no atomic instruction
-    (``atom.*``/``red.*``: a kernel that promises run-to-run bitwise determinism).
+    shared memory, and that the PTX holds no atomic instruction (``atom.*``/``red.*``) unless
+    ``float_atomics`` marks a kernel that adds floats with atomics (the atomic backward only).
     """
 
     name: str
@@ -103,7 +103,7 @@ class CompileSpec:
     constexprs: dict = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 3
-    forbid_atomics: bool = False
+    float_atomics: bool = False
 
 
 TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
