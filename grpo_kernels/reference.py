@@ -2,7 +2,7 @@
 
 Everything here materializes every intermediate (the full ``[N, V]`` logits included) and
 computes in float64. It is slow and memory hungry on purpose: it is the formula of
-``shared/grpo-semantics.md`` written as directly as possible, so that the tests can compare
+``docs/semantics.md`` written as directly as possible, so that the tests can compare
 the fused kernels against something obviously right. Never call it on a production shape.
 """
 
@@ -167,7 +167,7 @@ def group_advantages_reference(
 
 
 def kl_estimate_reference(logp, ref, estimator=None):
-    """Per-token KL estimate of ``shared/grpo-semantics.md`` in float64 (autograd gives its gradient).
+    """Per-token KL estimate of ``docs/semantics.md`` in float64 (autograd gives its gradient).
 
     ``None``: TRL's unclamped k3. verl's ``kl_penalty`` names otherwise; a ``+`` suffix keeps the
     value and takes k2's gradient (straight-through).

@@ -13,7 +13,7 @@ import types
 import pytest
 import torch
 
-import grpo_kernels.ops.grpo_loss as grpo_loss_module
+import grpo_kernels.ops.grpo_loss.api as grpo_loss_api
 from grpo_kernels.integrations.verl import (
     VERL_POLICY_LOSSES,
     FusedLinearForPPO,
@@ -195,7 +195,7 @@ VERL_LOSS_NAMES = ("vanilla", "gspo", "sapo", "cispo", "geo_mean", "dppo_tv", "d
 def loss_backend(request, monkeypatch):
     """The default dispatch (Triton: GPU or interpreter) and the plain-PyTorch path."""
     if request.param == "torch":
-        monkeypatch.setattr(grpo_loss_module, "resolve_backend", lambda device, backend="auto": "torch")
+        monkeypatch.setattr(grpo_loss_api, "resolve_backend", lambda device, backend="auto": "torch")
     return request.param
 
 

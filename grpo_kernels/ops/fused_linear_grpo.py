@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from grpo_kernels.ops.grpo_loss import _check_temperature, grpo_loss_prepared, prepare_loss_inputs
+from grpo_kernels.ops.grpo_loss import check_temperature, grpo_loss_prepared, prepare_loss_inputs
 from grpo_kernels.ops.logprobs import token_logprobs
 from grpo_kernels.ops.utils import INDEX_DTYPES, check_tensor, resolve_backend
 
@@ -88,7 +88,7 @@ def fused_linear_grpo_loss(
         log-prob kernel's forward for the ``entropy`` metric (a few flops per logit, no extra pass);
         its backward only runs when ``entropy_coef != 0``.
     """
-    _check_temperature(temperature)
+    check_temperature(temperature)
     check_tensor("hidden", hidden, ndim=3)
     check_tensor("lm_head_weight", lm_head_weight, ndim=2)
     check_tensor("completion_ids", completion_ids, dtypes=INDEX_DTYPES, ndim=2)
