@@ -78,7 +78,9 @@ def check(batch, backend, *, ref_options=None, **options):
     want = run_loss(grpo_loss_reference, batch, **flags, **(ref_options or options))
     assert got[0].shape == () and math.isfinite(got[0].item())
     assert_close(got[0], want[0], "loss")
-    assert set(got[1]) == set(want[1]) == set(grpo_loss_module.metric_names(options.get("loss_type", "dapo")))
+    rollout_correction = options.get("rollout_is") is not None or options.get("rollout_rs") is not None
+    assert set(got[1]) == set(want[1]) == set(grpo_loss_module.metric_names(options.get("loss_type", "dapo"),
+                                                                            rollout_correction))
     for name in got[1]:
         assert_close(got[1][name], want[1][name], f"metric {name}")
     assert got[2].dtype == batch["logp"].dtype

@@ -22,7 +22,7 @@ One module per concept:
 * ``kernel``: the Triton row pass and its launch; ``rows_torch``: the same row pass on torch;
 * ``covariance``: KL-Cov / Clip-Cov's token selection;
 * ``op``: the custom op ``grpo_kernels::grpo_loss`` and its autograd formula;
-* ``api``: ``grpo_loss``, ``prepare_loss_inputs``, ``grpo_loss_prepared``;
+* ``api``: ``grpo_loss``, ``prepare_loss_inputs``, ``grpo_loss_prepared``, ``rollout_correction``;
 * ``specs``: every kernel configuration, for the sm_90 compile check.
 
 ``grpo_kernels.reference`` is the independent float64 autograd oracle. Adding a loss type: one
@@ -30,7 +30,13 @@ jit function in ``terms``, one ``PolicyTerm`` and one ``LossType`` entry in ``ta
 option in ``options.OPTIONS``); see CONTRIBUTING.md.
 """
 
-from grpo_kernels.ops.grpo_loss.api import check_temperature, grpo_loss, grpo_loss_prepared, prepare_loss_inputs
+from grpo_kernels.ops.grpo_loss.api import (
+    check_temperature,
+    grpo_loss,
+    grpo_loss_prepared,
+    prepare_loss_inputs,
+    rollout_correction,
+)
 from grpo_kernels.ops.grpo_loss.options import (
     DOCS_BEGIN,
     DOCS_END,
@@ -56,6 +62,7 @@ from grpo_kernels.ops.grpo_loss.table import (
     METRIC_NAMES,
     NUM_STATS,
     POLICIES,
+    REJECTION_SAMPLING,
     STAT_COLUMNS,
     Aggregation,
     LossType,
@@ -64,10 +71,11 @@ from grpo_kernels.ops.grpo_loss.table import (
 )
 
 __all__ = [
-    "grpo_loss", "grpo_loss_prepared", "prepare_loss_inputs", "check_temperature", "validate_loss_options",
+    "grpo_loss", "grpo_loss_prepared", "prepare_loss_inputs", "check_temperature", "rollout_correction",
+    "validate_loss_options",
     "LossConfig", "Option", "OPTIONS", "IMPORTANCE_SAMPLING_LEVELS", "ROLLOUT_IS_MODES", "options_markdown",
     "docs_in_sync", "DOCS_BEGIN", "DOCS_END", "sm90_compile_specs", "AGGREGATIONS", "CLIP_LOSS_TYPES",
     "COMMON_METRICS", "KL_ESTIMATORS", "LOSS_AGG_MODES", "LOSS_TYPES", "LOSS_TYPES_TABLE", "METRIC_DOCS",
-    "METRIC_NAMES", "NUM_STATS", "POLICIES", "STAT_COLUMNS", "Aggregation", "LossType", "PolicyTerm",
+    "METRIC_NAMES", "NUM_STATS", "POLICIES", "REJECTION_SAMPLING", "STAT_COLUMNS", "Aggregation", "LossType", "PolicyTerm",
     "metric_names",
 ]

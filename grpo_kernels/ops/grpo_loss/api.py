@@ -12,7 +12,9 @@ import torch
 from grpo_kernels.ops.grpo_loss.kernel import KERNEL_MASK_DTYPES
 from grpo_kernels.ops.grpo_loss.op import COUNT_OPTIONS
 from grpo_kernels.ops.grpo_loss.options import validate_loss_options
+from grpo_kernels.ops.grpo_loss.rows_torch import on_torch, rollout_correction_rows, rollout_is_batch_scale
 from grpo_kernels.ops.grpo_loss.table import METRIC_NAMES, ROW_LOG_RATIO_VESPO, metric_names
+from grpo_kernels.ops.grpo_loss.terms import rollout_is_weight
 from grpo_kernels.ops.utils import FLOAT_DTYPES, check_tensor, resolve_backend
 
 
@@ -74,8 +76,7 @@ def prepare_loss_inputs(shape, device, completion_mask, advantages, *, old_logpr
     has_entropy = entropy is not None or will_have_entropy
     if not has_entropy and (cfg.entropy_coef != 0 or cfg.top_entropy_quantile < 1.0):
         raise ValueError("entropy_coef != 0 and top_entropy_quantile < 1 need the per-token entropy")
-    if sampling_logprobs is not None and cfg.off_policy_mask_threshold is None:
-        raise ValueError("sampling_logprobs is only used by the off-policy mask: set off_policy_mask_threshold")
+    _check_rollout_correction_inputs(cfg, old_logprobs, sampling_logprobs, rollout_is_ratio)
     mask = completion_mask if completion_mask.dtype in KERNEL_MASK_DTYPES else completion_mask.float()
     tensors = {
         "mask": mask if mask.stride(1) == 1 or shape[1] == 1 else mask.contiguous(),
@@ -98,6 +99,23 @@ def prepare_loss_inputs(shape, device, completion_mask, advantages, *, old_logpr
         if tuple(entropy.shape) != shape:
             raise ValueError(f"entropy must have the shape of the log-probs {shape}, got {tuple(entropy.shape)}")
     return cfg, tensors
+
+
+def _check_rollout_correction_inputs(cfg, old_logprobs, sampling_logprobs, rollout_is_ratio) -> None:
+    """Which log-probs the off-policy mask and rollout correction read, and that they are given."""
+    decoupled = cfg.rollout_correction and not cfg.bypass_mode
+    if sampling_logprobs is not None and cfg.off_policy_mask_threshold is None and not decoupled:
+        raise ValueError("sampling_logprobs is read by the off-policy mask (off_policy_mask_threshold) and by "
+                         "rollout correction in decoupled mode (rollout_is / rollout_rs, bypass_mode=False)")
+    if cfg.rollout_correction and old_logprobs is None:
+        raise ValueError("rollout_is / rollout_rs need old_logprobs (decoupled mode: the training policy's "
+                         "log-probs before the update; bypass_mode=True: the rollout's)")
+    if decoupled and sampling_logprobs is None:
+        raise ValueError("rollout_is / rollout_rs in decoupled mode compare old_logprobs with sampling_logprobs "
+                         "(the rollout engine's): pass sampling_logprobs, or bypass_mode=True to compare the "
+                         "log-probs with old_logprobs")
+    if cfg.rollout_is is not None and rollout_is_ratio is not None:
+        raise ValueError("rollout_is computes the rollout IS weight: do not pass rollout_is_ratio as well")
 
 
 def grpo_loss(
@@ -131,29 +149,28 @@ def grpo_loss(
             ``[B, T]`` per token, or ``[B]`` / ``[B, 1]`` per sequence; multiplies the policy term (not
             the KL); for ``vespo`` it enters the sequence weight instead (per token only).
         sampling_logprobs: ``[B, T]`` rollout-engine log-probs for the off-policy mask (defaults to
-            ``old_logprobs``, as in TRL).
+            ``old_logprobs``, as in TRL) and for rollout correction in decoupled mode (``rollout_is`` /
+            ``rollout_rs`` with ``bypass_mode=False``: ``l = old_logprobs - sampling_logprobs``).
         temperature: accepted for signature parity with the fused API and ignored (the log-probs are
             already temperature-scaled); it must still be a positive number.
         backend: ``"auto"`` (Triton on CUDA or under ``TRITON_INTERPRET=1``, else PyTorch),
             ``"triton"`` or ``"torch"``.
-        **options: the options of ``OPTIONS`` (``docs/semantics.md`` lists them with defaults):
-            ``loss_type``, ``beta``, ``kl_estimator``, ``epsilon_low``, ``epsilon_high``, ``delta``,
-            ``clip_ratio_c``, ``importance_sampling_level``, ``max_completion_length``,
-            ``num_items_in_batch``, ``loss_agg_mode`` (+ ``dp_size``, ``batch_num_tokens``,
-            ``global_batch_size``, ``loss_scale_factor``), ``rollout_is_mode``,
-            ``rollout_is_clip_min/max``, ``sapo_temperature_pos/neg``, ``vespo_k_pos``,
-            ``vespo_lambda_pos``, ``vespo_k_neg``, ``vespo_lambda_neg``, ``use_bias_correction_kl``,
-            ``entropy_coef``, ``top_entropy_quantile``, ``off_policy_mask_threshold``.
+        **options: the options of ``OPTIONS`` (``docs/semantics.md`` lists them with defaults and
+            ranges): the loss type and its own options, the KL term, the aggregation (TRL's or verl's
+            ``loss_agg_mode``), the rollout IS ratio's mode and bounds, rollout correction
+            (``rollout_is``, ``rollout_rs``, ``bypass_mode``, ...), the entropy bonus and mask, the
+            off-policy mask.
 
     Returns:
         ``(loss, metrics)``: a differentiable 0-d float32 loss (w.r.t. ``logprobs`` and ``entropy``),
         and a dict of detached 0-d float32 tensors (``metric_names(loss_type)``), token-weighted
-        means over the masked tokens of this micro-batch: ``kl`` (NaN without ``ref_logprobs``),
+        means over the masked tokens (those rollout correction keeps) of this micro-batch: ``kl`` (NaN without ``ref_logprobs``),
         ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean`` (for ``cispo``:
         the capped fraction, reported as high and region; 0 for ``sapo``/``vespo``), ``entropy``
         (NaN without ``entropy``); ``pg_clipfrac_lower`` for the clip loss types (dual clip) and
-        ``vespo/phi_seq_mean`` (a mean over completions) for ``vespo``. Gradient accumulation
-        scaling is left to the caller.
+        ``vespo/phi_seq_mean`` (a mean over completions) for ``vespo``; ``rollout_is/mean`` and
+        ``rollout_rs/masked_fraction`` with rollout correction (``metric_names(loss_type, True)``).
+        Gradient accumulation scaling is left to the caller.
 
     Raises:
         ValueError / TypeError naming the argument, before any launch, for bad shapes, dtypes,
@@ -202,4 +219,38 @@ def grpo_loss_prepared(logprobs, entropy, cfg, tensors, backend):
         logp32, entropy32, t["mask"], t["advantages"], t["old"], t["ref"], t["sampling"], t["is_ratio"], *counts,
         draw_seed, cfg.as_json(), backend, entropy_grad)
     everything = dict(zip(METRIC_NAMES, metrics.unbind(0)))
-    return loss, {name: everything[name] for name in metric_names(cfg.loss_type)}
+    return loss, {name: everything[name] for name in metric_names(cfg.loss_type, cfg.rollout_correction)}
+
+
+@torch.no_grad()
+def rollout_correction(logprobs, completion_mask, *, old_logprobs=None, sampling_logprobs=None, **options):
+    """What rollout correction (``rollout_is``, ``rollout_rs``) makes of a batch, as tensors, without a loss.
+
+    Same inputs and options as :func:`grpo_loss` (the loss type's own options are checked but unused).
+    Returns ``(kept, is_weight)``: ``kept`` ``[B, T]`` bool, the masked tokens rejection sampling keeps
+    (every masked token without ``rollout_rs``); ``is_weight`` ``[B, T]`` float32, the rollout IS weight
+    that multiplies the policy term, after ``rollout_is_mode`` and batch normalization (``None``
+    without ``rollout_is``). For logging, or to apply decoupled-mode correction once per batch as
+    verl's trainer does. Runs in PyTorch on the inputs' device; no gradient.
+    """
+    check_tensor("logprobs", logprobs, dtypes=FLOAT_DTYPES, ndim=2)
+    B = logprobs.shape[0]
+    cfg, t = prepare_loss_inputs(logprobs.shape, logprobs.device, completion_mask,
+                                 torch.zeros(B, device=logprobs.device), old_logprobs=old_logprobs,
+                                 sampling_logprobs=sampling_logprobs, **options)
+    t["logp"] = logprobs.detach().float()
+    m = t["mask"].to(torch.float32)
+    active = m != 0
+    zero = torch.zeros((), device=m.device, dtype=torch.float32)
+
+    def masked(tensor):
+        return None if tensor is None else torch.where(active, tensor, zero)
+
+    x = masked(t["logp"])
+    o = masked(t["old"]) if t["old"] is not None else x
+    kept, is_ratio = rollout_correction_rows(cfg, x, o, masked(t["sampling"]) if t["sampling"] is not None else o, m)
+    kept = active if kept is None else kept & active
+    if is_ratio is not None:
+        is_ratio = on_torch(rollout_is_weight)(is_ratio, cfg.is_clip_min, cfg.is_clip_max,
+                                               int(cfg.rollout_is_mode == "mask")) * rollout_is_batch_scale(cfg, t)
+    return kept, is_ratio

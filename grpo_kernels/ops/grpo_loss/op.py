@@ -18,19 +18,21 @@ import torch
 from grpo_kernels.ops.grpo_loss.covariance import covariance_selection
 from grpo_kernels.ops.grpo_loss.kernel import rows_triton
 from grpo_kernels.ops.grpo_loss.options import validate_loss_options
-from grpo_kernels.ops.grpo_loss.rows_torch import rows_torch
+from grpo_kernels.ops.grpo_loss.rows_torch import rollout_is_batch_scale, rows_torch
 from grpo_kernels.ops.grpo_loss.table import (
     METRIC_NAMES,
     S_EFF_ENTROPY,
     S_EFF_TOKENS,
     S_ENTROPY,
     S_HIGH,
+    S_IS_WEIGHT,
     S_KL,
     S_LOSS,
     S_LOW,
     S_LOWER,
     S_PHI,
     S_REGION,
+    S_REJECTED,
     S_TOKENS,
 )
 
@@ -51,6 +53,8 @@ def _metrics_vector(cfg, row_stats, has_ref, has_entropy):
         stats[S_LOWER] / tokens,
         stats[S_PHI] / row_stats.shape[0],
         stats[S_LOWER] / tokens,  # the same column: the cov losses flag their selection there
+        stats[S_IS_WEIGHT] / tokens,
+        stats[S_REJECTED] / (stats[S_TOKENS] + stats[S_REJECTED]).clamp(min=1.0),
     ])
 
 
@@ -140,6 +144,7 @@ def _loss_forward(logp, entropy, mask, advantages, old, ref, sampling, is_ratio,
     _check_values(cfg, tensors)
     if cfg.policy.token_selection is not None:
         tensors["token_value"] = covariance_selection(cfg, logp, tensors, draw_seed)
+    tensors["is_scale"] = rollout_is_batch_scale(cfg, tensors)
     if entropy is not None:
         tensors["entropy_threshold"] = _entropy_threshold(cfg, entropy, mask)
     else:

@@ -24,6 +24,9 @@ from grpo_kernels.ops.grpo_loss.table import (
     METRIC_DOCS,
     METRIC_NAMES,
     POLICIES,
+    REJECTION_SAMPLING,
+    ROLLOUT_IS_LEVELS,
+    RS_LEVEL_DOCS,
 )
 
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
@@ -127,7 +130,8 @@ OPTIONS = {
                            "None: off. When set, log-ratios are clamped to [-20, 20] before exp, as verl does"),
     "importance_sampling_level": Option("token", _choice(IMPORTANCE_SAMPLING_LEVELS),
                                         "'sequence': one GSPO ratio per completion (clip loss types)"),
-    "max_completion_length": Option(None, _optional(_positive_int), "required by dr_grpo"),
+    "max_completion_length": Option(None, _optional(_positive_int),
+                                    "dr_grpo's normalizer is B * max_completion_length (required by dr_grpo)"),
     "num_items_in_batch": Option(None, _optional(_count),
                                  "active tokens of the whole generation batch on all ranks (> 0; dapo, cispo, "
                                  "vespo); None: the micro-batch's count, summed over ranks and averaged"),
@@ -169,12 +173,36 @@ OPTIONS = {
     "off_policy_mask_threshold": Option(None, _optional(_finite),
                                         "drop the policy term of rows with A < 0 whose mean sampling_logprobs - logp "
                                         "exceeds it (DeepSeek-V3.2)"),
+    "adv_tau": Option(1.0, _nonnegative, "prime-rl: scale of the advantage in the policy term"),
+    "kl_tau": Option(1e-3, _nonnegative, "prime-rl: weight of the squared log-ratio kl_tau (logp - old)^2, on every "
+                     "masked token"),
+    "ipo_threshold": Option(0.1, _nonnegative, "ipo: tokens with abs(p - p_old) above it leave the policy term"),
+    "rollout_is": Option(None, _choice(ROLLOUT_IS_LEVELS),
+                         "rollout correction: compute the rollout IS weight in the loss, exp(clamp(l, +-20)) per "
+                         "token or exp(clamp(sum_t m l, +-20)) per sequence (l: see bypass_mode), then "
+                         "rollout_is_mode and its bounds (verl's TIS: 'truncate'; IcePop: 'mask'); None: off"),
+    "rollout_is_batch_normalize": Option(False, _boolean,
+                                         "divide the computed IS weights by their mean over the masked tokens "
+                                         "(rollout_is='token') or the sequences with a token ('sequence'), over "
+                                         "all ranks (verl's rollout_is_batch_normalize)"),
+    "rollout_rs": Option(None, _choice((None,) + tuple(REJECTION_SAMPLING)),
+                         "rollout correction: rejection sampling, tokens (token_*) or whole sequences (seq_*) "
+                         "whose statistic falls outside the thresholds leave the completion mask (table below)"),
+    "rollout_rs_threshold": Option(None, _optional(_positive), "upper bound of rollout_rs's statistic (> 0; "
+                                   "for *_k1 a probability-ratio bound); required with rollout_rs"),
+    "rollout_rs_threshold_lower": Option(None, _optional(_positive),
+                                         "*_k1 only: lower probability-ratio bound (default 1 / rollout_rs_threshold)"),
+    "bypass_mode": Option(False, _boolean,
+                          "the log-ratio l of rollout_is / rollout_rs: False: old_logprobs - sampling_logprobs "
+                          "(verl's decoupled mode); True: logprobs - old_logprobs, old_logprobs being the "
+                          "rollout's (verl's bypass mode; the weight carries no gradient)"),
 }
 # Options that only some loss types read: setting one to a non-default value for another loss type
 # is an error (it would silently do nothing).
 _TYPE_SPECIFIC = frozenset(name for spec in LOSS_TYPES_TABLE.values() for name in spec.options) - {
     "max_completion_length"}
 _AGG_OPTIONS = ("dp_size", "batch_num_tokens", "global_batch_size", "loss_scale_factor")
+_ROLLOUT_CORRECTION = ("rollout_is", "rollout_rs")
 
 
 class LossConfig:
@@ -200,6 +228,17 @@ class LossConfig:
         self.off_policy_threshold_or_inf = (
             math.inf if self.off_policy_mask_threshold is None else self.off_policy_mask_threshold)
         self.kl_jit = KL_ESTIMATORS[self.kl_estimator][0]
+        # rollout correction: its log-ratio (0: off, 1: old - sampling, 2: logp - old) and the
+        # rejection bounds in the statistic's own space (a ratio's in log space)
+        self.rollout_correction = self.rollout_is is not None or self.rollout_rs is not None
+        self.rollout_correction_source = 0 if not self.rollout_correction else 2 if self.bypass_mode else 1
+        self.rs_lower, self.rs_upper = -math.inf, math.inf
+        if self.rollout_rs is not None:
+            self.rs_upper = self.rollout_rs_threshold
+            if REJECTION_SAMPLING[self.rollout_rs].ratio_bounds:
+                lower = self.rollout_rs_threshold_lower
+                self.rs_lower = math.log(1.0 / self.rs_upper if lower is None else lower)
+                self.rs_upper = math.log(self.rs_upper)
 
     def policy_params(self) -> tuple:
         return tuple(getattr(self, name) for name in self.policy.params) + (0.0,) * (4 - len(self.policy.params))
@@ -244,14 +283,16 @@ def validate_loss_options(**options) -> LossConfig:
             f"importance_sampling_level='sequence' (GSPO) makes no sense with loss_type={loss_type!r}: "
             "its per-token weight is defined on token ratios; use importance_sampling_level='token'. "
             "(Sequence-level importance sampling is not supported for this loss type.)")
-    if loss_type == "dr_grpo" and values["max_completion_length"] is None:
-        raise ValueError("loss_type='dr_grpo' normalizes by B * max_completion_length: pass max_completion_length")
+    for name in spec.required:
+        if values[name] is None:
+            raise ValueError(f"loss_type={loss_type!r} needs {name} ({OPTIONS[name].doc})")
     if not 0.0 <= values["top_entropy_quantile"] <= 1.0:
         raise ValueError(f"top_entropy_quantile must be in [0, 1], got {values['top_entropy_quantile']}")
     if values["rollout_is_mode"] is not None:
         low, high = values["rollout_is_clip_min"], values["rollout_is_clip_max"]
         if low is not None and high is not None and low > high:
             raise ValueError(f"rollout_is_clip_min {low} > rollout_is_clip_max {high}")
+    _check_rollout_correction(loss_type, spec, options, values)
     mode = values["loss_agg_mode"]
     if mode is None:
         for name in _AGG_OPTIONS:
@@ -264,22 +305,54 @@ def validate_loss_options(**options) -> LossConfig:
     return LossConfig(values)
 
 
+def _check_rollout_correction(loss_type, spec, options, values) -> None:
+    for name in _ROLLOUT_CORRECTION:
+        if values[name] is not None and name not in spec.rollout_correction:
+            raise ValueError(f"{name} is not supported with loss_type={loss_type!r} (see the loss-type table: "
+                             "rollout correction)")
+    criterion = REJECTION_SAMPLING.get(values["rollout_rs"])
+    if criterion is None:
+        for name in ("rollout_rs_threshold", "rollout_rs_threshold_lower"):
+            if values[name] is not None:
+                raise ValueError(f"{name} is a bound of rejection sampling: it needs rollout_rs")
+    else:
+        upper, lower = values["rollout_rs_threshold"], values["rollout_rs_threshold_lower"]
+        if upper is None:
+            raise ValueError(f"rollout_rs={values['rollout_rs']!r} needs rollout_rs_threshold (its upper bound)")
+        if lower is not None and not criterion.ratio_bounds:
+            raise ValueError(f"rollout_rs_threshold_lower is a probability-ratio bound of the *_k1 criteria; "
+                             f"rollout_rs={values['rollout_rs']!r} has only an upper bound")
+        if lower is not None and lower > upper:
+            raise ValueError(f"rollout_rs_threshold_lower {lower} > rollout_rs_threshold {upper}")
+    if values["rollout_is_batch_normalize"] and values["rollout_is"] is None:
+        raise ValueError("rollout_is_batch_normalize normalizes the weights rollout_is computes: set rollout_is")
+    if values["bypass_mode"] and values["rollout_is"] is None and values["rollout_rs"] is None:
+        raise ValueError("bypass_mode selects the log-ratio of rollout_is / rollout_rs: set one of them")
+
+
 def options_markdown() -> str:
     """The options and loss-type tables of ``docs/semantics.md``, generated from the tables here."""
     lines = ["| option | default | meaning |", "|---|---|---|"]
     for name, option in OPTIONS.items():
         lines.append(f"| `{name}` | `{option.default!r}` | {option.doc} |")
     lines += ["", "| loss_type | policy term | default aggregation | type-specific options | extra metrics | "
-              "sequence level | semantics of |", "|---|---|---|---|---|---|---|"]
+              "sequence level | rollout correction | semantics of |", "|---|---|---|---|---|---|---|---|"]
     for name, spec in LOSS_TYPES_TABLE.items():
         opts = ", ".join(f"`{o}`" for o in spec.options) or "-"
         metrics = ", ".join(f"`{m}`" for m in spec.metrics) or "-"
+        correction = ", ".join(f"`{c}`" for c in spec.rollout_correction) or "-"
         lines.append(f"| `{name}` | {spec.doc} | `{spec.aggregation}`: {AGGREGATIONS[spec.aggregation].doc} | "
-                     f"{opts} | {metrics} | {'yes' if spec.sequence_level else 'no'} | {spec.peer} |")
+                     f"{opts} | {metrics} | {'yes' if spec.sequence_level else 'no'} | {correction} | {spec.peer} |")
     lines += ["", "| loss_agg_mode | loss |", "|---|---|"]
     lines += [f"| `{name}` | {AGGREGATIONS[name].doc} |" for name in LOSS_AGG_MODES]
     lines += ["", "| kl_estimator | estimator |", "|---|---|"]
     lines += [f"| `{name!r}` | {doc} |" for name, (_, doc) in KL_ESTIMATORS.items()]
+    lines += ["", "| rollout_rs | statistic | of | kept when | semantics of |", "|---|---|---|---|---|"]
+    for name, criterion in REJECTION_SAMPLING.items():
+        bounds = ("log(lower) <= statistic <= log(upper), lower = 1 / upper unless given" if criterion.ratio_bounds
+                  else "statistic <= upper")
+        lines.append(f"| `{name}` | {criterion.doc} | {RS_LEVEL_DOCS[criterion.level]} | {bounds} | "
+                     f"{criterion.peer} |")
     lines += ["", "| metric | meaning |", "|---|---|"]
     lines += [f"| `{name}` | {METRIC_DOCS[name]} |" for name in METRIC_NAMES]
     return "\n".join(lines) + "\n"

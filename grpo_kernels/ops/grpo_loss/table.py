@@ -21,10 +21,12 @@ import torch
 from grpo_kernels.ops.grpo_loss import terms
 
 # Columns of the per-row partial sums the row pass writes (the kernel stores them in this order).
+# Rows rejected by rollout correction count their tokens in "rejected" only; "is_weight" sums the
+# rollout IS weight over the kept tokens.
 STAT_COLUMNS = ("loss", "kl", "low", "high", "region", "entropy", "tokens", "eff_entropy", "eff_tokens",
-                "lower", "phi")
+                "lower", "phi", "is_weight", "rejected")
 (S_LOSS, S_KL, S_LOW, S_HIGH, S_REGION, S_ENTROPY, S_TOKENS, S_EFF_ENTROPY, S_EFF_TOKENS,
- S_LOWER, S_PHI) = range(len(STAT_COLUMNS))
+ S_LOWER, S_PHI, S_IS_WEIGHT, S_REJECTED) = range(len(STAT_COLUMNS))
 NUM_STATS = len(STAT_COLUMNS)
 
 
@@ -41,6 +43,7 @@ ROW_LOG_RATIO_NONE = 0  # nothing (token-level ratios)
 ROW_LOG_RATIO_MEAN = 1  # sum_t m l_t / max(sum_t m, 1): the GSPO sequence ratio (rho is per row)
 ROW_LOG_RATIO_VESPO = 2  # clamp(sum_t m clamp(l_t, +-20) + sum_t clamp(log is_t, log 1e-8, 20), log 1e-8, 20)
 ROW_LOG_RATIO_GMPO = 3  # sum_t m g_t / (sum_t m + 1e-8), g_t GMPO's sign-clipped l_t (rho is per row)
+ROW_LOG_RATIO_SUM = 4  # sum_t m l_t: TRL's RLOO sequence ratio, the product of the token ratios (rho is per row)
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,11 @@ POLICIES = {
     "dppo_kl": PolicyTerm(terms.policy_dppo_kl, ("epsilon_low", "epsilon_high", "clip_ratio_c_or_inf")),
     "kl_cov": PolicyTerm(terms.policy_kl_cov, ("ppo_kl_coef",), token_selection="kl_cov"),
     "clip_cov": PolicyTerm(terms.policy_clip_cov, ("epsilon_low", "epsilon_high"), token_selection="clip_cov"),
+    "pg": PolicyTerm(terms.policy_pg, ()),
+    "rloo": PolicyTerm(terms.policy_clip, ("epsilon_low", "epsilon_high", "delta_or_inf", "clip_ratio_c_or_inf"),
+                       row_log_ratio=ROW_LOG_RATIO_SUM),
+    "prime_dppo": PolicyTerm(terms.policy_prime_dppo, ("epsilon_low", "epsilon_high", "adv_tau", "kl_tau")),
+    "ipo": PolicyTerm(terms.policy_ipo, ("ipo_threshold", "adv_tau", "kl_tau")),
 }
 
 KL_ESTIMATORS = {
@@ -87,6 +95,46 @@ KL_ESTIMATORS = {
     "low_var_kl+": (terms.kl_verl_k3_st, "verl's k3 value, k2's gradient"),
     "k3+": (terms.kl_verl_k3_st, "verl's k3 value, k2's gradient"),
 }
+
+
+# Rollout correction (verl's rollout_corr_helper, AReaL's rejection sampling): the IS weight's level
+# (the kernel's RC_IS is the index) and the rejection-sampling criteria (RS_LEVEL, RS_STAT).
+ROLLOUT_IS_LEVELS = (None, "token", "sequence")
+RS_NONE, RS_TOKEN, RS_SEQ_SUM, RS_SEQ_MEAN, RS_SEQ_MAX = range(5)
+RS_LEVEL_DOCS = {RS_TOKEN: "per token", RS_SEQ_SUM: "the row's masked sum", RS_SEQ_MEAN: "the row's masked mean",
+                 RS_SEQ_MAX: "the row's maximum over its tokens"}
+
+
+@dataclass(frozen=True)
+class RejectionCriterion:
+    """One ``rollout_rs`` value: a per-token statistic of (train, rollout) log-probs (a jit function of
+    ``terms``), reduced per row or not, kept within ``[rollout_rs_threshold_lower, rollout_rs_threshold]``.
+    ``ratio_bounds``: the thresholds are probability ratios compared in log space, the lower one
+    defaulting to 1 / upper (verl's k1); otherwise only the upper bound applies."""
+
+    level: int
+    stat: object
+    ratio_bounds: bool
+    doc: str
+    peer: str
+
+
+_RS_STATS = {
+    "k1": (terms.rs_k1, True, "k1 = -clamp(l, +-20), l = log(train / rollout prob)", "verl 0.9.1"),
+    "k2": (terms.rs_k2, False, "k2 = l^2 / 2", "verl 0.9.1"),
+    "k3": (terms.rs_k3, False, "k3 = exp(l) - 1 - l", "verl 0.9.1"),
+    "kpop": (terms.rs_kpop, False, "max(KL_B(p||q), KL_B(q||p)), the binary KL of the token's train / rollout "
+             "probabilities both ways (KPop)", "AReaL"),
+}
+_RS_LEVELS = {"token": RS_TOKEN, "seq_sum": RS_SEQ_SUM, "seq_mean": RS_SEQ_MEAN, "seq_max": RS_SEQ_MAX}
+REJECTION_SAMPLING = {
+    # verl's names (rollout_corr_helper.SUPPORTED_ROLLOUT_RS_OPTIONS: no seq_max_k1), and KPop at every level
+    f"{level}_{stat}": RejectionCriterion(_RS_LEVELS[level], jit, ratio_bounds, doc, peer)
+    for stat, (jit, ratio_bounds, doc, peer) in _RS_STATS.items()
+    for level in _RS_LEVELS
+    if (level, stat) != ("seq_max", "k1")
+}
+DEFAULT_RS_STAT = terms.rs_k1  # the kernel's RS_STAT when rejection sampling is off (never called)
 
 
 @dataclass(frozen=True)
@@ -179,8 +227,13 @@ METRIC_DOCS = {
     "pg_clipfrac_lower": "dual clip: fraction of masked tokens with A < 0 whose loss hit -A * clip_ratio_c",
     "vespo/phi_seq_mean": "mean over the B completions of VESPO's weight phi",
     "cov/selected_mean": "KL-Cov / Clip-Cov: fraction of masked tokens the covariance selection picked",
+    "rollout_is/mean": "rollout correction: mean rollout IS weight over the kept tokens (1 without one)",
+    "rollout_rs/masked_fraction": "rollout correction: fraction of the masked tokens that rejection sampling "
+                                  "removed (verl's rollout_rs_masked_fraction)",
 }
-METRIC_NAMES = COMMON_METRICS + ("pg_clipfrac_lower", "vespo/phi_seq_mean", "cov/selected_mean")
+ROLLOUT_CORRECTION_METRICS = ("rollout_is/mean", "rollout_rs/masked_fraction")
+METRIC_NAMES = COMMON_METRICS + ("pg_clipfrac_lower", "vespo/phi_seq_mean", "cov/selected_mean") + \
+    ROLLOUT_CORRECTION_METRICS
 
 
 @dataclass(frozen=True)
@@ -193,7 +246,9 @@ class LossType:
     metrics: tuple = ()  # beyond COMMON_METRICS
     sequence_level: bool = False  # importance_sampling_level="sequence" allowed
     defaults: dict = field(default_factory=dict)  # type-specific defaults overriding OPTIONS
+    required: tuple = ()  # options that must be set (not None)
     off_policy_mask: bool = True  # off_policy_mask_threshold allowed
+    rollout_correction: tuple = ("rollout_is", "rollout_rs")  # the in-loss rollout corrections it allows
     peer: str = "TRL 1.16"
     doc: str = ""
 
@@ -205,7 +260,8 @@ LOSS_TYPES_TABLE = {
     "bnpo": LossType("clip", "trl:token-mean", _CLIP_OPTIONS, ("pg_clipfrac_lower",), True,
                      doc="PPO clip; token mean over the micro-batch"),
     "dr_grpo": LossType("clip", "trl:dr_grpo", _CLIP_OPTIONS + ("max_completion_length",), ("pg_clipfrac_lower",),
-                        True, doc="PPO clip; sum / (B * max_completion_length) (Dr. GRPO)"),
+                        True, required=("max_completion_length",),
+                        doc="PPO clip; sum / (B * max_completion_length) (Dr. GRPO)"),
     "dapo": LossType("clip", "trl:global-token-mean", _CLIP_OPTIONS, ("pg_clipfrac_lower",), True,
                      doc="PPO clip; token mean over the whole generation batch (DAPO)"),
     "luspo": LossType("clip", "trl:seq-mean-token-sum", _CLIP_OPTIONS, ("pg_clipfrac_lower",), True,
@@ -214,12 +270,13 @@ LOSS_TYPES_TABLE = {
                       doc="-stopgrad(clamp(rho, cispo_ratio_min, epsilon_high)) A logp (CISPO); epsilon_high is the cap"),
     "sapo": LossType("sapo", "trl:seq-mean-token-mean", ("sapo_temperature_pos", "sapo_temperature_neg"),
                      doc="soft gate -sigmoid(tau (rho - 1)) 4/tau A (SAPO)"),
+    # (VESPO folds a given rollout IS ratio into its sequence weight: no in-loss rollout correction)
     "vespo": LossType("vespo", "trl:global-token-mean",
                       ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"),
-                      ("vespo/phi_seq_mean",),
+                      ("vespo/phi_seq_mean",), rollout_correction=(),
                       doc="-stopgrad(phi(w)) A logp, phi the gamma weight of the summed sequence log-ratio (VESPO)"),
     # (no off-policy mask: verl has none for GMPO, and that variant trips Triton's sm_90 ThreadLocality pass)
-    "geo_mean": LossType("geo_mean", "verl:geo-mean", off_policy_mask=False, peer="verl 0.9.1",
+    "geo_mean": LossType("geo_mean", "verl:geo-mean", off_policy_mask=False, rollout_correction=(), peer="verl 0.9.1",
                          doc="-A_i exp(mean_t of l_t clipped to [-epsilon_low, epsilon_high] on the side of sign(A)) "
                              "(GMPO); epsilon_* bound the log-ratio"),
     "dppo_tv": LossType("dppo_tv", "token-mean", ("clip_ratio_c",), ("pg_clipfrac_lower",),
@@ -229,19 +286,38 @@ LOSS_TYPES_TABLE = {
     "dppo_kl": LossType("dppo_kl", "token-mean", ("clip_ratio_c",), ("pg_clipfrac_lower",),
                         defaults={"clip_ratio_c": 20.0}, peer="verl 0.9.1",
                         doc="as dppo_tv with the binary KL of p_old to p as the trust region (DPPO-Binary-KL)"),
+    # (their covariance selection runs before the row pass: it cannot see rejected tokens)
     "kl_cov": LossType("kl_cov", "token-mean", ("kl_cov_ratio", "ppo_kl_coef"), ("cov/selected_mean",),
-                       peer="verl 0.9.1",
+                       rollout_correction=("rollout_is",), peer="verl 0.9.1",
                        doc="-A rho, + ppo_kl_coef |l| on the top kl_cov_ratio of masked tokens by "
                            "cov(A, logp) over the micro-batch (KL-Cov)"),
     "clip_cov": LossType("clip_cov", "token-mean", ("clip_cov_ratio", "clip_cov_lb", "clip_cov_ub", "generator"),
-                         ("cov/selected_mean",), peer="verl 0.9.1",
+                         ("cov/selected_mean",), rollout_correction=("rollout_is",), peer="verl 0.9.1",
                          doc="PPO clip with the term of clip_cov_ratio of the unclipped masked tokens, drawn at "
                              "random among clip_cov_lb < cov(A, logp) < clip_cov_ub, zeroed (Clip-Cov)"),
+    "gpg": LossType("pg", "token-mean", peer="verl 0.9.1",
+                    doc="-A logp, no ratio (verl's gpg); the rollout IS weight as given or computed (rollout_is) "
+                        "multiplies it"),
+    "reinforce": LossType("pg", "seq-mean-token-sum", peer="verl 0.9.1",
+                          doc="-A logp sg(w), w the rollout IS weight (rollout_is, usually with bypass_mode=True; "
+                              "verl's compute_policy_loss_reinforce); the term of gpg, verl's default aggregation "
+                              "of REINFORCE"),
+    "rloo": LossType("rloo", "trl:seq-mean-token-mean", peer="TRL 1.16 (RLOOTrainer)",
+                     doc="PPO clip of the sequence ratio exp(sum_t m l_t), one loss per completion, mean over "
+                         "completions (TRL's RLOOTrainer)"),
+    "prime_dppo": LossType("prime_dppo", "token-mean", ("adv_tau", "kl_tau"), peer="prime-rl",
+                           doc="-keep adv_tau A rho + kl_tau l^2, keep: p - p_old <= epsilon_high (A > 0) or "
+                               ">= -epsilon_low (A <= 0) (prime-rl's default loss: DPPO-Binary-TV mask, "
+                               "squared log-ratio KL)"),
+    "ipo": LossType("ipo", "token-mean", ("ipo_threshold", "adv_tau", "kl_tau"), peer="prime-rl",
+                    doc="-keep adv_tau A rho + kl_tau l^2, keep: abs(p - p_old) <= ipo_threshold (prime-rl's ipo)"),
 }
 LOSS_TYPES = tuple(LOSS_TYPES_TABLE)
 CLIP_LOSS_TYPES = tuple(name for name, spec in LOSS_TYPES_TABLE.items() if spec.policy == "clip")
 
 
-def metric_names(loss_type: str) -> tuple:
-    """The metric names ``grpo_loss`` returns for ``loss_type``."""
-    return COMMON_METRICS + LOSS_TYPES_TABLE[loss_type].metrics
+def metric_names(loss_type: str, rollout_correction: bool = False) -> tuple:
+    """The metric names ``grpo_loss`` returns for ``loss_type`` (with ``rollout_correction``: when
+    ``rollout_is`` or ``rollout_rs`` is set)."""
+    return COMMON_METRICS + LOSS_TYPES_TABLE[loss_type].metrics + (ROLLOUT_CORRECTION_METRICS if rollout_correction
+                                                                   else ())

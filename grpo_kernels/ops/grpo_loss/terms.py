@@ -165,6 +165,49 @@ def policy_clip_cov(x, o, rho, a, selected, eps_low, eps_high, p2, p3):
     return policy * keep, dpolicy_dx, dpolicy_drho * keep, is_low, is_high, selected != 0
 
 
+@triton.jit
+def policy_pg(x, o, rho, a, row_value, p0, p1, p2, p3):
+    """Policy gradient without a ratio (verl's gpg, REINFORCE): P = -A logp. With a rollout IS weight w
+    as the multiplier it is verl's compute_policy_loss_reinforce, -A logp sg(w)."""
+    no_flag = tl.zeros_like(x) != 0
+    return -a * x, -a + tl.zeros_like(x), tl.zeros_like(x), no_flag, no_flag, no_flag
+
+
+@triton.jit
+def trust_region_pg(x, o, rho, a, keep, adv_tau, kl_tau):
+    """prime-rl's policy term given its trust-region mask ``keep``: P = -keep adv_tau A rho +
+    kl_tau (logp - old)^2, the squared log-ratio on every token. Returns (P, dP/dx, dP/drho)."""
+    log_ratio = x - o
+    # (a dropped token adds nothing even where rho overflows; prime-rl's keep * A * rho is NaN there)
+    policy = tl.where(keep, -adv_tau * a * rho, 0.0) + kl_tau * log_ratio * log_ratio
+    return policy, 2.0 * kl_tau * log_ratio, tl.where(keep, -adv_tau * a, 0.0)
+
+
+@triton.jit
+def policy_prime_dppo(x, o, rho, a, row_value, mask_low, mask_high, adv_tau, kl_tau):
+    """prime-rl's default loss (DPPO-Binary-TV mask + Kimi-K2.5's squared log-ratio): tokens with
+    p - p_old > mask_high (A > 0) or p - p_old < -mask_low (A <= 0) leave the policy term
+    (``trust_region_pg``). Flags: masked with A < 0 (low) / A > 0 (high), prime-rl's is_masked_low/high."""
+    diff = tl.exp(x) - tl.exp(o)
+    too_high = diff > mask_high
+    too_low = diff < -mask_low
+    keep = tl.where(a > 0, too_high, too_low) == 0
+    policy, dpolicy_dx, dpolicy_drho = trust_region_pg(x, o, rho, a, keep, adv_tau, kl_tau)
+    no_flag = tl.zeros_like(x) != 0
+    return policy, dpolicy_dx, dpolicy_drho, too_low & (a < 0), too_high & (a > 0), no_flag
+
+
+@triton.jit
+def policy_ipo(x, o, rho, a, row_value, threshold, adv_tau, kl_tau, p3):
+    """prime-rl's IPO: tokens with |p - p_old| > threshold leave the policy term (``trust_region_pg``).
+    Flags: masked with p < p_old (low) / p > p_old (high)."""
+    diff = tl.exp(x) - tl.exp(o)
+    outside = tl.abs(diff) > threshold
+    policy, dpolicy_dx, dpolicy_drho = trust_region_pg(x, o, rho, a, outside == 0, adv_tau, kl_tau)
+    no_flag = tl.zeros_like(x) != 0
+    return policy, dpolicy_dx, dpolicy_drho, outside & (diff < 0), outside & (diff > 0), no_flag
+
+
 # ---------------------------------------------------------------------------------------------
 # KL estimators of the reference penalty: (value, d value / d logp) from x = logp, r = ref logp
 # ---------------------------------------------------------------------------------------------
@@ -223,6 +266,56 @@ def kl_verl_k3_st(x, r):
 
 
 # ---------------------------------------------------------------------------------------------
+# Rejection-sampling statistics of rollout correction: (train logp, rollout logp) -> statistic
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def rs_k1(train, rollout):
+    """verl's token_k1: -clamp(train - rollout, -20, 20), the log of rollout / train probability."""
+    return -tl.minimum(tl.maximum(train - rollout, -20.0), 20.0)
+
+
+@triton.jit
+def rs_k2(train, rollout):
+    """verl's token_k2: 0.5 l^2, l = clamp(train - rollout, -20, 20)."""
+    log_ratio = tl.minimum(tl.maximum(train - rollout, -20.0), 20.0)
+    return 0.5 * log_ratio * log_ratio
+
+
+@triton.jit
+def rs_k3(train, rollout):
+    """verl's token_k3: exp(l) - 1 - l, l = clamp(train - rollout, -20, 20)."""
+    log_ratio = tl.minimum(tl.maximum(train - rollout, -20.0), 20.0)
+    return tl.exp(log_ratio) - 1.0 - log_ratio
+
+
+@triton.jit
+def expm1(y):
+    """exp(y) - 1 without cancellation near 0 (a degree-5 Taylor polynomial for |y| < 0.05)."""
+    series = y * (1.0 + y * (0.5 + y * (1.0 / 6.0 + y * (1.0 / 24.0 + y * (1.0 / 120.0)))))
+    return tl.where(tl.abs(y) < 0.05, series, tl.exp(y) - 1.0)
+
+
+@triton.jit
+def binary_kl(log_p, log_q):
+    """KL(Bernoulli(p) || Bernoulli(q)) = p log(p/q) + (1-p) log((1-p)/(1-q)) from log p, log q < 0,
+    the complements as -expm1 (exact in float32 for p close to 1)."""
+    complement_p = -expm1(log_p)
+    complement_q = -expm1(log_q)
+    return tl.exp(log_p) * (log_p - log_q) + complement_p * (tl.log(complement_p) - tl.log(complement_q))
+
+
+@triton.jit
+def rs_kpop(train, rollout):
+    """AReaL's KPop: max(KL_B(p || q), KL_B(q || p)), p = exp(train), q = exp(rollout), both clamped
+    into [1e-8, 1 - 1e-8] (AReaL's compute_binary_kl_divergence)."""
+    log_p = tl.minimum(tl.maximum(train, -18.420680743952367), -1.000000005e-08)
+    log_q = tl.minimum(tl.maximum(rollout, -18.420680743952367), -1.000000005e-08)
+    return tl.maximum(binary_kl(log_p, log_q), binary_kl(log_q, log_p))
+
+
+# ---------------------------------------------------------------------------------------------
 # Shared pieces: the rollout IS weight, the importance ratio, the per-token loss
 # ---------------------------------------------------------------------------------------------
 
@@ -245,7 +338,7 @@ def importance_ratio(log_ratio, bound):
 
 @triton.jit
 def token_loss(x, o, r, a, rho, row_value, multiplier, p0, p1, p2, p3, beta, bias_kl,
-                POLICY: tl.constexpr, KL: tl.constexpr):
+               POLICY: tl.constexpr, KL: tl.constexpr):
     """L_t = P_t * multiplier + beta * KL_t (* rho when bias-corrected), with its partials.
 
     Returns ``(L, dL/dx, dL/drho, kl metric value, flag_low, flag_high, flag_lower)``.
