@@ -236,6 +236,7 @@ def grpo_loss_reference(
     clip_cov_lb=1.0,
     clip_cov_ub=5.0,
     generator=None,
+    dro_beta=None,
     adv_tau=1.0,
     kl_tau=1e-3,
     ipo_threshold=0.1,
@@ -356,6 +357,8 @@ def grpo_loss_reference(
         per_token_loss = -phi_seq * adv * logp
     elif loss_type in ("gpg", "reinforce"):  # verl's compute_policy_loss_gpg / _reinforce
         per_token_loss = -adv * logp
+    elif loss_type == "dro":  # verl's compute_policy_loss_dro
+        per_token_loss = -(logp * adv - 0.5 * dro_beta * log_ratio.square())
     elif loss_type == "rloo":  # TRL's RLOOTrainer._compute_loss: PPO clip of the summed sequence ratio
         coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + eps_high)
         per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)  # [B, 1]: one loss per completion
@@ -391,7 +394,7 @@ def grpo_loss_reference(
     per_token_loss = per_token_loss.expand(B, T)
 
     tokens_per_row = mask.sum(-1)
-    if loss_agg_mode is None and loss_type in ("dppo_tv", "dppo_kl", "kl_cov", "clip_cov", "gpg", "prime_dppo",
+    if loss_agg_mode is None and loss_type in ("dppo_tv", "dppo_kl", "kl_cov", "clip_cov", "gpg", "dro", "prime_dppo",
                                                "ipo"):
         loss_agg_mode = "token-mean"  # verl's default (prime-rl: the sum over the global token count)
     if loss_agg_mode is None and loss_type == "reinforce":

@@ -188,8 +188,8 @@ def test_patch_verl_without_verl_raises(monkeypatch):
 # Policy losses against real verl 0.9.1
 # ----------------------------------------------------------------------------------------------
 
-VERL_LOSS_NAMES = ("vanilla", "gspo", "sapo", "cispo", "geo_mean", "dppo_tv", "dppo_kl", "kl_cov", "clip_cov", "gpg")
-# and bypass_mode (test_bypass_mode_matches_verl)
+VERL_LOSS_NAMES = ("vanilla", "gspo", "sapo", "cispo", "geo_mean", "dppo_tv", "dppo_kl", "kl_cov", "clip_cov", "gpg",
+                   "dro")  # and bypass_mode (test_bypass_mode_matches_verl)
 
 
 @pytest.fixture(params=["dispatch", "torch"])
@@ -208,7 +208,7 @@ def _verl_config(name, global_batch_info=None, rollout_correction=None):
         strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, clip_ratio=0.2, clip_ratio_low=0.2,
         clip_ratio_high=0.28, clip_ratio_c=3.0, tau_pos=1.0, tau_neg=1.05,
         policy_loss=PolicyLossConfig(loss_mode=name, kl_cov_ratio=0.02, ppo_kl_coef=0.1, clip_cov_ratio=0.02,
-                                     clip_cov_lb=0.05, clip_cov_ub=5.0, **extra))
+                                     clip_cov_lb=0.05, clip_cov_ub=5.0, dro_beta=0.3, **extra))
     config.global_batch_info.update(global_batch_info or {})
     return config
 
@@ -294,6 +294,9 @@ def test_policy_loss_bad_input():
         policy_loss("vanilla")(logp, logp, logp, torch.ones(2, 3, dtype=torch.bool), "token-mean",
                                {"clip_ratio": 0.2, "clip_ratio_c": 0.5})
     assert set(VERL_POLICY_LOSSES) == set(VERL_LOSS_NAMES) | {"bypass_mode"}
+    with pytest.raises(ValueError, match="dro_beta must be a positive value"):
+        policy_loss("dro")(logp, logp, logp, torch.ones(2, 3, dtype=torch.bool), "token-mean",
+                           {"policy_loss": {"dro_beta": None}})
 
 
 def test_policy_loss_reads_a_plain_dict_config():
@@ -328,9 +331,8 @@ def test_patch_verl_registers_policy_losses_and_log_prob_functions(monkeypatch, 
     for name in VERL_LOSS_NAMES + ("bypass_mode",):
         assert f"verl.trainer.ppo.core_algos.POLICY_LOSS_REGISTRY[{name!r}]" in replaced
         assert core_algos.get_policy_loss_fn(name)._grpo_kernels_loss == name
-    # every policy loss verl 0.9.1 registers is ours now, but dro
-    assert sorted(name for name, function in registry.items()
-                  if getattr(function, "_grpo_kernels_loss", None) != name) == ["dro"]
+    # every policy loss verl 0.9.1 registers is ours now
+    assert all(getattr(function, "_grpo_kernels_loss", None) == name for name, function in registry.items())
     assert sys.modules["verl.utils.kernel.linear_cross_entropy"].linear_cross_entropy is linear_cross_entropy
     assert patch_verl() == []  # idempotent
 

@@ -1,9 +1,9 @@
-"""The policy losses of verl 0.9 (gpg, REINFORCE), prime-rl (prime_dppo, ipo) and TRL's RLOO trainer
+"""The policy losses of verl 0.9 (gpg, dro, REINFORCE), prime-rl (prime_dppo, ipo) and TRL's RLOO trainer
 (rloo) in grpo_loss: against the float64 reference on both backends (loss, metrics, d loss / d logp,
 d loss / d entropy; odd shapes, a fully masked row, T across two kernel tiles, fractional masks,
 log-ratios of +-100), against TRL 1.16's own ``RLOOTrainer._compute_loss`` and against prime-rl's
 ``default_loss_fn`` / ``ipo_loss_fn`` transcribed from ``src/prime_rl/trainer/rl/loss.py``
-(PrimeIntellect-ai/prime-rl, not installable here). verl's own ``compute_policy_loss_gpg``
+(PrimeIntellect-ai/prime-rl, not installable here). verl's own ``compute_policy_loss_gpg`` / ``_dro``
 / ``_reinforce`` are the oracle of the verl adapter's tests (test_integration_verl.py)."""
 
 import collections
@@ -37,6 +37,7 @@ CASES = {
     "gpg-is-ratio": dict(loss_type="gpg", rollout_is_ratio=True, rollout_is_mode="truncate", rollout_is_clip_max=1.5),
     "reinforce": dict(loss_type="reinforce", beta=0.04, kl_estimator="low_var_kl"),
     "reinforce-token-mean": dict(loss_type="reinforce", loss_agg_mode="token-mean", rollout_is_ratio=True),
+    "dro": dict(loss_type="dro", dro_beta=0.5, beta=0.04),
     "rloo": dict(loss_type="rloo", epsilon_high=0.28),
     "rloo-kl": dict(loss_type="rloo", beta=0.1, use_bias_correction_kl=True, entropy_coef=0.01),
     "prime_dppo": dict(loss_type="prime_dppo"),
@@ -50,7 +51,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_reference(backend, case):
     options = dict(CASES[case])
-    per_token = case.startswith("reinforce")
+    per_token = case.startswith("reinforce") or case == "dro"
     # RLOO's ratio is the product of a row's token ratios: small token log-ratios keep some rows unclipped
     batch = _batch(per_token=per_token, log_ratio_scale=0.015 if case.startswith("rloo") else 0.5)
     if case.startswith("rloo"):  # the first row (A > 0) clipped high, the last (A < 0) clipped low, row 3 not
@@ -70,7 +71,8 @@ def test_matches_reference(backend, case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("loss_type", ["gpg", "reinforce", "rloo", "prime_dppo", "ipo", "cispo", "vespo", "dppo_tv"])
+@pytest.mark.parametrize("loss_type", ["gpg", "reinforce", "dro", "rloo", "prime_dppo", "ipo", "cispo", "vespo",
+                                       "dppo_tv"])
 def test_extreme_log_ratios(backend, loss_type):
     """Log-ratios of +-100 (finite losses: +100 where A > 0 or the trust region drops the token,
     -100 elsewhere), B = 1 and an odd T. A term that does not depend on the ratio gets no NaN from
@@ -82,7 +84,7 @@ def test_extreme_log_ratios(backend, loss_type):
     batch["logp"][1, 1], batch["old"][1, 1] = -100.0, -0.5
     batch["logp"][2, 2], batch["old"][2, 2] = -101.0, -1.0
     batch["ref"] = batch["logp"] + 0.1 * torch.randn(3, 9)  # (TRL's k3 of a log-ratio of 100 overflows)
-    options = dict(loss_type=loss_type, beta=0.04)
+    options = dict(loss_type=loss_type, dro_beta=0.1 if loss_type == "dro" else None, beta=0.04)
     got, _ = check(batch, backend, **options)
     assert torch.isfinite(got[2]).all()
     one = {k: v[:1] for k, v in batch.items()}
@@ -102,9 +104,10 @@ def test_bf16_logprobs(backend):
     assert_close(got[2], want[2], "grad", rtol=1e-2, atol=1e-5)
 
 
-@pytest.mark.parametrize("loss_type", ["rloo", "prime_dppo"])
+@pytest.mark.parametrize("loss_type", ["rloo", "prime_dppo", "dro"])
 def test_fused(loss_type):
-    check_fused("triton", torch.float32, 0.7, loss_type=loss_type, beta=0.04)
+    check_fused("triton", torch.float32, 0.7, loss_type=loss_type, beta=0.04,
+                **({"dro_beta": 0.2} if loss_type == "dro" else {}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +199,11 @@ def test_prime_rl_matches_its_source(backend, loss_type, options):
 
 
 @pytest.mark.parametrize("options,error,match", [
+    (dict(loss_type="dro"), ValueError, "needs dro_beta"),
+    (dict(loss_type="dro", dro_beta=0.0), ValueError, "dro_beta must be > 0"),
+    (dict(loss_type="dro", dro_beta="0.1"), TypeError, "dro_beta must be a number"),
     (dict(loss_type="dapo", kl_tau=0.1), ValueError, "kl_tau is only used by loss_type ipo, prime_dppo"),
+    (dict(loss_type="gpg", dro_beta=0.1), ValueError, "only used by loss_type dro"),
     (dict(loss_type="ipo", ipo_threshold=-0.1), ValueError, "ipo_threshold must be >= 0"),
     (dict(loss_type="prime_dppo", adv_tau=True), TypeError, "adv_tau must be a number"),
     (dict(loss_type="rloo", importance_sampling_level="sequence"), ValueError, "Sequence-level"),

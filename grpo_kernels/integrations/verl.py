@@ -13,7 +13,7 @@ log-probs and entropies back, never the logits:
 This module provides both with the same signatures, computed by :func:`grpo_kernels.token_logprobs`;
 :func:`policy_loss` returns, for each verl policy loss we support (``actor_rollout_ref.actor.
 policy_loss.loss_mode``: ``vanilla``, ``gspo``, ``sapo``, ``cispo``, ``geo_mean``, ``dppo_tv``,
-``dppo_kl``, ``kl_cov``, ``clip_cov``, ``gpg``, ``bypass_mode``), a function with verl's ``PolicyLossFn`` signature computed
+``dppo_kl``, ``kl_cov``, ``clip_cov``, ``gpg``, ``dro``, ``bypass_mode``), a function with verl's ``PolicyLossFn`` signature computed
 by :func:`grpo_kernels.grpo_loss`; and :func:`patch_verl` swaps all of them into an installed verl
 in one call::
 
@@ -227,8 +227,15 @@ def _dppo_options(config):
     return {**_clip_range(config), "clip_ratio_c": float(_field(config, "clip_ratio_c", 20.0))}
 
 
+def _dro_options(config):
+    beta = _policy_loss_field(config, "dro_beta", None)
+    if beta is None or beta <= 0:
+        raise ValueError("policy_loss.dro_beta must be a positive value when using DRO (as verl requires)")
+    return {"dro_beta": float(beta)}
+
+
 def _ppo_kl_metrics(out, l, mask, config):
-    """verl's REINFORCE metrics: actor/ppo_kl, the masked mean of old - logp (unclamped)."""
+    """verl's dro / REINFORCE metrics: actor/ppo_kl, the masked mean of old - logp (unclamped)."""
     return {"actor/ppo_kl": _masked_mean(-l, mask)}
 
 
@@ -320,6 +327,7 @@ VERL_POLICY_LOSSES = {
                                "clip_cov_lb": float(_policy_loss_field(c, "clip_cov_lb", 1.0)),
                                "clip_cov_ub": float(_policy_loss_field(c, "clip_cov_ub", 5.0))}, _clip_cov_metrics),
     "gpg": VerlPolicyLoss("gpg", lambda c: {}, lambda out, l, mask, config: {}),
+    "dro": VerlPolicyLoss("dro", _dro_options, _ppo_kl_metrics),
     # REINFORCE (or PPO clip) with rollout correction computed in the loss against old_log_prob, which
     # is the rollout's in bypass mode; verl's rollout_is_weights argument is ignored, as verl does
     "bypass_mode": VerlPolicyLoss("reinforce", _bypass_options, _bypass_metrics, ignores_is_weights=True),
@@ -334,7 +342,7 @@ def policy_loss(name: str, *, backend: str = "auto", generator: torch.Generator 
     metrics)``: ``[B, T]`` tensors (advantages per token, as verl passes them), the loss a
     differentiable 0-d tensor, the metrics verl's ``actor/*`` floats. It reads the fields verl's
     own function reads (``clip_ratio``, ``clip_ratio_low``/``_high``, ``clip_ratio_c``,
-    ``tau_pos``/``tau_neg``, ``policy_loss.kl_cov_ratio``/``ppo_kl_coef``/``clip_cov_*``,
+    ``tau_pos``/``tau_neg``, ``policy_loss.kl_cov_ratio``/``ppo_kl_coef``/``clip_cov_*``/``dro_beta``,
     ``policy_loss.rollout_correction`` for ``bypass_mode``, ``global_batch_info``) and, like verl's,
     adds no KL or entropy term (verl's actor adds those). ``bypass_mode`` returns the metrics of the
     loss it runs and ``rollout_corr/rollout_rs_masked_fraction``, not verl's other ``rollout_corr/*``

@@ -173,6 +173,8 @@ OPTIONS = {
     "off_policy_mask_threshold": Option(None, _optional(_finite),
                                         "drop the policy term of rows with A < 0 whose mean sampling_logprobs - logp "
                                         "exceeds it (DeepSeek-V3.2)"),
+    "dro_beta": Option(None, _optional(_positive), "DRO: weight of the quadratic log-ratio penalty (> 0; verl's "
+                       "policy_loss.dro_beta, required by dro)"),
     "adv_tau": Option(1.0, _nonnegative, "prime-rl: scale of the advantage in the policy term"),
     "kl_tau": Option(1e-3, _nonnegative, "prime-rl: weight of the squared log-ratio kl_tau (logp - old)^2, on every "
                      "masked token"),

@@ -71,6 +71,7 @@ POLICIES = {
     "kl_cov": PolicyTerm(terms.policy_kl_cov, ("ppo_kl_coef",), token_selection="kl_cov"),
     "clip_cov": PolicyTerm(terms.policy_clip_cov, ("epsilon_low", "epsilon_high"), token_selection="clip_cov"),
     "pg": PolicyTerm(terms.policy_pg, ()),
+    "dro": PolicyTerm(terms.policy_dro, ("dro_beta",)),
     "rloo": PolicyTerm(terms.policy_clip, ("epsilon_low", "epsilon_high", "delta_or_inf", "clip_ratio_c_or_inf"),
                        row_log_ratio=ROW_LOG_RATIO_SUM),
     "prime_dppo": PolicyTerm(terms.policy_prime_dppo, ("epsilon_low", "epsilon_high", "adv_tau", "kl_tau")),
@@ -302,6 +303,8 @@ LOSS_TYPES_TABLE = {
                           doc="-A logp sg(w), w the rollout IS weight (rollout_is, usually with bypass_mode=True; "
                               "verl's compute_policy_loss_reinforce); the term of gpg, verl's default aggregation "
                               "of REINFORCE"),
+    "dro": LossType("dro", "token-mean", ("dro_beta",), required=("dro_beta",), peer="verl 0.9.1",
+                    doc="-(logp A - dro_beta/2 (logp - old)^2) (verl's dro, Direct Reward Optimization)"),
     "rloo": LossType("rloo", "trl:seq-mean-token-mean", peer="TRL 1.16 (RLOOTrainer)",
                      doc="PPO clip of the sequence ratio exp(sum_t m l_t), one loss per completion, mean over "
                          "completions (TRL's RLOOTrainer)"),

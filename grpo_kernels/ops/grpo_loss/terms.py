@@ -174,6 +174,15 @@ def policy_pg(x, o, rho, a, row_value, p0, p1, p2, p3):
 
 
 @triton.jit
+def policy_dro(x, o, rho, a, row_value, beta, p1, p2, p3):
+    """DRO (verl's dro): P = -(logp A - beta/2 (logp - old)^2), the log-ratio unclamped."""
+    log_ratio = x - o
+    no_flag = tl.zeros_like(x) != 0
+    return (-(x * a - 0.5 * beta * log_ratio * log_ratio), -a + beta * log_ratio, tl.zeros_like(x),
+            no_flag, no_flag, no_flag)
+
+
+@triton.jit
 def trust_region_pg(x, o, rho, a, keep, adv_tau, kl_tau):
     """prime-rl's policy term given its trust-region mask ``keep``: P = -keep adv_tau A rho +
     kl_tau (logp - old)^2, the squared log-ratio on every token. Returns (P, dP/dx, dP/drho)."""
