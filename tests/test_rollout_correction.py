@@ -16,7 +16,7 @@ import grpo_kernels as gk
 from conftest import DEVICE
 from grpo_kernels.ops.grpo_loss import REJECTION_SAMPLING, rollout_correction, validate_loss_options
 from grpo_kernels.reference import binary_kl_reference, rejection_statistic_reference
-from test_grpo_loss import BACKENDS, assert_close, check, make_batch, run_loss
+from test_grpo_loss import BACKENDS, assert_close, check, check_fused, make_batch, run_loss
 
 needs_verl = pytest.mark.skipif(importlib.util.find_spec("verl") is None, reason="verl is not installed")
 
@@ -107,6 +107,12 @@ def test_importance_weights_match_reference(backend, case):
     options.setdefault("loss_type", "dapo")
     got, _ = check(batch, backend, **options)
     assert got[2].abs().sum() > 0
+
+
+def test_fused_bypass_mode():
+    """From hidden states: the bypass-mode weight follows the log-probs the fused API computes."""
+    check_fused("triton", torch.float32, 0.7, loss_type="reinforce", rollout_is="token", bypass_mode=True,
+                rollout_is_mode="truncate", rollout_is_clip_max=1.5, beta=0.04)
 
 
 def test_rollout_correction_helper_matches_the_loss():
