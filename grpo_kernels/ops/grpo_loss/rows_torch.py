@@ -95,8 +95,14 @@ def on_torch(jit_fn):
 
 
 def _row_sum(values: torch.Tensor) -> torch.Tensor:
-    """[B, T] -> [B]: every per-row (per-sequence) sum of the torch side goes through here."""
+    """[B, T] -> [B]: every per-row (per-sequence) sum of the torch side goes through here (and
+    ``_row_max``): the one place a packed layout would change."""
     return values.sum(1)
+
+
+def _row_max(values: torch.Tensor) -> torch.Tensor:
+    """[B, T] -> [B], the per-row maximum."""
+    return values.amax(1)
 
 
 def rollout_correction_rows(cfg, x, o, s, m):
@@ -116,7 +122,7 @@ def rollout_correction_rows(cfg, x, o, s, m):
         stat = on_torch(criterion.stat)(train, rollout)
         if criterion.level != RS_TOKEN:
             if criterion.level == RS_SEQ_MAX:
-                stat = torch.where(active, stat, float("-inf")).amax(1)
+                stat = _row_max(torch.where(active, stat, float("-inf")))
                 stat = torch.where(stat == float("-inf"), zero, stat)  # a row without tokens: 0
             else:
                 stat = _row_sum(torch.where(active, stat * m, zero))
