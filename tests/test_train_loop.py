@@ -426,13 +426,25 @@ def test_offline_command_line_example(tmp_path, monkeypatch, capsys):
 
     AutoModelForCausalLM.from_pretrained(out / "final")
     # user errors on the same command line: one line on stderr, exit status 2, no traceback
+    small_tokenizer = demo.build_tokenizer()
+    demo.build_model(small_tokenizer, hidden_size=32).save_pretrained("runs/small")
+    small_tokenizer.save_pretrained("runs/small")
     (tmp_path / "bad.jsonl").write_text('{"prompt": "1+1="}\n{"prompt": "2+2=", }\n')
     for argv, message in [
-        (["--dataset", "bad.jsonl"], "bad.jsonl, line 2: not valid JSON"),
-        (["--max_steps", "2"], "holds another run (checkpoint-1, checkpoint-2, latest, metrics.jsonl)"),
+        (["--dataset", "bad.jsonl", "--output_dir", "runs/fresh"], "bad.jsonl, line 2: not valid JSON"),
+        (["--max_steps", "2"], "holds another run (checkpoint-1, checkpoint-2, latest, metrics.jsonl, run.json)"),
         (["--learning_rat", "1e-3"], "unknown option --learning_rat (did you mean 'learning_rate'?)"),
         (["--beta", "-0.1"], "beta must be >= 0"),
         (["--model", "./no/such/model"], "model ./no/such/model: no such directory"),
+        # a path (its parent exists, or it has two slashes) is no hub repo id
+        (["--model", "runs/tiny/no-model"], "model runs/tiny/no-model: no such directory"),
+        (["--model", "no/such/model"], "model no/such/model: no such directory"),
+        (["--tokenizer", "runs/no-tokenizer"], "tokenizer runs/no-tokenizer: no such directory"),
+        # the data is read before the model loads (runs/tiny is no model: loading it would fail first)
+        (["--model", "runs/tiny", "--dataset", "no/such.jsonl", "--output_dir", "runs/fresh"],
+         "dataset no/such.jsonl: no such file"),
+        (["--model", "runs/small", "--resume"], "checkpoint-2 holds another model than this one (resumed with "
+                                                "another --model?)"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             main(["--config", example, *argv])
@@ -442,7 +454,7 @@ def test_offline_command_line_example(tmp_path, monkeypatch, capsys):
         assert "Traceback" not in err, err
 
 
-def test_demo_smoke(tmp_path, monkeypatch):
+def test_demo_smoke(tmp_path, monkeypatch, capsys):
     """The demo's plumbing on a smaller batch (its full run is measured, not tested: see the README);
     it writes what its docstring lists, and runs again over its own earlier output."""
     from grpo_kernels import demo
