@@ -465,8 +465,38 @@ def test_demo_smoke(tmp_path, monkeypatch, capsys):
     for _ in range(2):
         summary = demo.main(["--steps", "2", "--output_dir", str(tmp_path), "--no_progress_bar"])
         assert summary["steps"] == 2 and 0.0 <= summary["reward_first"] <= 1.0
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "demo.json", "latest", "metrics.jsonl", "metrics.png"]
+    out = capsys.readouterr().out
+    assert "mean reward, first step: " in out and "last step: " in out and "1 steps" not in out, out
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "demo.json", "latest", "metrics.jsonl", "metrics.png", "run.json"]
     assert (tmp_path / "metrics.png").stat().st_size > 0 and torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--steps", "0"], "argument --steps: must be an integer >= 1, got 0"),
+        (["--steps", "two"], "argument --steps: invalid int value: 'two'"),
+        (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+        (["--output_dir", "{run}"], "--output_dir {run} holds a run that is not the demo's (checkpoint-1, "
+                                    "metrics.jsonl): pass another --output_dir, or delete that directory"),
+        (["--output_dir", "{file}"], "--output_dir {file} is not a directory"),
+    ],
+)
+def test_demo_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    """No traceback, and no flag the demo does not have (the trainer's --resume, --overwrite_output_dir,
+    max_steps)."""
+    from grpo_kernels import demo
+
+    (tmp_path / "run" / "checkpoint-1").mkdir(parents=True)  # a trainer run
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1}\n')
+    (tmp_path / "file").write_text("")
+    paths = dict(run=tmp_path / "run", file=tmp_path / "file")
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main([arg.format(**paths) for arg in argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("python -m grpo_kernels.demo: error: ") and message.format(**paths) in err, err
+    assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint-1", "metrics.jsonl"]
 
 
 def test_end_to_end_benchmark_smoke(tmp_path):
