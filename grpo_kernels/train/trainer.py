@@ -272,8 +272,9 @@ class GRPOTrainer:
             # pruning never touches another run's checkpoints
             self.run_id = plan["run_id"] or agree_on(uuid.uuid4().hex)
             seed_everything(cfg.seed + 1 + self.rank)  # each rank samples its own completions
-        if self.dist.is_main and plan["run_id"] != self.run_id:
-            write_run_file(cfg.output_dir, self.run_id)
+        # output_dir/run.json names the directory's run; written with the run's first record or
+        # checkpoint (a trainer that is built but never steps leaves nothing behind)
+        self._run_file_written = plan["run_id"] == self.run_id
         self.tensorboard = self._tensorboard() if cfg.tensorboard and self.dist.is_main else None
 
     def _on_main(self, function, *args):
@@ -620,10 +621,16 @@ class GRPOTrainer:
     # Logging, checkpoints, saving
     # =============================================================================================
 
+    def _write_run_file(self) -> None:
+        if self.dist.is_main and not self._run_file_written:
+            write_run_file(self.config.output_dir, self.run_id)
+            self._run_file_written = True
+
     def log(self, metrics: dict) -> None:
         self.history.append(metrics)
         if not self.dist.is_main:
             return
+        self._write_run_file()
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(metrics) + "\n")
         if self.tensorboard is not None:
@@ -643,6 +650,7 @@ class GRPOTrainer:
             "sampler": self.sampler.state_dict(),
             "world_size": self.world_size,
         }
+        self._write_run_file()
         return save_checkpoint(
             self.config.output_dir, self.step, model=self.policy, optimizer=self.optimizer,
             trainer_state=trainer_state, rank=self.rank, run_id=self.run_id, keep=self.config.keep_checkpoints,
