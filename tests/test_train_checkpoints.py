@@ -191,11 +191,13 @@ def test_resume_without_latest_finds_the_checkpoints_and_deletes_nothing(tmp_pat
     first.train()
     after_2 = _state(first)
     os.remove(tmp_path / "latest")
+    os.remove(tmp_path / "run.json")  # as in a directory written before run.json existed
     shutil.rmtree(tmp_path / "checkpoint-2")
     resumed = _trainer(tmp_path, resume=True, **options)
     assert resumed.step == 1 and resumed.run_id == first.run_id
     assert [r["step"] for r in resumed.history] == [1]
     resumed.train()
+    assert json.loads((tmp_path / "run.json").read_text()) == {"run_id": first.run_id}
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith("checkpoint")) == ["checkpoint-1", "checkpoint-2"]
     assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2]
     for name, value in after_2.items():  # step 2 redone exactly

@@ -287,9 +287,11 @@ def find_resumable(output_dir: str, log=print, run_id: str | None = None) -> tup
                 "name says: resuming at its manifest's step")
         return candidate.path, problems
     if candidates:
+        adopt = (f" (another run's checkpoint is resumed only where no {RUN_FILE} names a different run)"
+                 if run_id else "")
         raise CheckpointError(
             f"no intact checkpoint {'of run ' + run_id + ' ' if run_id else ''}in {output_dir} to resume from: "
-            + "; ".join(problems) + ". Delete them or start afresh with --overwrite_output_dir"
+            + "; ".join(problems) + f". Delete them or start afresh with --overwrite_output_dir{adopt}"
         )
     return None, problems
 

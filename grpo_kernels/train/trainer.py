@@ -198,6 +198,7 @@ class GRPOTrainer:
             if reward_funcs is None
             else [getattr(f, "__name__", f"reward_{k}") for k, f in enumerate(self.reward_funcs)]
         )
+        self.reward_weights = torch.tensor(cfg.reward_weights or [1.0] * len(self.reward_funcs), device=self.device)
         seed_everything(cfg.seed)  # the same initial weights on every rank
 
         # --- model, tokenizer, reference ---------------------------------------------------------
@@ -259,8 +260,6 @@ class GRPOTrainer:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.loss_options = cfg.loss_options()  # validated with the config
-
-        self.reward_weights = torch.tensor(cfg.reward_weights or [1.0] * len(self.reward_funcs), device=self.device)
 
         # --- bookkeeping -------------------------------------------------------------------------
         self.step, self.history = 0, []
