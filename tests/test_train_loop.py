@@ -425,6 +425,9 @@ def test_offline_command_line_example(tmp_path, monkeypatch, capsys):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out / "final")
+    main(["--config", example, "--max_steps", "1", "--prompts_per_step", "2", "--num_generations", "2",
+          "--micro_batch_size", "4", "--output_dir", "runs/one", "--no_save_final_model", "--no_progress_bar"])
+    assert "done: 1 step, reward" in capsys.readouterr().out  # not "1 steps"
     # user errors on the same command line: one line on stderr, exit status 2, no traceback
     small_tokenizer = demo.build_tokenizer()
     demo.build_model(small_tokenizer, hidden_size=32).save_pretrained("runs/small")
