@@ -21,8 +21,9 @@ def test_skip_reasons_are_printed_once_with_how_to_install_verl(tmp_path):
         "def test_c():\n    pytest.importorskip('verl_is_not_here_either')\n"
         "def test_d(): pass\n"
     )
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST_")}
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "1", str(tmp_path)],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
     assert out.count("2 x verl is not installed (CI installs verl 0.9.1 separately)") == 1, out
@@ -34,7 +35,10 @@ def test_the_documented_benchmark_command_is_not_refused():
     """`pytest benchmarks/ --benchmark-enable --benchmark-only` (benchmarks/README.md, pytest.ini):
     pytest.ini's -n 2 made pytest-benchmark refuse it (exit status 4); benchmarks/conftest.py runs it
     on one process. Collect-only: the refusal came at configuration."""
+    # as from a shell: not with the variables of the xdist worker this test may run in (pytest-benchmark
+    # takes PYTEST_XDIST_WORKER for being one)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST_")}
     result = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/", "--benchmark-enable", "--benchmark-only",
-                             "--collect-only", "-q"], cwd=REPO, capture_output=True, text=True, timeout=300)
+                             "--collect-only", "-q"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "benchmarks/test_bench_smoke.py" in result.stdout
