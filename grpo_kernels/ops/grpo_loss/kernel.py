@@ -84,9 +84,9 @@ def grpo_loss_kernel(
     """Rows ``[pid * BLOCK_B, pid * BLOCK_B + BLOCK_B)``: per-token loss, its gradient, row sums.
 
     A row is a padded row of ``T`` positions, or (``PACKED``) a sequence of the packed token
-    dimension: tokens ``CuSeqlens[row]:CuSeqlens[row + 1]`` of the ``[N]`` token tensors, whose row
-    strides are then 0 (``token_tile``); per-row inputs (strides ``(stride_b, 0)``) are read by row
-    in both layouts.
+    dimension: tokens ``CuSeqlens[row]:CuSeqlens[row + 1]`` of the ``[N]`` token tensors, addressed
+    by their positions (``token_tile``, ``row_base``); per-row inputs (strides ``(stride_b, 0)``)
+    are read by row in both layouts.
 
     Absent optional inputs arrive as aliases that make their term vanish: old/ref/sampling point at
     Logp (log-ratio 0, KL 0), entropy at a zero scalar with strides 0, the rollout ratio at a one.
