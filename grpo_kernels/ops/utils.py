@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
+from typing import Optional
 
 import torch
 
@@ -92,9 +93,10 @@ class CompileSpec:
 
     ``signature`` maps every kernel argument to its Triton type (``"*bf16"``, ``"*fp32"``,
     ``"i32"``, ``"fp32"``, or ``"constexpr"``); ``constexprs`` gives the value of each constexpr
-    argument. ``tests/test_compile_sm90.py`` compiles each spec for H100 and checks spills and
-    shared memory, and, with ``forbid_atomics``, that the PTX holds no atomic instruction
-    (``atom.*``/``red.*``: a kernel that promises run-to-run bitwise determinism).
+    argument. ``grpo_kernels.ops.sm90_check`` compiles each spec for H100 and gates on spills,
+    shared memory, wgmma for tensor-core dots, and floating-point atomics: a spec whose PTX holds
+    an ``atom``/``red`` on a float type fails unless ``float_atomics=True`` (only the atomic
+    backward of the log-prob op is marked so; integer atomics such as locks are always allowed).
     """
 
     name: str
@@ -103,7 +105,15 @@ class CompileSpec:
     constexprs: dict = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 3
-    forbid_atomics: bool = False
+    float_atomics: bool = False
+    # Transition only, until the log-prob package of issue #18 (which passes float_atomics) lands:
+    # today's logprobs.py still passes the old keyword, whose False meant "atomics allowed".
+    # Delete this InitVar and __post_init__ then.
+    forbid_atomics: InitVar[Optional[bool]] = None
+
+    def __post_init__(self, forbid_atomics):
+        if forbid_atomics is not None:
+            object.__setattr__(self, "float_atomics", not forbid_atomics)
 
 
 TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
