@@ -177,7 +177,8 @@ def test_measured_over_modelled_paths_and_devices(monkeypatch):
     assert modelled.model_path("ours", "loss_fwd_bwd") == "fwd+bwd, workspace"
     assert modelled.model_path("ours_atomic", "logprobs_fwd_bwd") == "fwd+bwd, atomic, exact=True"
     assert modelled.model_path("ours_atomic_fast", "logprobs_fwd_bwd") == "fwd+bwd, atomic, exact=False"
-    ms, path = modelled.modelled_ms("ours", "logprobs_fwd_bwd", 8192, 4096, 151936, torch.bfloat16, "NVIDIA H100 80GB HBM3")
+    ms, path = modelled.modelled_ms("ours", "logprobs_fwd_bwd", 8192, 4096, 151936, torch.bfloat16,
+                                    "NVIDIA H100 80GB HBM3")
     assert path == "fwd+bwd, workspace" and 55 < ms < 70  # about the 4-GEMM floor at 70% of peak
     assert modelled.modelled_ms("ours", "logprobs_fwd", 16, 48, 311, torch.float32, "cpu")[0] is None
 

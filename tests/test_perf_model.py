@@ -14,7 +14,8 @@ SHAPE_8K = pm.Shape(8192, 4096, 151936, torch.bfloat16)
 
 
 def test_docs_in_sync():
-    assert pm.docs_in_sync(), "docs/performance.md is out of date: run `python -m grpo_kernels.ops.perf_model --write-docs`"
+    assert pm.docs_in_sync(), (
+        "docs/performance.md is out of date: run `python -m grpo_kernels.ops.perf_model --write-docs`")
 
 
 def _two_operands(hidden_bytes, weight_bytes):

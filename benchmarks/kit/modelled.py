@@ -39,7 +39,8 @@ def modelled_ms(variant: str, op: str, num_rows: int, dim: int, vocab: int, dtyp
         return None, f"the model describes H100 SXM and H200 only, not {device_name}"
     from grpo_kernels.ops import perf_model
 
-    rows = {r.path: r for r in perf_model.model(perf_model.Shape(num_rows, dim, vocab, dtype), perf_model.GPUS[key])["rows"]}
+    result = perf_model.model(perf_model.Shape(num_rows, dim, vocab, dtype), perf_model.GPUS[key])
+    rows = {r.path: r for r in result["rows"]}
     path = model_path(variant, op)
     return rows[path].time_ms, path
 

@@ -299,8 +299,8 @@ def table_markdown(records: list[dict]) -> str:
         if "error" in u:
             lines.append(f"| {label} | {status} |" + " |" * (len(header) - 2))
             continue
-        dots = ", ".join(f"{d['m']}x{d['n']}x{d['k']} {d['operand']}/{d['precision']} ({_fmt_int(d['m'] * d['n'] * d['k'])})"
-                         for d in u["dots"]) or "-"
+        dots = ", ".join(f"{d['m']}x{d['n']}x{d['k']} {d['operand']}/{d['precision']} "
+                         f"({_fmt_int(d['m'] * d['n'] * d['k'])})" for d in u["dots"]) or "-"
         loops = "; ".join(f"{loop['instructions']} {'/'.join(loop['shapes'])} -> {_fmt_int(loop['macs_per_cta'])}"
                           for loop in u["wgmma_loops"]) or ("-" if not u["wgmma"] else f"{u['wgmma']} outside loops")
         lines.append(
