@@ -337,7 +337,8 @@ def forward_path(shape: Shape, gpu: GPU, launch=None, group_rows="shipped") -> P
     launch = launch or _shipped_launch()
     config = launch.GPU_CONFIG["fwd"][shape.dtype]
     group = launch.FORWARD_GROUP_ROWS if group_rows == "shipped" else group_rows
-    per_split, splits = launch.forward_splits(shape.num_rows, shape.vocab, shape.dtype, "cuda", True, gpu.sms)
+    per_split, splits = launch.forward_splits(shape.num_rows, shape.vocab, shape.dtype, device_type="cuda",
+                                              batch_invariant=True, num_sms=gpu.sms)
     tiles_per_split = per_split // config.block_v
     traffic = _launch_traffic(shape, gpu, config, shape.num_rows, shape.vocab, group, tiles_per_split)
     row_blocks, tiles = _cdiv(shape.num_rows, config.block_n), _cdiv(shape.vocab, config.block_v)
