@@ -153,3 +153,10 @@ def test_a_waiver_that_matches_nothing_is_reported():
     stale = sm90_check.stale_waivers(modules, [(m, n) for m, n in names if not n.startswith(prefix)])
     assert len(stale) == 1 and repr(prefix) in stale[0]
     assert not sm90_check.stale_waivers(("some.other.module",), [])
+
+
+def test_a_capped_waiver_stops_at_its_bytes():
+    (module, prefix, gate, _), waiver = next((k, w) for k, w in sm90_check.WAIVERS.items() if w.max_spill_bytes)
+    cap = waiver.max_spill_bytes
+    assert sm90_check._waiver(module, prefix + "x]", gate, True, {"spill_stores": cap, "spill_loads": 4})
+    assert sm90_check._waiver(module, prefix + "x]", gate, True, {"spill_stores": 4, "spill_loads": cap + 1}) is None

@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
+from typing import NamedTuple, Optional
 
 SPEC_MODULES = ("grpo_kernels.ops.logprobs", "grpo_kernels.ops.grpo_loss", "grpo_kernels.ops.advantages")
 
@@ -51,25 +52,37 @@ SM90_REGISTERS_PER_SM = 64 * 1024
 SM90_REGISTER_ALLOC_UNIT = 256  # registers are allocated per warp in units of 256
 SM90_THREADS_PER_SM = 2048
 SM90_MAX_BLOCKS_PER_SM = 32
-H100_MAX_SHARED_BYTES = SM90_MAX_SHARED_PER_BLOCK  # the name other modules imported before
+
+
+class Waiver(NamedTuple):
+    reason: str
+    max_spill_bytes: Optional[int] = None  # spill gate only: waived up to this many bytes stored or loaded
+
 
 # Known failures of shipped configurations, each waived for one gate with its reason: they are
 # printed and tabled as "waived", and do not fail the run. A waiver that no longer matches any
 # configuration of its module fails the check: delete it then.
-# (module, spec-name prefix, gate, "aligned" / "unaligned" / None for both) -> reason
+# (module, spec-name prefix, gate, "aligned" / "unaligned" / None for both) -> Waiver
 _LOGPROBS_REWORK = ("the log-prob kernels are being rebuilt by issue #18 items 1, 2 and 5 (the log-prob "
                     "package, the workspace backward): its kernels must pass this gate or carry their own waiver")
 WAIVERS = {
-    ("grpo_kernels.ops.logprobs", "logprobs_bwd_det[", "spill", None):
+    ("grpo_kernels.ops.logprobs", "logprobs_bwd_det[", "spill", None): Waiver(
         "the deterministic backward spills with soft-cap and/or bias; issue #18 replaces it by the workspace "
-        "backward and deletes these kernels",
-    ("grpo_kernels.ops.logprobs", "logprobs_bwd[fp32,", "spill", None):
+        "backward and deletes these kernels"),
+    ("grpo_kernels.ops.logprobs", "logprobs_bwd[fp32,", "spill", None): Waiver(
         "float32 atomic backward: 8-24 B spilled with d hidden only, 11-16 KB with d weight in the same pass "
-        "(ptxas drops to 32 registers); " + _LOGPROBS_REWORK,
-    ("grpo_kernels.ops.logprobs", "logprobs_bwd[", "spill", "unaligned"):
-        "atomic backward, no 16-divisible argument (odd D or strides): 200 B-2.5 KB spilled; " + _LOGPROBS_REWORK,
-    ("grpo_kernels.ops.logprobs", "logprobs_fwd[", "spill", "unaligned"):
-        "forward, no 16-divisible argument (odd D or strides): 28-236 B spilled; " + _LOGPROBS_REWORK,
+        "(ptxas drops to 32 registers); " + _LOGPROBS_REWORK),
+    ("grpo_kernels.ops.logprobs", "logprobs_bwd[", "spill", "unaligned"): Waiver(
+        "atomic backward, no 16-divisible argument (odd D or strides): 200 B-2.5 KB spilled; " + _LOGPROBS_REWORK),
+    ("grpo_kernels.ops.logprobs", "logprobs_fwd[", "spill", "unaligned"): Waiver(
+        "forward, no 16-divisible argument (odd D or strides): 28-236 B spilled; " + _LOGPROBS_REWORK),
+    ("grpo_kernels.ops.grpo_loss", "grpo_loss[", "spill", None): Waiver(
+        "the loss kernel spills 4-16 B in 16 of its 112 configurations (ptxas keeps it at 128 registers); "
+        "for the owners of grpo_kernels/ops/grpo_loss.py", max_spill_bytes=16),
+    ("grpo_kernels.ops.advantages", "group_advantages[", "spill", None): Waiver(
+        "4-96 B of stack stores around ptxas's float64 division / square-root subroutines (CALL.REL in the "
+        "SASS) in 20 of its 128 configurations; for the owners of grpo_kernels/ops/advantages.py",
+        max_spill_bytes=96),
 }
 
 _RESOURCE_RE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
@@ -246,11 +259,14 @@ def gate_problems(spec, usage: dict) -> dict:
     return problems
 
 
-def _waiver(module_name: str, spec_name: str, gate: str, aligned: bool):
-    for (module, prefix, waived_gate, alignment), reason in WAIVERS.items():
+def _waiver(module_name: str, spec_name: str, gate: str, aligned: bool, usage: dict):
+    """The reason a failure of ``gate`` is waived, or None."""
+    for (module, prefix, waived_gate, alignment), waiver in WAIVERS.items():
         if (module == module_name and spec_name.startswith(prefix) and gate == waived_gate
-                and alignment in (None, "aligned" if aligned else "unaligned")):
-            return reason
+                and alignment in (None, "aligned" if aligned else "unaligned")
+                and (waiver.max_spill_bytes is None
+                     or max(usage["spill_stores"], usage["spill_loads"]) <= waiver.max_spill_bytes)):
+            return waiver.reason
     return None
 
 
@@ -259,7 +275,7 @@ def compile_one(args) -> dict:
     module_name, spec = all_specs(modules)[index]
     usage = inspect_compiled(spec, aligned)
     problems = gate_problems(spec, usage)
-    waived = {gate: _waiver(module_name, spec.name, gate, aligned) for gate in problems}
+    waived = {gate: _waiver(module_name, spec.name, gate, aligned, usage) for gate in problems}
     return {"spec": spec.name, "module": module_name, "aligned": aligned, "num_warps": spec.num_warps,
             "num_stages": spec.num_stages, "float_atomics_allowed": spec.float_atomics, "usage": usage,
             "problems": {g: p for g, p in problems.items() if not waived[g]},
