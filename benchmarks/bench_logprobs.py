@@ -3,8 +3,8 @@
     python -m benchmarks.bench_logprobs [--N 16384 --D 4096 --V 151936 --dtype bf16]
 
 Measures, in one run and on the same inputs, forward+backward of
-  - ours:   grpo_kernels.token_logprobs: exact (default), single-pass (exact=False), and
-            single-pass with CCE-style gradient filtering,
+  - ours:   grpo_kernels.token_logprobs: the default (workspace) backward, the atomic backward's
+            single pass (backward="atomic", exact=False), and that with CCE-style gradient filtering,
   - cce:    cut_cross_entropy.linear_cross_entropy(..., reduction="none") (if installed),
   - torch:  materialized logits, float32 log_softmax + gather (if it fits in memory),
 and the bf16 matmul rate of one [N, D] x [D, V] product, to put the kernel against its floor:
@@ -47,12 +47,13 @@ def _impls():
     import grpo_kernels as gk
 
     impls = {
-        # exact (default): fp32 accumulation of every gradient, 5 matmuls
+        # default: workspace backward (d logits + cuBLAS GEMMs, no atomics), fp32 accumulation, 4 matmuls
         "ours": lambda h, w, t: gk.token_logprobs(h, w, t),
-        # single pass, d weight accumulated in bf16 (CCE's scheme), 4 matmuls
-        "ours_fast": lambda h, w, t: gk.token_logprobs(h, w, t, exact=False),
+        # the atomic backward: single pass, d weight accumulated in bf16 (CCE's scheme), 4 matmuls
+        "ours_fast": lambda h, w, t: gk.token_logprobs(h, w, t, backward="atomic", exact=False),
         # + CCE-style gradient filtering (CCE's default eps for bf16)
-        "ours_fast_filtered": lambda h, w, t: gk.token_logprobs(h, w, t, exact=False, filter_eps=2.0**-12),
+        "ours_fast_filtered": lambda h, w, t: gk.token_logprobs(h, w, t, backward="atomic", exact=False,
+                                                                filter_eps=2.0**-12),
     }
     try:
         from cut_cross_entropy import linear_cross_entropy

@@ -17,7 +17,7 @@
 #           kernel at N=4096, D=4096, V=151936 bf16 vs float32, every loss type, advantages
 #   1 peers log-prob op and fused loss vs CCE / Liger / TRL 1.16 / materialized logits, ratios to
 #           a bf16 matmul timed in the same run, random and realistic logits
-#   2 sweep block sizes of the log-prob kernels (sm_90 compile pre-filter, _GPU_CONFIG overridden)
+#   2 sweep block sizes of the log-prob kernels (sm_90 compile pre-filter, GPU_CONFIG overridden)
 #   3 suite benchmarks.suite --quick;   4 e2e  benchmarks.bench_e2e_step
 # Results: RESULTS_DIR/{session,smoke,peers,sweep}.{md,json}, peers_time.png, suite/, e2e_step.*,
 # logs/; with $OUT set, after every stage: $OUT/{session.log,session.md,session.json,smoke.md,

@@ -342,12 +342,14 @@ def _cce_impl(options, device) -> Impl:
 # fused_linear_grpo_loss, what it is). ``backward`` (issue #18: "workspace", the default, or
 # "atomic") reaches a function only when its signature has it (see ``ours_keywords``).
 OURS_VARIANTS = {
-    "ours": ({}, "defaults: the workspace backward (no float atomics; the atomic exact backward before issue #18)"),
-    "ours_atomic": ({"backward": "atomic"}, "backward='atomic': float atomics, every gradient accumulated in "
-                    "float32 (exact=True), 5 matmuls"),
-    "ours_atomic_fast": ({"backward": "atomic", "exact": False}, "backward='atomic', exact=False: single pass, "
-                         "d weight accumulated in its dtype, 4 matmuls"),
-    "ours_filtered": ({"filter_eps": 2.0**-12}, "default backward + filter_eps=2**-12 (CCE-style gradient filtering)"),
+    "ours": ({}, "default: workspace backward (d logits, then cuBLAS GEMMs; no atomics), float32 accumulation, "
+                 "4 matmuls"),
+    "ours_filtered": ({"filter_eps": 2.0**-12}, "default + filter_eps=2**-12 (CCE-style gradient filtering)"),
+    "ours_atomic": ({"backward": "atomic"}, "backward='atomic', exact: float32 atomics, 5 matmuls"),
+    "ours_fast": ({"backward": "atomic", "exact": False},
+                  "backward='atomic', exact=False: single pass, d weight accumulated in its dtype, 4 matmuls"),
+    "ours_fast_filtered": ({"backward": "atomic", "exact": False, "filter_eps": 2.0**-12},
+                           "backward='atomic', exact=False, filter_eps=2**-12"),
 }
 
 
@@ -404,8 +406,6 @@ def _ours_impl(options, device, name="ours") -> Impl:
     loss_kwargs, loss_skip = ours_keywords(name, gk.fused_linear_grpo_loss)
     if logprob_kwargs is None:
         return Impl(name, "", skip_reason=logprob_skip)
-    if backend == "torch" and "backward" in logprob_kwargs:
-        return Impl(name, "", skip_reason="the CPU (PyTorch) path has one backward: backward= variants run on CUDA")
 
     def loss(inp):
         return gk.fused_linear_grpo_loss(inp.hidden, inp.lm_head_weight, inp.completion_ids, inp.completion_mask,

@@ -5,7 +5,9 @@ Public API::
     token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
                    return_entropy=False)                    # [..., D] -> [...] float32
     group_advantages(rewards, group_size, *, scale="group", eps=1e-4, reward_weights=None,
-                     keep_mask=None)                        # -> GroupAdvantages
+                     keep_mask=None)                        # -> GroupAdvantages (or index=: verl's group ids)
+    estimate_advantages(name, token_level_rewards, response_mask, *, index=None, ...)
+                                                            # verl's estimators -> TokenAdvantages
     gfpo_keep_mask(scores, group_size, k)                   # GFPO: top-k per group
     grpo_loss(logprobs, completion_mask, advantages, ...)   # loss from [B, T] log-probs
     validate_loss_options(**options)                        # check loss options, no tensors
@@ -20,6 +22,7 @@ _triton_compat.apply()  # before any kernel runs under the CPU interpreter
 from grpo_kernels._version import __version__
 from grpo_kernels.ops.logprobs import token_logprobs
 from grpo_kernels.ops.advantages import GroupAdvantages, gfpo_keep_mask, group_advantages
+from grpo_kernels.ops.advantages import TokenAdvantages, estimate_advantages
 from grpo_kernels.ops.grpo_loss import grpo_loss, validate_loss_options
 from grpo_kernels.ops.fused_linear_grpo import fused_linear_grpo_loss
 from grpo_kernels.nn import FusedLinearGRPOLoss
@@ -29,6 +32,8 @@ __all__ = [
     "GroupAdvantages",
     "group_advantages",
     "gfpo_keep_mask",
+    "TokenAdvantages",
+    "estimate_advantages",
     "grpo_loss",
     "validate_loss_options",
     "fused_linear_grpo_loss",

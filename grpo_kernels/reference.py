@@ -71,8 +71,9 @@ def token_logprobs_reference(
 
 def group_advantages_reference(
     rewards: torch.Tensor,
-    group_size: int,
+    group_size: int | None = None,
     *,
+    index: torch.Tensor | None = None,
     scale: str = "group",
     eps: float = 1e-4,
     reward_weights=None,
@@ -81,8 +82,10 @@ def group_advantages_reference(
 ):
     """Group-relative advantages, one group at a time, in float64, from the contract.
 
-    rewards ``[B]`` or ``[B, K]`` (NaN = could not score), keep_mask ``[B]`` bool. Returns
-    ``(advantages [B], group_mean [B/G], group_std [B/G], zero_std [B/G])``, float64 and bool.
+    rewards ``[B]`` or ``[B, K]`` (NaN = could not score), keep_mask ``[B]`` bool; groups of
+    ``group_size`` consecutive rows, or ``index [B]`` (a group id per row; group g is the g-th
+    smallest id). Returns ``(advantages [B], group_mean [G], group_std [G], zero_std [G])``,
+    float64 and bool, G the number of groups.
     Conventions (also those of ``grpo_kernels.ops.advantages``): a completion with every component
     NaN, or not kept, is *excluded*: out of every statistic, advantage 0; the std of fewer than
     two values is 0; a group with no included value has mean 0; zero_std is std <= 1e-8
@@ -104,7 +107,13 @@ def group_advantages_reference(
     included = scored.any(dim=1)
     if keep_mask is not None:
         included &= keep_mask.detach().cpu().bool()
-    num_groups = batch // group_size
+    if index is None:
+        groups = [list(range(g * group_size, (g + 1) * group_size)) for g in range(batch // group_size)]
+    else:
+        ids = index.tolist()
+        groups = [[i for i in range(batch) if ids[i] == gid] for gid in sorted(set(ids))]
+    num_groups = len(groups)
+    group_of = {i: g for g, members in enumerate(groups) for i in members}
 
     def mean_and_std(values: torch.Tensor) -> tuple[float, float]:
         mean = values.mean().item() if values.numel() > 0 else 0.0
@@ -121,8 +130,7 @@ def group_advantages_reference(
     elif multi_objective_aggregation == "normalize_then_sum":
         if scale not in ("group", "none"):
             raise ValueError(f"GDPO takes scale 'group' or 'none', got {scale!r}")
-        for g in range(num_groups):
-            members = range(g * group_size, (g + 1) * group_size)
+        for members in groups:
             for k in range(num_functions):
                 uses = [i for i in members if included[i] and scored[i, k]]
                 mean_k, std_k = mean_and_std(per_function[uses, k])
@@ -136,8 +144,8 @@ def group_advantages_reference(
 
     group_mean = torch.zeros(num_groups, dtype=torch.float64)
     group_std = torch.zeros(num_groups, dtype=torch.float64)
-    for g in range(num_groups):
-        members = slice(g * group_size, (g + 1) * group_size)
+    for g, members in enumerate(groups):
+        members = torch.tensor(members, dtype=torch.long)
         group_mean[g], group_std[g] = mean_and_std(reward[members][included[members]])
     batch_mean, batch_std = mean_and_std(reward[included])
 
@@ -145,7 +153,7 @@ def group_advantages_reference(
     for i in range(batch):
         if not included[i]:
             continue
-        g = i // group_size
+        g = group_of[i]
         if multi_objective_aggregation == "normalize_then_sum":
             advantages[i] = (reward[i] - batch_mean) / (batch_std + eps)
             continue
@@ -159,6 +167,167 @@ def group_advantages_reference(
         else:
             raise ValueError(f"unknown scale {scale!r}")
     return advantages, group_mean, group_std, group_std <= 1e-8
+
+
+# ---------------------------------------------------------------------------------------------
+# verl 0.9.1's advantage estimators (verl/trainer/ppo/core_algos.py, compute_*_advantage)
+# ---------------------------------------------------------------------------------------------
+
+
+def _whiten_reference(values, mask):
+    """verl_F.masked_whiten, element by element: mean and Bessel variance over the mask (weighted
+    by it, means over sum(mask) + 1e-8), then (v - mean) / sqrt(var + 1e-8)."""
+    cells = [(v, m) for v, m in zip(values.flatten().tolist(), mask.flatten().tolist()) if m != 0]
+    total = sum(m for _, m in cells)
+    mean = sum(v * m for v, m in cells) / (total + 1e-8)
+    variance = sum((v - mean) ** 2 * m for v, m in cells) / (total + 1e-8) * total / (total - 1)
+    return (values - mean) / (variance + 1e-8) ** 0.5
+
+
+def advantage_estimator_reference(
+    name, token_level_rewards, response_mask, index=None, *, epsilon=None, norm_adv_by_std_in_grpo=True,
+    gamma=1.0, f_norm=1.0, handle_zero_tail=True, reward_baselines=None, old_logprobs=None, sum_pi_squared=None,
+    rollout_is_ratio=None, reward_components=None, reward_weights=None,
+):
+    """verl 0.9.1's estimator ``name`` in float64, one group and one timestep at a time.
+
+    ``token_level_rewards``, ``response_mask`` ``[B, T]``; ``index`` a sequence of B group ids.
+    Written from the loops of ``compute_<name>_(outcome_)advantage`` in
+    ``verl/trainer/ppo/core_algos.py`` (0.9.1); returns ``(advantages, returns)`` ``[B, T]`` float64.
+    """
+    rewards = token_level_rewards.detach().double().cpu()
+    mask = response_mask.detach().double().cpu()
+    batch, horizon = rewards.shape
+    ids = None if index is None else [int(i) for i in (index.tolist() if hasattr(index, "tolist") else index)]
+    groups = {}
+    for i in range(batch if ids is not None else 0):
+        groups.setdefault(ids[i], []).append(i)
+    scores = rewards.sum(dim=-1)
+    zeros = torch.zeros(batch, horizon, dtype=torch.float64)
+
+    def stats(values, members):  # verl: a group of one has mean 0 and std 1
+        if len(members) == 1:
+            return 0.0, 1.0
+        picked = torch.stack([values[i] for i in members])
+        return picked.mean().item(), picked.std().item()
+
+    def grpo_scalars(values, eps):
+        out = torch.zeros(batch, dtype=torch.float64)
+        for members in groups.values():
+            mean, std = stats(values, members)
+            for i in members:
+                out[i] = (values[i] - mean) / (std + eps) if norm_adv_by_std_in_grpo else values[i] - mean
+        return out
+
+    def outcome(per_row):
+        advantages = per_row[:, None] * mask
+        return advantages, advantages.clone()
+
+    def reward_to_go():
+        out = zeros.clone()
+        for i in range(batch):
+            running = 0.0
+            for t in reversed(range(horizon)):
+                running += rewards[i, t].item() * mask[i, t].item()
+                out[i, t] = running
+        return out
+
+    eps = 1e-6 if epsilon is None else epsilon
+    if name in ("grpo", "grpo_vectorized"):
+        return outcome(grpo_scalars(scores, eps))
+    if name == "gdpo":
+        components = scores[:, None] if reward_components is None else reward_components.detach().double().cpu()
+        weights = [1.0] * components.shape[1] if reward_weights is None else [float(w) for w in reward_weights]
+        total = sum(w * grpo_scalars(components[:, k], eps) for k, w in enumerate(weights))
+        advantages = _whiten_reference(total[:, None] * mask, mask) * mask
+        return advantages, advantages.clone()
+    if name in ("rloo", "rloo_vectorized", "reinforce_plus_plus_baseline", "gpg", "opo"):
+        per_row = torch.zeros(batch, dtype=torch.float64)
+        alpha = batch / max(int((scores != 0).sum()), 1)
+        lengths = mask.sum(dim=-1)
+        for members in groups.values():
+            n = len(members)
+            mean = scores[members].mean().item() if n > 1 else 0.0
+            if name == "opo" and n > 1:
+                total_length = sum(lengths[i].item() for i in members)
+                mean = sum(lengths[i].item() * scores[i].item() for i in members) / total_length if total_length else 0.0
+            for i in members:
+                s = scores[i].item()
+                if name == "rloo":
+                    per_row[i] = s * n / (n - 1) - mean * n / (n - 1) if n > 1 else s
+                elif name == "rloo_vectorized":
+                    per_row[i] = (n * s - sum(scores[j].item() for j in members)) / (n - 1) if n > 1 else 0.0
+                elif name == "gpg":
+                    per_row[i] = alpha * (s - mean) / f_norm
+                else:
+                    per_row[i] = s - mean
+        if name == "reinforce_plus_plus_baseline":
+            advantages = _whiten_reference(per_row[:, None] * mask, mask) * mask
+            return advantages, advantages.clone()
+        return outcome(per_row)
+    if name == "grpo_passk":
+        per_row = torch.zeros(batch, dtype=torch.float64)
+        for members in groups.values():
+            ranked = sorted(members, key=lambda i: -scores[i].item())
+            advantage = scores[ranked[0]].item() - scores[ranked[1]].item()
+            if norm_adv_by_std_in_grpo:
+                advantage /= scores[members].std().item() + eps
+            per_row[ranked[0]] = advantage
+        return outcome(per_row)
+    if name == "reinforce_plus_plus":
+        returns = zeros.clone()
+        for i in range(batch):
+            running = 0.0
+            for t in reversed(range(horizon)):
+                m = mask[i, t].item()
+                step = rewards[i, t].item() + gamma * running
+                returns[i, t] = step * m
+                running = step * m + running * (1 - m)
+        return _whiten_reference(returns, mask) * mask, returns
+    if name == "remax":
+        returns = reward_to_go()
+        return returns - reward_baselines.detach().double().cpu()[:, None] * mask, returns
+    if name in ("optimal_token_baseline", "tir_optimal_token_baseline"):
+        eps = 1e-8 if epsilon is None else epsilon
+        returns = reward_to_go()
+        w = 1 - 2 * old_logprobs.detach().double().cpu().exp() + sum_pi_squared.detach().double().cpu()
+        if rollout_is_ratio is not None:
+            w = w * rollout_is_ratio.detach().double().cpu() ** 2
+        path = (w * mask).cumsum(dim=-1)
+        # the steps each row takes part in: every position (OTB) or its response tokens packed
+        # to the left (multi-turn OTB: step k is the row's k-th response token)
+        steps = {}
+        for i in range(batch):
+            if name == "optimal_token_baseline":
+                steps[i] = list(range(horizon))
+            else:
+                steps[i] = [t for t in range(horizon) if mask[i, t] != 0]
+        weight = {i: [path[i, t].item() * (mask[i, t].item() if name == "optimal_token_baseline" else 1.0)
+                      for t in steps[i]] for i in range(batch)}
+        length = {i: (mask[i].sum().item() if name == "optimal_token_baseline" else len(steps[i])) for i in range(batch)}
+        advantages = zeros.clone()
+        for members in groups.values():
+            if name == "tir_optimal_token_baseline":
+                members = [i for i in members if length[i] > 0]
+            baseline = {i: [0.0] * len(steps[i]) for i in members}
+            if len(members) > 1:
+                for k in range(max(len(steps[i]) for i in members)):
+                    num = sum(returns[i, steps[i][k]].item() * weight[i][k] for i in members if k < len(steps[i]))
+                    den = sum(weight[i][k] for i in members if k < len(steps[i]))
+                    for i in members:
+                        if k < len(steps[i]):
+                            baseline[i][k] = num / (den + eps)
+                if handle_zero_tail:
+                    ordered = sorted(length[i] for i in members)
+                    longest = [i for i in members if length[i] == ordered[-1]]
+                    if len(longest) == 1 and ordered[-1] > ordered[-2]:
+                        for k in range(int(ordered[-2]), len(steps[longest[0]])):
+                            baseline[longest[0]][k] = 0.0
+            for i in members:
+                for k, t in enumerate(steps[i]):
+                    advantages[i, t] = (returns[i, t].item() - baseline[i][k]) * mask[i, t].item()
+        return advantages, returns
+    raise ValueError(f"unknown estimator {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-import grpo_kernels.ops.advantages as advantages_module
+import grpo_kernels.ops.advantages.group as advantages_module
 from grpo_kernels import GroupAdvantages, gfpo_keep_mask, group_advantages
 from grpo_kernels.reference import group_advantages_reference
 
@@ -364,11 +364,13 @@ def test_gdpo_matches_trl(backend, device, group_size):
 
 
 @pytest.mark.parametrize("scale", ["group", "none"])
-def test_gdpo_matches_verl(backend, device, scale):
+def test_gdpo_matches_verl(backend, device, scale, monkeypatch):
     """verl 0.9.1's compute_gdpo_outcome_advantage with one response token per completion: its
     token-weighted batch whitening then weighs completions equally, as ours does; eps = verl's 1e-6
     (verl's rsqrt(var + 1e-8) vs our 1 / (std + 1e-6) differ by ~1e-6 relative)."""
     core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
+    grpo = core_algos.compute_grpo_outcome_advantage  # verl's gdpo calls it: verl's own, not a patched one
+    monkeypatch.setattr(core_algos, "compute_grpo_outcome_advantage", getattr(grpo, "_verl_original", grpo))
     import numpy as np
     from omegaconf import OmegaConf
 
@@ -436,3 +438,100 @@ def test_rewards_beyond_float64_squares_are_rejected(device):
 def test_gdpo_bad_input(device, kwargs, error, match):
     with pytest.raises(error, match=match):
         group_advantages(torch.randn(12, 2, device=device), 4, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# verl's index: groups of any size, in any row order (issue #20)
+# ----------------------------------------------------------------------------------------------
+
+
+def uneven_index(device):
+    """17 rows: groups of 5, 4, 3, 2, 1, 1 and 1 rows, interleaved, with ids that are neither
+    sorted nor consecutive (a negative one too)."""
+    ids = [7, 2, 7, -3, 2, 40, 7, 2, 11, 7, 11, 2, -3, 7, 11, 5, 9]
+    return torch.tensor(ids, device=device)
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("num_functions", [None, 3])
+def test_index_matches_reference(backend, device, scale, num_functions):
+    index = uneven_index(device)
+    rewards = random_rewards(index.shape[0], num_functions, device, nan_fraction=0.15)
+    keep = torch.rand(index.shape[0], device=device) < 0.85
+    weights = None if num_functions is None else [1.0, -0.5, 2.0]
+    out = group_advantages(rewards, index=index, scale=scale, reward_weights=weights, keep_mask=keep)
+    expected = group_advantages_reference(rewards, index=index, scale=scale, reward_weights=weights, keep_mask=keep)
+    assert out.group_mean.shape == (7,)
+    torch.testing.assert_close(out.advantages.cpu().double(), expected[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.group_mean.cpu().double(), expected[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.group_std.cpu().double(), expected[2], rtol=1e-5, atol=1e-6)
+    assert torch.equal(out.zero_std.cpu(), expected[3])
+
+
+@pytest.mark.parametrize("scale", ["group", "none"])
+def test_index_gdpo_matches_reference(backend, device, scale):
+    index = uneven_index(device)
+    rewards = random_rewards(index.shape[0], 2, device, nan_fraction=0.15)
+    out = group_advantages(rewards, index=index, scale=scale, reward_weights=[1.0, 0.5], **GDPO)
+    expected = group_advantages_reference(rewards, index=index, scale=scale, reward_weights=[1.0, 0.5], **GDPO)
+    torch.testing.assert_close(out.advantages.cpu().double(), expected[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.group_std.cpu().double(), expected[2], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_index_of_contiguous_groups_is_group_size(backend, device, scale):
+    # The same groups as group_size=4 give bitwise the same numbers; shuffling the rows shuffles
+    # the advantages and leaves the group statistics as they are.
+    rewards = random_rewards(24, 2, device, nan_fraction=0.1)
+    index = torch.arange(24, device=device) // 4
+    by_size = group_advantages(rewards, 4, scale=scale)
+    by_index = group_advantages(rewards, index=index, scale=scale)
+    for got, want in zip(by_index, by_size):
+        assert torch.equal(got, want)
+    perm = torch.randperm(24, device=device)
+    shuffled = group_advantages(rewards[perm], index=index[perm] * 3 + 100, scale=scale)
+    torch.testing.assert_close(shuffled.advantages, by_size.advantages[perm], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(shuffled.group_mean, by_size.group_mean, rtol=1e-6, atol=1e-7)
+
+
+def test_index_long_and_short_groups(backend, device):
+    # one group longer than the kernel's 1024-member chunk beside groups of 1 and 3
+    index = torch.cat([torch.zeros(1030, dtype=torch.long), torch.tensor([1, 2, 2, 2])]).to(device)
+    index = index[torch.randperm(index.shape[0], device=device)]
+    rewards = random_rewards(index.shape[0], None, device, nan_fraction=0.05) + 50.0
+    out = group_advantages(rewards, index=index, scale="group")
+    assert_close = torch.testing.assert_close
+    expected = group_advantages_reference(rewards, index=index, scale="group")
+    assert_close(out.advantages.cpu().double(), expected[0], rtol=1e-5, atol=1e-6)
+    assert_close(out.group_std.cpu().double(), expected[2], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda r, i: group_advantages(r, index=i.float()), TypeError, "index must have dtype"),
+        (lambda r, i: group_advantages(r, index=i[:-1]), ValueError, r"index must have shape \[B\]=\[12\]"),
+        (lambda r, i: group_advantages(r, index=i[:, None]), ValueError, "index must be 1-D"),
+        (lambda r, i: group_advantages(r, 4, index=i), ValueError, "exactly one of group_size"),
+        (lambda r, i: group_advantages(r), ValueError, "exactly one of group_size"),
+        (lambda r, i: group_advantages(r, index=i.tolist()), TypeError, "index must be a torch.Tensor"),
+        (lambda r, i: group_advantages(r, index=i.to("meta")), ValueError, "index is on meta"),
+        (lambda r, i: group_advantages(r, 4, reward_weights=[True]), TypeError, "reward_weights must be a sequence"),
+        (lambda r, i: group_advantages(r, 4, reward_weights=["1.0"]), TypeError, "reward_weights must be a sequence"),
+        (lambda r, i: group_advantages(r, 4, backend="cuda"), ValueError, "backend must be"),
+    ],
+)
+def test_index_bad_input(device, call, error, match):
+    rewards = torch.randn(12, device=device)
+    with pytest.raises(error, match=match):
+        call(rewards, torch.arange(12, device=device) % 5)
+
+
+def test_meta_tensors_give_shapes():
+    # issue #21: no .item() error; group_size gives every shape, index cannot (its values count the groups)
+    out = group_advantages(torch.empty(12, 3, device="meta"), 4, reward_weights=[1.0, 2.0, 0.5])
+    assert [t.shape for t in out] == [(12,), (3,), (3,), (3,)]
+    assert all(t.device.type == "meta" for t in out) and out.zero_std.dtype == torch.bool
+    assert group_advantages(torch.empty(8, dtype=torch.float64, device="meta"), 2).advantages.dtype == torch.float64
+    with pytest.raises(ValueError, match="meta device: the number of groups depends on its values"):
+        group_advantages(torch.empty(12, device="meta"), index=torch.empty(12, dtype=torch.long, device="meta"))

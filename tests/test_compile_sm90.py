@@ -40,15 +40,20 @@ def test_heaviest_kernel_configs_compile_for_sm90(module, tmp_path):
     result, records = _run_check("--module", module, "--heaviest-per-kernel", tmp_path=tmp_path)
     assert result.returncode == 0, f"sm_90 compile check failed:\n{result.stdout[-5000:]}\n{result.stderr[-3000:]}"
     assert " 0 failed" in result.stdout and records
-    if module == "grpo_kernels.ops.logprobs":
+    if module == "grpo_kernels.ops.logprobs.specs":
         # The table's arithmetic on the main kernel: one wgmma loop whose multiply-adds per CTA are
         # the tile's (128 x 128 x 64 in bf16), and the occupancy the performance model assumes.
-        fwd = next(r for r in records if r["spec"].startswith("logprobs_fwd[bf16") and r["aligned"])
-        (dot,) = fwd["usage"]["dots"]
-        assert dot["tensor_core"] and fwd["usage"]["mma_sync"] == 0
-        assert [loop["macs_per_cta"] for loop in fwd["usage"]["wgmma_loops"]] == [dot["m"] * dot["n"] * dot["k"]]
-        assert fwd["usage"]["ctas_per_sm"] == perf_model.CTAS_PER_SM
-        assert fwd["usage"]["float_atomics"] == 0
+        aligned = {r["spec"].split("[")[0] + "/" + r["spec"].split("[")[1].split(",")[0]: r["usage"]
+                   for r in records if r["aligned"]}
+        fwd = aligned["logprobs_fwd/bf16"]
+        (dot,) = fwd["dots"]
+        assert dot["tensor_core"] and fwd["mma_sync"] == 0
+        assert [loop["macs_per_cta"] for loop in fwd["wgmma_loops"]] == [dot["m"] * dot["n"] * dot["k"]]
+        assert fwd["ctas_per_sm"] == aligned["logprobs_dlogits/bf16"]["ctas_per_sm"] == perf_model.CTAS_PER_SM
+        # The float-atomic count sees the atomic backward's adds (a spec marked float_atomics), and
+        # none in the default backward's d-logits kernel or the forward.
+        assert aligned["logprobs_bwd_atomic/bf16"]["float_atomics"] > 0
+        assert aligned["logprobs_dlogits/bf16"]["float_atomics"] == fwd["float_atomics"] == 0
 
 
 # ---------------------------------------------------------------------------------------------

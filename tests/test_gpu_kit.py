@@ -59,7 +59,7 @@ def test_dry_run_stage_files(dry_run):
     assert (results / "peers_time.png").stat().st_size > 0
 
     swept = json.loads((results / "sweep.json").read_text())
-    assert {w["kind"] for w in swept["winners"]} == {"fwd", "bwd"}
+    assert {w["kind"] for w in swept["winners"]} == set(sweep.KINDS)
     assert all(r["compile"] == "ok" for r in swept["rows"])  # the sm_90 pre-filter ran
 
     suite_records = json.loads((results / "suite" / "kernels.json").read_text())
@@ -121,15 +121,15 @@ def test_sweep_candidates_and_override():
     from grpo_kernels.ops import logprobs
 
     for kind in sweep.KINDS:
-        shipped = logprobs._GPU_CONFIG[kind][torch.bfloat16]
+        shipped = logprobs.GPU_CONFIG[kind][torch.bfloat16]
         found = sweep.candidates(kind, torch.bfloat16, shipped, 12)
         assert found[0] == tuple(shipped) and len(set(found)) == 12
         for config in found[1:]:
             registers, shared = sweep._budget(kind, config, 2)
             assert registers <= sweep.MAX_ACC_REGISTERS and shared <= sweep.SM90_MAX_SHARED
         with sweep.override(kind, torch.bfloat16, found[1]):
-            assert logprobs._GPU_CONFIG[kind][torch.bfloat16] == found[1]
-        assert logprobs._GPU_CONFIG[kind][torch.bfloat16] == shipped
+            assert logprobs.GPU_CONFIG[kind][torch.bfloat16] == found[1]
+        assert logprobs.GPU_CONFIG[kind][torch.bfloat16] == shipped
         specs = sweep.specs_for(kind, torch.bfloat16, found[1], 2)
         assert len(specs) == 2 and all(s.num_warps == found[1][3] for s in specs)
 
@@ -176,7 +176,7 @@ def test_measured_over_modelled_paths_and_devices(monkeypatch):
     monkeypatch.setattr(impls, "default_backward", lambda: "workspace")
     assert modelled.model_path("ours", "loss_fwd_bwd") == "fwd+bwd, workspace"
     assert modelled.model_path("ours_atomic", "logprobs_fwd_bwd") == "fwd+bwd, atomic, exact=True"
-    assert modelled.model_path("ours_atomic_fast", "logprobs_fwd_bwd") == "fwd+bwd, atomic, exact=False"
+    assert modelled.model_path("ours_fast", "logprobs_fwd_bwd") == "fwd+bwd, atomic, exact=False"
     ms, path = modelled.modelled_ms("ours", "logprobs_fwd_bwd", 8192, 4096, 151936, torch.bfloat16,
                                     "NVIDIA H100 80GB HBM3")
     assert path == "fwd+bwd, workspace" and 55 < ms < 70  # about the 4-GEMM floor at 70% of peak
@@ -193,11 +193,11 @@ def test_backward_keyword_only_where_the_function_takes_it(monkeypatch):
         pass
 
     monkeypatch.setattr(impls, "default_backward", lambda: "atomic")  # before issue #18
-    assert impls.ours_keywords("ours_atomic_fast", without) == ({"exact": False}, None)
+    assert impls.ours_keywords("ours_fast", without) == ({"exact": False}, None)
     kwargs, why = impls.ours_keywords("ours_atomic", without)
     assert kwargs is None and why.startswith("same as 'ours'")
     monkeypatch.setattr(impls, "default_backward", lambda: "workspace")  # a loss without the keyword
-    kwargs, why = impls.ours_keywords("ours_atomic_fast", without)
+    kwargs, why = impls.ours_keywords("ours_fast", without)
     assert kwargs is None and "runs the default backward ('workspace')" in why
     assert impls.ours_keywords("ours_atomic", with_backward) == ({"backward": "atomic"}, None)
 
@@ -211,7 +211,7 @@ def test_recommendation_names_the_faster_backward():
     from benchmarks.kit import modelled
 
     faster_workspace = [_record("ours", "workspace", 120.0), _record("ours_atomic", "atomic", 150.0),
-                        _record("ours_atomic_fast", "atomic", 100.0, exact=False)]  # not a default candidate
+                        _record("ours_fast", "atomic", 100.0, exact=False)]  # not a default candidate
     line = modelled.recommendation(faster_workspace)
     assert "keep backward='workspace' as the default" in line and "1 of 1" in line and "25.0%" in line
     faster_atomic = [_record("ours", "workspace", 150.0), _record("ours_atomic", "atomic", 120.0),

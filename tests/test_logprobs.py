@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import grpo_kernels as gk
-from grpo_kernels.ops import logprobs as logprobs_module
-from grpo_kernels.ops import logprobs_torch as logprobs_torch_module
+from grpo_kernels.ops.logprobs import launch as launch_module
+from grpo_kernels.ops.logprobs import torch_path as logprobs_torch_module
 from grpo_kernels.reference import token_logprobs_reference
 
 BACKENDS = ["triton", "torch"]
@@ -55,7 +55,8 @@ def check_against_reference(hidden, weight, bias, targets, *, backend, dtype, **
     grad_logp = torch.randn(targets.shape, device=targets.device)
     grad_ent = torch.randn(targets.shape, device=targets.device)
     got = run(gk.token_logprobs, hidden, weight, bias, targets, grad_logp, grad_ent, backend=backend, **kwargs)
-    reference_kwargs = {k: v for k, v in kwargs.items() if k not in ("exact", "filter_eps")}
+    reference_kwargs = {k: v for k, v in kwargs.items()
+                        if k not in ("exact", "filter_eps", "backward", "workspace_bytes", "deterministic")}
     want = run(token_logprobs_reference, hidden, weight, bias, targets, grad_logp, grad_ent, **reference_kwargs)
     value_tol, grad_tol = TOLERANCE[dtype]
     assert got[0].dtype == torch.float32 and got[0].shape == targets.shape
@@ -186,13 +187,13 @@ def test_no_grad_runs_forward_only(device):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_paths(device, backend, dtype, monkeypatch):
-    # Several row chunks in the torch path; several row-chunk launches and (bf16, exact) several
-    # vocabulary-chunk launches of the d-weight pass in the Triton path.
+    # Several row chunks in the torch path; in the atomic Triton backward several row-chunk
+    # launches and (bf16, exact) several vocabulary-chunk launches of the d-weight pass.
     monkeypatch.setattr(logprobs_torch_module, "_SLAB_BYTES", 4 * 47 * 5)
-    monkeypatch.setattr(logprobs_module, "_GRAD_CHUNK_BYTES", 4 * 24 * 16)
+    monkeypatch.setattr(launch_module, "ATOMIC_GRAD_CHUNK_BYTES", 4 * 24 * 16)
     hidden, weight, bias, targets = make_inputs((45,), 24, 47, dtype, device, bias=True, masked=3)
     check_against_reference(hidden, weight, bias, targets, backend=backend, dtype=dtype,
-                            return_entropy=True, temperature=0.9)
+                            return_entropy=True, temperature=0.9, backward="atomic")
 
 
 def test_fast_single_pass_backward(device):
@@ -200,21 +201,22 @@ def test_fast_single_pass_backward(device):
     # this size (its error grows with N; exact=True does not - see the benchmark notes).
     hidden, weight, bias, targets = make_inputs((40,), 32, 53, torch.bfloat16, device, bias=True)
     check_against_reference(hidden, weight, bias, targets, backend="triton", dtype=torch.bfloat16,
-                            return_entropy=True, exact=False)
+                            return_entropy=True, exact=False, backward="atomic")
 
 
-def test_gradient_filtering(device):
-    hidden, weight, _, targets = make_inputs((33,), 16, 61, torch.float32, device)
+@pytest.mark.parametrize("backward", ["workspace", "atomic"])
+def test_gradient_filtering(device, backward):
+    hidden, weight, bias, targets = make_inputs((33,), 16, 61, torch.float32, device, bias=True)
     grad_logp = torch.randn(33, device=device)
     # A small eps keeps the gradient within tolerance...
-    got = run(gk.token_logprobs, hidden, weight, None, targets, grad_logp, None, filter_eps=2.0**-20,
-              backend="triton")
-    want = run(token_logprobs_reference, hidden, weight, None, targets, grad_logp, None)
-    assert rel_err(got[2][0], want[2][0]) < 1e-5 and rel_err(got[2][1], want[2][1]) < 1e-5
-    # ...and a huge one filters every tile: the filter really skips work.
-    skipped = run(gk.token_logprobs, hidden, weight, None, targets, grad_logp, None, filter_eps=1e9,
-                  backend="triton")
-    assert (skipped[2][0] == 0).all() and (skipped[2][1] == 0).all()
+    got = run(gk.token_logprobs, hidden, weight, bias, targets, grad_logp, None, filter_eps=2.0**-20,
+              backend="triton", backward=backward)
+    want = run(token_logprobs_reference, hidden, weight, bias, targets, grad_logp, None)
+    assert all(rel_err(g, w) < 1e-5 for g, w in zip(got[2], want[2]))
+    # ...and a huge one filters every tile: the filter really drops them (d bias too).
+    skipped = run(gk.token_logprobs, hidden, weight, bias, targets, grad_logp, None, filter_eps=1e9,
+                  backend="triton", backward=backward)
+    assert all((g == 0).all() for g in skipped[2])
 
 
 def test_int32_targets_and_noncontiguous_hidden(device):
@@ -295,7 +297,8 @@ def check_full(hidden, weight, bias, targets, *, dtype, cotangents=None, **kwarg
         cotangents = (torch.randn(targets.shape, device=targets.device), torch.randn(lead, device=targets.device),
                       torch.randn(lead, device=targets.device))
     reference_kwargs = {k: v for k, v in kwargs.items()
-                        if k not in ("exact", "filter_eps", "backend", "deterministic", "batch_invariant")}
+                        if k not in ("exact", "filter_eps", "backend", "deterministic", "batch_invariant", "backward",
+                                     "workspace_bytes")}
     got = run_full(gk.token_logprobs, hidden, weight, bias, targets, cotangents, **kwargs)
     want = run_full(token_logprobs_reference, hidden, weight, bias, targets, cotangents, **reference_kwargs)
     value_tol, grad_tol = TOLERANCE[dtype]
@@ -339,8 +342,8 @@ def test_softcap_far_beyond_the_cap(device, backend):
         assert torch.isfinite(g).all() and (g - w).abs().max() <= 1e-3 * w.abs().max()
 
 
-@pytest.mark.parametrize("backend,deterministic", [("triton", False), ("triton", True), ("torch", False)])
-def test_k_targets_per_row(device, backend, deterministic):
+@pytest.mark.parametrize("backend,backward", [("triton", "workspace"), ("triton", "atomic"), ("torch", "workspace")])
+def test_k_targets_per_row(device, backend, backward):
     vocab, k = 53, 4
     hidden, weight, bias, _ = make_inputs((3, 7), 18, vocab, torch.float32, device, bias=True)
     targets = torch.randint(0, vocab, (3, 7, k), device=device)
@@ -349,7 +352,7 @@ def test_k_targets_per_row(device, backend, deterministic):
     targets[2, 0, 1] = -100  # ignored entries
     targets[2, 3] = -100  # a row with every entry ignored
     (logp, entropy, lse), _ = check_full(hidden, weight, bias, targets, dtype=torch.float32, temperature=1.3,
-                                         backend=backend, deterministic=deterministic)[0]
+                                         backend=backend, backward=backward)[0]
     assert logp.shape == (3, 7, k) and entropy.shape == lse.shape == (3, 7)
     assert logp[0, 1, 2] == logp[0, 1, 0] and logp[2, 0, 1] == 0
     assert (logp[2, 3] == 0).all() and entropy[2, 3] == 0 and lse[2, 3] == 0
@@ -373,8 +376,10 @@ def test_lse_gradient_alone(device, backend):
 def test_batch_invariant_forward(device, monkeypatch):
     # The same 5 rows alone (batches of 1), in a batch of 7 and in a batch of 300, at random
     # positions, with ignored rows interleaved: bitwise-equal log-probs, entropies and lse.
-    # V = 67: 3 vocabulary splits. 64-row tiles keep the interpreter quick at 300 rows.
-    monkeypatch.setattr(logprobs_module, "_INTERPRETER_CONFIG", (64, 16, 16, 1, 1))
+    # V = 67: 3 vocabulary splits. 64-row tiles keep the interpreter quick at 300 rows. Raster
+    # groups of 2 row blocks: 300 rows are 3 groups, the last one partial.
+    monkeypatch.setattr(launch_module, "INTERPRETER_CONFIG", launch_module.LaunchConfig(64, 16, 16, 1, 1))
+    monkeypatch.setattr(launch_module, "FORWARD_GROUP_ROWS", 2)
     dim, vocab = 16, 67
     weight = torch.randn(vocab, dim, device=device) / 4
     probe_hidden = torch.randn(5, dim, device=device)
@@ -400,26 +405,64 @@ def test_batch_invariant_forward(device, monkeypatch):
         assert torch.equal(got, alone), (batch_size, got - alone)
 
 
-def test_deterministic_backward_is_reproducible(device):
-    # Under the interpreter programs run one at a time, so atomics cannot show nondeterminism;
-    # the no-atomics property itself is checked on the sm_90 PTX (tests/test_compile_sm90.py).
+def test_workspace_backward_is_bitwise_reproducible(device):
+    # Run, dirty the allocator with a call of other shapes (a read of a stale or uninitialized
+    # buffer would then show), run again: bitwise-equal gradients. deterministic=True is the same
+    # path. (No atomics at all: tests/test_compile_sm90.py reads it off the sm_90 PTX.)
     hidden, weight, bias, targets = make_inputs((20,), 16, 37, torch.bfloat16, device, bias=True, masked=4)
-    cotangents = (torch.randn(targets.shape, device=device), torch.randn(targets.shape, device=device),
-                  torch.randn(targets.shape, device=device))
-    _, first = check_full(hidden, weight, bias, targets, dtype=torch.bfloat16, cotangents=cotangents,
-                          softcap=3.0, deterministic=True, backend="triton")[0]
-    _, second = run_full(gk.token_logprobs, hidden, weight, bias, targets, cotangents, softcap=3.0,
-                         deterministic=True, backend="triton")
+    lead = targets.shape
+    cotangents = tuple(torch.randn(lead, device=device) for _ in range(3))
+    kwargs = {"softcap": 3.0, "backend": "triton", "workspace_bytes": 16 * 32 * 2}
+    _, first = check_full(hidden, weight, bias, targets, dtype=torch.bfloat16, cotangents=cotangents, **kwargs)[0]
+    other = make_inputs((33,), 16, 53, torch.bfloat16, device, bias=True)
+    run_full(gk.token_logprobs, *other, tuple(torch.randn(33, device=device) for _ in range(3)), **kwargs)
+    _, second = run_full(gk.token_logprobs, hidden, weight, bias, targets, cotangents, deterministic=True, **kwargs)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
 
-def test_deterministic_backward_chunked(device, monkeypatch):
-    # several row chunks of the d-hidden partials and several vocabulary chunks of d weight
-    monkeypatch.setattr(logprobs_module, "_GRAD_CHUNK_BYTES", 4 * 24 * 16 * 3)
-    hidden, weight, bias, targets = make_inputs((45,), 24, 47, torch.float32, device, bias=True, masked=3)
-    check_full(hidden, weight, bias, targets, dtype=torch.float32, deterministic=True, backend="triton",
-               filter_eps=2.0**-30)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked,frozen_weight", [(0, False), (5, False), (5, True)])
+def test_workspace_backward_chunked(device, dtype, masked, frozen_weight):
+    # A workspace of a few tiles: 2 vocabulary chunks (V = 47: 32 + 15 ids) x several row chunks,
+    # with contiguous rows (d weight reads hidden in place) or scattered ones (gathered per chunk);
+    # bias partials, soft-cap, K = 2 targets, entropy and lse gradients, temperature.
+    hidden, weight, bias, _ = make_inputs((45,), 24, 47, dtype, device, bias=True)
+    targets = torch.randint(0, 47, (45, 2), device=device)
+    targets[torch.randperm(45, device=device)[:masked]] = -100
+    weight.requires_grad_(not frozen_weight)
+    elem = torch.finfo(dtype).bits // 8
+    workspace = 16 * 32 * elem + 4 * 32 + 45 * launch_module.ROW_VECTOR_BYTES  # one [16, 32] chunk
+    plan = launch_module.backward_plan(45 - masked, 47, 24, dtype, workspace, contiguous_rows=masked == 0,
+                                       has_bias=True, weight_grad=not frozen_weight, device_type="cpu")
+    assert (plan.ids_per_chunk, plan.rows_per_chunk) == (32, 16)
+    check_full(hidden, weight, bias, targets, dtype=dtype, backend="triton", softcap=4.0, temperature=0.8,
+               workspace_bytes=workspace)
+
+
+def test_backward_plan_chunks_and_memory():
+    bf16, mib = torch.bfloat16, 2**20
+    # The shape: all rows in one chunk, 19 balanced vocabulary chunks, <= 512 MiB above
+    # inputs and gradients (d logits + float32 d hidden), also when the rows must be gathered.
+    for contiguous in (True, False):
+        plan = launch_module.backward_plan(16384 - (not contiguous), 151936, 4096, bf16, contiguous_rows=contiguous)
+        total = plan.workspace_bytes + plan.gathered_hidden_bytes + plan.accumulator_bytes
+        assert plan.rows_per_chunk == 16384 - (not contiguous) and plan.ids_per_chunk % 128 == 0
+        assert plan.workspace_bytes + plan.gathered_hidden_bytes <= launch_module.DEFAULT_WORKSPACE_BYTES
+        assert total <= 512 * mib - 16384 * launch_module.ROW_VECTOR_BYTES, total / mib
+    assert plan.gathered_hidden_bytes == 16383 * 4096 * 2
+    plan = launch_module.backward_plan(16384, 151936, 4096, bf16)
+    assert plan.ids_per_chunk == 8064 and plan.accumulator_bytes == 4 * 16384 * 4096  # 1187 tiles = 19 x 63 (.5)
+    # A larger workspace: fewer vocabulary chunks; float32 inputs with contiguous rows: no accumulator.
+    assert launch_module.backward_plan(16384, 151936, 4096, bf16, 2**30).ids_per_chunk > 8064
+    assert launch_module.backward_plan(16384, 151936, 4096, torch.float32).accumulator_bytes == 0
+    # Too many rows for MIN_IDS_PER_CHUNK ids: rows are chunked (balanced), d weight gets a float32 buffer.
+    plan = launch_module.backward_plan(100_000, 151936, 4096, bf16)
+    assert plan.ids_per_chunk == 2048 and plan.rows_per_chunk % 128 == 0 and plan.rows_per_chunk < 100_000
+    assert plan.workspace_bytes <= launch_module.DEFAULT_WORKSPACE_BYTES
+    assert plan.accumulator_bytes == 4 * 4096 * (100_000 + 2048)
+    # A budget below one tile still gets one tile.
+    assert launch_module.backward_plan(5, 7, 3, bf16, 1)[:2] == (5, 128)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,7 +500,7 @@ def test_compile_fullgraph_traces_through(device):
 def test_opcheck(device, backend):
     hidden, weight, bias, targets = make_inputs((6,), 8, 13, torch.float32, device, bias=True, masked=1)
     targets = targets[:, None].repeat(1, 2)
-    args = (hidden, weight, bias, targets, 0.9, 3.0, -100, True, True, None, True, False, backend)
+    args = (hidden, weight, bias, targets, 0.9, 3.0, -100, True, True, None, True, "workspace", None, backend)
     torch.library.opcheck(torch.ops.grpo_kernels.token_logprobs.default, args)
 
 
@@ -494,3 +537,24 @@ def test_bad_k_targets_shape(device, targets_shape):
     hidden, weight, _ = _ok(device)
     with pytest.raises(ValueError, match="targets shape"):
         gk.token_logprobs(hidden, weight, torch.zeros(targets_shape, dtype=torch.long, device=device))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"backward": "fast"}, "backward must be one of"),
+    ({"backward": True}, "backward must be one of"),
+    ({"backward": None}, "backward must be one of"),
+    ({"workspace_bytes": 0}, "workspace_bytes must be an int > 0"),
+    ({"workspace_bytes": -5}, "workspace_bytes must be an int > 0"),
+    ({"workspace_bytes": 2.5e8}, "workspace_bytes must be an int > 0"),
+    ({"workspace_bytes": True}, "workspace_bytes must be an int > 0"),
+    ({"deterministic": True, "backward": "atomic"}, "deterministic=True needs backward='workspace'"),
+])
+def test_bad_backward_options(device, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        gk.token_logprobs(*_ok(device), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"backward": "atomic"}, {"workspace_bytes": 2**20}])
+def test_vocab_parallel_refuses_backward_options(device, kwargs):
+    with pytest.raises(ValueError, match="process_group .* does not support"):
+        gk.token_logprobs(*_ok(device), process_group=object(), **kwargs)

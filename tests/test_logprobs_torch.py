@@ -1,6 +1,6 @@
-"""The chunked PyTorch log-prob drivers (``grpo_kernels.ops.logprobs_torch``) against float64.
+"""The chunked PyTorch log-prob drivers (``grpo_kernels.ops.logprobs.torch_path``) against float64.
 
-Driver level (the interface every caller of ``_BACKENDS["torch"]`` uses): K targets per row with
+Driver level (the interface every caller of ``drivers.BACKENDS["torch"]`` uses): K targets per row with
 repeated and ignored ids, soft-capping near and beyond the cap, the returned lse, compacted rows,
 several row and vocabulary tiles, fp32 and bf16. Then entropy precision at |z| ~ 1e4 through the
 public API, and the memory contract (allocator bytes, not RSS: exact and machine-independent).
@@ -13,8 +13,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import grpo_kernels as gk
-from grpo_kernels.ops import logprobs_torch
-from grpo_kernels.ops.logprobs_torch import torch_backward, torch_forward
+from grpo_kernels.ops.logprobs import torch_path as logprobs_torch
+from grpo_kernels.ops.logprobs.torch_path import torch_backward, torch_forward
 from grpo_kernels.reference import token_logprobs_reference
 
 # (relative error bound on values, on gradients) per input dtype, as in test_logprobs.py

@@ -51,7 +51,7 @@ def test_grouped_order_keeps_row_blocks_of_a_group_together():
 
 
 def test_forward_raster_traffic_matches_the_static_analysis():
-    # Issue #18's static analysis: today's row-block-fastest forward re-streams hidden, ~40 GB at
+    # Issue #18's static analysis: the row-block-fastest forward (before #18) re-streams hidden, ~40 GB at
     # N=8192; grouping row blocks brings it to a few GB (the weight read once per group).
     launch = pm._shipped_launch()
     ungrouped = pm.forward_path(SHAPE_8K, pm.H100_SXM, launch, group_rows=None)
@@ -78,26 +78,27 @@ def test_flops_atomics_and_rmw_follow_the_closed_forms():
         n * v * d * 4 / block_v + n * v * d * 2 / block_n)
     plan = launch.backward_plan(n, v, d, torch.bfloat16)
     chunks = -(-v // plan.ids_per_chunk)
-    # the float32 d hidden accumulator: zeroed, then read and written once per vocabulary chunk
-    assert rows["backward, workspace"].rmw_gb * 1e9 == pytest.approx(n * d * 4 * (1 + 2 * chunks))
+    # the float32 d hidden accumulator: written by the first chunk, read and written by the others
+    assert rows["backward, workspace"].rmw_gb * 1e9 == pytest.approx(n * d * 4 * (2 * chunks - 1))
 
 
 def test_the_model_reads_the_launch_interface():
     launch = pm._shipped_launch()
-    for name in ("GPU_CONFIG", "FORWARD_GROUP_ROWS", "INVARIANT_SPLIT_VOCAB", "DEFAULT_WORKSPACE_BYTES",
-                 "ATOMIC_GRAD_CHUNK_BYTES", "forward_splits", "backward_plan", "source"):
+    for name in ("GPU_CONFIG", "FORWARD_GROUP_ROWS", "BACKWARD_GROUP_ROWS", "FORWARD_PARTIAL_BYTES",
+                 "INVARIANT_SPLIT_VOCAB", "DEFAULT_WORKSPACE_BYTES", "ATOMIC_GRAD_CHUNK_BYTES", "forward_splits",
+                 "backward_plan", "source"):
         assert hasattr(launch, name), name
     assert set(launch.GPU_CONFIG) >= {"fwd", "merge", "dlogits", "bwd_atomic"}
     base = pm.workspace_backward_path(SHAPE_8K, pm.H100_SXM, launch)
     # A plan with half the ids per chunk: twice the chunks, so about twice the accumulator's
-    # read-modify-writes (zeroed once, then read and written once per chunk).
+    # read-modify-writes (written by the first chunk, read and written by the others).
     plan = launch.backward_plan(SHAPE_8K.num_rows, SHAPE_8K.vocab, SHAPE_8K.dim, torch.bfloat16)
     halved = SimpleNamespace(**{**vars(launch), "backward_plan": lambda *args, **kw: plan._replace(
         ids_per_chunk=plan.ids_per_chunk // 2)})
     more = pm.workspace_backward_path(SHAPE_8K, pm.H100_SXM, halved)
 
     def rmw_passes(ids):
-        return 1 + 2 * -(-SHAPE_8K.vocab // ids)
+        return 2 * -(-SHAPE_8K.vocab // ids) - 1
 
     assert more.sum("rmw_bytes") / base.sum("rmw_bytes") == pytest.approx(
         rmw_passes(plan.ids_per_chunk // 2) / rmw_passes(plan.ids_per_chunk))
@@ -122,7 +123,7 @@ def test_lower_bound_is_the_slowest_of_compute_memory_and_atomics():
 def test_targets_report_each_number_of_the_issue(capsys):
     found = {t["target"]: t for t in pm.targets()}
     assert len(found) == 11
-    # The planned workspace backward reaches the time target; today's exact atomic backward does not.
+    # The workspace backward reaches the time target; the exact atomic backward does not.
     assert found["N=16384 fwd+bwd, workspace <= 1.1x the 4-GEMM floor"]["met"]
     assert not found["N=16384 fwd+bwd, atomic, exact=True <= 1.1x the 4-GEMM floor"]["met"]
     assert found["N=16384 default backward: float atomics"]["value"] == 0

@@ -10,7 +10,7 @@ as soon as it has them (``common.write_json`` / ``write_text`` replace files ato
   streamed LM head and materialized logits, with ratios to a bf16 matmul timed in the same run,
   on random and on realistic logits (``inputs``);
 - ``sweep``  (stage 2): block sizes of the log-prob kernels, pre-filtered by the sm_90 compiler,
-  timed by overriding ``grpo_kernels.ops.logprobs._GPU_CONFIG``;
+  timed by overriding ``grpo_kernels.ops.logprobs.GPU_CONFIG``;
 - stages 3 and 4 are ``benchmarks.suite --quick`` and ``benchmarks.bench_e2e_step``;
 - ``session`` writes the per-stage summary (``session.json`` / ``session.md``).
 

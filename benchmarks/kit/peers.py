@@ -11,15 +11,15 @@ work), in two input modes (``benchmarks.logits``: random and realistic logits), 
 - ``loss_fwd``: the same loss under ``torch.no_grad()``;
 
 and every implementation (ours: the defaults, i.e. the workspace backward of issue #18,
-``backward="atomic"`` with ``exact=True`` and ``False``, ``filter_eps``; Cut Cross-Entropy; Liger's
-``LigerFusedLinearGRPOLoss`` and fused linear cross-entropy; TRL 1.16's ``ChunkedLogProbFunction``;
-materialized logits), it records median / p20 / p80 time, peak memory above the inputs, and
+``backward="atomic"`` with ``exact=True`` and ``False``, with and without ``filter_eps``; Cut
+Cross-Entropy; Liger's ``LigerFusedLinearGRPOLoss`` and fused linear cross-entropy; TRL 1.16's
+``ChunkedLogProbFunction``; materialized logits), it records median / p20 / p80 time, peak memory above the inputs, and
 ``x_floor``: the time over the floor measured in the same run, 4 bf16 ``[N, D] x [D, V]`` matmuls
 for forward + backward, 1 for forward only. An OOM is a result. For our variants it also records
 ``x_model``, measured over the modelled lower bound of the path they run
 (``benchmarks.kit.modelled``), and ``peers.md`` says which backward was faster. ``backward=`` is
-passed only where the function accepts it (before issue #18's package there is one backward, the
-atomic one, and ``ours_atomic`` is recorded as the same as ``ours``).
+passed only where the function accepts it (an older token_logprobs has one backward, the atomic
+one: ``ours_atomic`` is then recorded as the same as ``ours``).
 
 The work is a priority list (N = 16k first, both modes, the log-prob op and the loss before the
 forward-only passes, then N = 8k); every finished item rewrites ``peers.json`` / ``peers.md`` /
@@ -60,8 +60,9 @@ def work_list(shapes) -> list[dict]:
     """Every (shape, mode, op, impl), most valuable first."""
     items = []
     for b, t in shapes:
-        for tier_ops, impls in ((("logprobs_fwd_bwd", "loss_fwd_bwd"), ("ours", "ours_atomic", "cce", "trl_fused",
-                                                                         "liger", "torch", "ours_atomic_fast",
+        for tier_ops, impls in ((("logprobs_fwd_bwd", "loss_fwd_bwd"), ("ours", "ours_atomic", "ours_fast", "cce",
+                                                                         "trl_fused", "liger", "torch",
+                                                                         "ours_fast_filtered",
                                                                          "ours_filtered")),
                                 (("logprobs_fwd", "loss_fwd"), ("ours", "cce", "trl_fused", "liger", "torch"))):
             for mode in logit_modes.MODES:

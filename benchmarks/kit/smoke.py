@@ -179,12 +179,10 @@ LOGPROB_KNOBS = {
     "COMPUTE_ENTROPY": lambda call, v: call.update(entropy=bool(v)),
     "ENTROPY_GRAD": lambda call, v: call.update(entropy=bool(v), backward=True),
     "HAS_SOFTCAP": lambda call, v: call.update(softcap=5.0 if v else None),
-    # the atomics backward: which pass (d hidden only; d hidden + d weight; the exact d-weight pass)
-    "HIDDEN_GRAD": lambda call, v: call.update(backward=True, hidden_grad=bool(v)),
-    "WEIGHT_GRAD": lambda call, v: call.update(backward=True, weight_grad=bool(v)),
-    # the deterministic backward (no atomics): its d-hidden pass and its vocabulary pass
-    "HIDDEN_PASS": lambda call, v: call.update(backward=True, deterministic=True),
-    "BIAS_GRAD": lambda call, v: call.update(backward=True, deterministic=True, bias_grad=bool(v)),
+    # the atomic backward (backward="atomic"): which pass (d hidden only; d hidden + d weight; the
+    # exact d-weight pass). The default backward's d-logits kernel has ENTROPY_GRAD etc. only.
+    "HIDDEN_GRAD": lambda call, v: call.update(backward=True, hidden_grad=bool(v), backward_path="atomic"),
+    "WEIGHT_GRAD": lambda call, v: call.update(backward=True, weight_grad=bool(v), backward_path="atomic"),
 }
 
 
@@ -197,16 +195,13 @@ def _logprob_call(signature, constexprs) -> dict | str:
     if unknown:
         return f"unmapped: no public call known for {unknown}; add the knob to LOGPROB_KNOBS"
     call = {"dtype": DTYPE_OF[signature["Hidden"].lstrip("*")], "bias": False, "softcap": None, "entropy": False,
-            "backward": False, "hidden_grad": True, "weight_grad": False, "bias_grad": None, "deterministic": False}
+            "backward": False, "hidden_grad": True, "weight_grad": False, "bias_grad": None, "deterministic": False,
+            "backward_path": None}
     for name, value in constexprs.items():
         if name in LOGPROB_KNOBS:
             LOGPROB_KNOBS[name](call, value)
     accumulator = signature.get("GradWeight", "").lstrip("*")
-    if call["deterministic"]:
-        # the d-hidden pass runs in every deterministic backward; the vocabulary pass needs d weight or d bias
-        call["bias_grad"] = bool(call["bias_grad"]) and call["bias"]
-    else:
-        call["bias_grad"] = call["bias"] and call["hidden_grad"]
+    call["bias_grad"] = call["bias"] and call["hidden_grad"]
     # Single pass (d hidden + d weight together) in a 16-bit weight's own dtype: exact=False.
     call["exact"] = not (call["hidden_grad"] and call["weight_grad"] and accumulator not in ("", "fp32"))
     return call
@@ -245,11 +240,11 @@ def check_logprobs_config(ctx, label, kernel, signature, constexprs):
         hidden = hidden * 4  # logits near and beyond the cap
     temperature = 0.7
     kwargs = {"bias": bias, "temperature": temperature, "return_entropy": call["entropy"]}
-    for name in ("softcap", "deterministic"):
+    for name, keyword in (("softcap", "softcap"), ("deterministic", "deterministic"), ("backward_path", "backward")):
         if call[name]:
-            if not accepts(grpo_kernels.token_logprobs, name):
-                return {"status": f"unmapped: token_logprobs has no {name} keyword"}
-            kwargs[name] = call[name]
+            if not accepts(grpo_kernels.token_logprobs, keyword):
+                return {"status": f"unmapped: token_logprobs has no {keyword} keyword"}
+            kwargs[keyword] = call[name]
     if not call["backward"]:
         with torch.no_grad():
             got = grpo_kernels.token_logprobs(hidden, weight, targets, **kwargs)

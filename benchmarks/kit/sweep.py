@@ -10,11 +10,11 @@ separate process pool (``TRITON_INTERPRET`` unset, no GPU needed): the configura
 override changes in ``logprobs.sm90_compile_specs()``, most-featured first, and a candidate with a
 register spill, more shared memory than the limit or a compile error is dropped. Up to
 ``--per-kernel`` (12) survivors are timed at the stage-1 shape (N=16384, D=4096, V=151936) through
-the public ``token_logprobs`` while ``grpo_kernels.ops.logprobs._GPU_CONFIG[kind][dtype]`` is
+the public ``token_logprobs`` while ``grpo_kernels.ops.logprobs.GPU_CONFIG[kind][dtype]`` is
 overridden at run time (no source is edited): the forward under ``torch.no_grad()`` with entropy,
 the backward as forward + backward (exact, the default; forward at the shipped configuration).
 ``sweep.json`` / ``sweep.md`` hold every measurement and the winner per kind and dtype; set
-``_GPU_CONFIG`` from them. Before timing, the survivors are launched once at a tiny N in parallel
+``GPU_CONFIG`` from them. Before timing, the survivors are launched once at a tiny N in parallel
 worker processes so that Triton's on-disk cache holds their binaries (same specialization: N and
 every stride stay multiples of 16) and the timed process only loads them.
 """
@@ -35,7 +35,7 @@ import torch
 
 from benchmarks.kit.common import Deadline, device_info, md_table, stage_device, write_json, write_text
 
-KINDS = ("fwd", "bwd")
+KINDS = ("fwd", "dlogits")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GPU_SHAPE = (16384, 4096, 151936)
 DRY_SHAPE = (16, 16, 37)
@@ -48,7 +48,7 @@ def _budget(kind, config, itemsize):
     """(accumulator registers per thread, shared bytes of the pipelined operand tiles)."""
     block_n, block_v, block_d, warps, stages = config
     threads = warps * 32
-    tiles = block_n * block_v + (block_n * block_d + block_v * block_d if kind == "bwd" else 0)
+    tiles = block_n * block_v + (block_n * block_d + block_v * block_d if kind == "bwd_atomic" else 0)
     shared = stages * (block_n + block_v) * block_d * itemsize
     return tiles / threads, shared
 
@@ -83,11 +83,11 @@ def _spec_key(spec):
 
 
 def specs_for(kind, dtype, config, specs_to_compile):
-    """The compile specs that overriding ``_GPU_CONFIG[kind][dtype]`` with ``config`` changes,
+    """The compile specs that overriding ``GPU_CONFIG[kind][dtype]`` with ``config`` changes,
     most-featured (most true switches) first."""
     from grpo_kernels.ops import logprobs
 
-    table = logprobs._GPU_CONFIG[kind]
+    table = logprobs.GPU_CONFIG[kind]
     saved = table[dtype]
     probe = tuple(config) if tuple(config) != tuple(saved) else (saved[0] * 2,) + tuple(saved[1:])
     try:
@@ -173,7 +173,7 @@ def run_prefilter(jobs, processes, timeout) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Timing with _GPU_CONFIG overridden
+# Timing with GPU_CONFIG overridden
 # ---------------------------------------------------------------------------------------------
 
 
@@ -205,7 +205,7 @@ def make_step(kind, inputs):
 
 
 class override:
-    """``_GPU_CONFIG[kind][dtype] = config`` for the ``with`` block (restored after)."""
+    """``GPU_CONFIG[kind][dtype] = config`` for the ``with`` block (restored after)."""
 
     def __init__(self, kind, dtype, config):
         self.kind, self.dtype, self.config = kind, dtype, tuple(config)
@@ -213,7 +213,7 @@ class override:
     def __enter__(self):
         from grpo_kernels.ops import logprobs
 
-        self.table = logprobs._GPU_CONFIG[self.kind]
+        self.table = logprobs.GPU_CONFIG[self.kind]
         self.saved = self.table[self.dtype]
         self.table[self.dtype] = self.config
 
@@ -257,15 +257,15 @@ def write_results(out_dir, meta, rows, winners):
     write_json(out_dir / "sweep.json", {"meta": meta, "winners": winners, "rows": rows})
     lines = [f"# Stage 2: log-prob kernel block sizes, {meta['device']}", "",
              f"{meta['date']}; N={meta['N']}, D={meta['D']}, V={meta['V']}. Command: `{meta['command']}`.", "",
-             "`fwd`: `token_logprobs(..., return_entropy=True)` under no_grad; `bwd`: forward + backward (exact) with "
+             "`fwd`: `token_logprobs(..., return_entropy=True)` under no_grad; `dlogits`: forward + backward (default) with "
              "the forward at the shipped configuration. Config = (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages); "
              "registers / shared from the sm_90 compile of the most-featured configurations it changes.", ""]
     if winners:
         lines += ["## Winners", "", md_table(["kind", "dtype", "shipped", "shipped ms", "winner", "winner ms", "gain"],
                                              [[w["kind"], w["dtype"], w["shipped"], w["shipped_ms"], w["winner"],
                                                w["winner_ms"], w["gain"]] for w in winners]), ""]
-        lines += ["Set in `grpo_kernels/ops/logprobs.py`:", "", "```python"]
-        lines += [f"_GPU_CONFIG[{w['kind']!r}][torch.{_torch_name(w['dtype'])}] = {tuple(w['winner'])}"
+        lines += ["Set in `grpo_kernels/ops/logprobs/launch.py`:", "", "```python"]
+        lines += [f"GPU_CONFIG[{w['kind']!r}][torch.{_torch_name(w['dtype'])}] = {tuple(w['winner'])}"
                   for w in winners]
         lines += ["```", ""]
     lines += ["## Every candidate", "", md_table(
@@ -327,7 +327,7 @@ def main(argv=None) -> int:
     jobs = []
     for dtype_name in dtypes:
         for kind in KINDS:
-            baseline = logprobs._GPU_CONFIG[kind][DTYPES[dtype_name]]
+            baseline = logprobs.GPU_CONFIG[kind][DTYPES[dtype_name]]
             for config in candidates(kind, DTYPES[dtype_name], baseline, per_kernel + per_kernel // 2):
                 jobs.append((kind, dtype_name, list(config), specs_per_candidate))
     print(f"[sweep] compiling {len(jobs)} candidates for sm_90 ({processes} processes)", flush=True)
@@ -343,7 +343,7 @@ def main(argv=None) -> int:
     chosen = []
     for dtype_name in dtypes:
         for kind in KINDS:
-            baseline = list(logprobs._GPU_CONFIG[kind][DTYPES[dtype_name]])
+            baseline = list(logprobs.GPU_CONFIG[kind][DTYPES[dtype_name]])
             taken = 0
             for verdict in (x for x in verdicts if x["kind"] == kind and x["dtype"] == dtype_name):
                 worst = max(verdict["compiled"], key=lambda c: c.get("registers", 0), default={})

@@ -33,10 +33,12 @@ from typing import Callable
 
 import torch
 
+from grpo_kernels.integrations.verl_advantages import VERL_ADV_ESTIMATORS, adv_estimator, register_adv_estimators
 from grpo_kernels.ops.grpo_loss import grpo_loss
 from grpo_kernels.ops.logprobs import token_logprobs
 
-__all__ = ["linear_cross_entropy", "FusedLinearForPPO", "policy_loss", "VERL_POLICY_LOSSES", "patch_verl"]
+__all__ = ["linear_cross_entropy", "FusedLinearForPPO", "policy_loss", "VERL_POLICY_LOSSES", "patch_verl",
+           "adv_estimator", "VERL_ADV_ESTIMATORS"]
 
 
 def _autocast_inputs(hidden: torch.Tensor, weight: torch.Tensor):
@@ -317,7 +319,7 @@ _VERL_MODULES = (
 )
 
 
-def patch_verl(policy_losses=True) -> list[str]:
+def patch_verl(policy_losses=True, adv_estimators=True) -> list[str]:
     """Route an installed verl's fused log-prob/entropy path, and its policy losses, through grpo-kernels.
 
     Imports verl's two fused-kernel modules and replaces ``linear_cross_entropy`` and
@@ -329,6 +331,9 @@ def patch_verl(policy_losses=True) -> list[str]:
     ``policy_losses``: ``True`` (every mode of ``VERL_POLICY_LOSSES``), ``False`` (none), or the
     names to register. Call it once, in every process, before verl builds its actor model (in a
     Ray worker: at the top of the worker module, or via verl's ``external_lib`` hook).
+    ``adv_estimators`` (same values): verl's advantage estimators of ``VERL_ADV_ESTIMATORS`` in
+    ``ADV_ESTIMATOR_REGISTRY`` (``grpo_kernels.integrations.verl_advantages``); call it in the
+    driver process too, where verl computes the advantages.
 
     Returns the qualified names that were replaced (empty when already patched). Raises
     ``ImportError`` when verl is not installed or has neither module, ``ValueError`` for an
@@ -361,7 +366,7 @@ def patch_verl(policy_losses=True) -> list[str]:
             if id(value) in originals and originals[id(value)] == attr:
                 setattr(module, attr, replacements[attr])
                 replaced.append(f"{module_name}.{attr}")
-    return sorted(replaced) + _register_policy_losses(policy_losses)
+    return sorted(replaced) + _register_policy_losses(policy_losses) + register_adv_estimators(adv_estimators)
 
 
 def _register_policy_losses(policy_losses) -> list[str]:

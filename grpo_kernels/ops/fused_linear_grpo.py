@@ -55,6 +55,8 @@ def fused_linear_grpo_loss(
     temperature: float = 1.0,
     filter_eps: float | None = None,
     exact: bool = True,
+    backward: str = "workspace",
+    workspace_bytes: int | None = None,
     backend: str = "auto",
     process_group=None,
     **options,
@@ -69,8 +71,10 @@ def fused_linear_grpo_loss(
         advantages: ``[B]`` (or ``[B, T]``).
         old_logprobs, ref_logprobs: ``[B, T]`` log-probs of the sampling / reference policy.
         temperature: the logits are divided by it before the softmax (as TRL does for the policy).
-        filter_eps, exact: passed to ``token_logprobs`` (backward gradient filtering, ``None`` is
-            exact; ``exact=False``: single-pass backward with d weight accumulated in its dtype).
+        filter_eps, exact, backward, workspace_bytes: passed to ``token_logprobs`` (gradient
+            filtering, ``None`` is exact; ``backward="workspace"`` (default, no atomics) or
+            ``"atomic"``; ``exact=False``: the atomic backward's single pass, d weight accumulated
+            in its dtype; the workspace backward's memory budget).
         backend: ``"auto"``, ``"triton"`` or ``"torch"``, for both kernels.
         process_group: vocabulary-parallel head, passed to ``token_logprobs`` (``lm_head_weight`` and
             ``bias`` are this rank's shard, ``completion_ids`` global ids, ``hidden`` the same on
@@ -111,7 +115,8 @@ def fused_linear_grpo_loss(
     targets = completion_targets(completion_ids, completion_mask, vocab_bound)
     logprobs, entropy = token_logprobs(
         hidden, lm_head_weight, targets, bias=bias, temperature=temperature, ignore_index=_IGNORE_INDEX,
-        return_entropy=True, filter_eps=filter_eps, exact=exact, backend=backend,
+        return_entropy=True, filter_eps=filter_eps, exact=exact, backward=backward, workspace_bytes=workspace_bytes,
+        backend=backend,
         process_group=process_group)
     if cfg.entropy_coef == 0:
         entropy = entropy.detach()  # metric and entropy mask only: no entropy backward

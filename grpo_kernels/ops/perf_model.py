@@ -35,7 +35,7 @@ import argparse
 import math
 import os
 import sys
-from collections import OrderedDict, namedtuple
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import lru_cache
 from types import SimpleNamespace
@@ -86,74 +86,18 @@ CTAS_PER_SM = 1
 # The launch interface (issue #18): the one place the model reads the shipped configuration
 # ---------------------------------------------------------------------------------------------
 
-LaunchConfig = namedtuple("LaunchConfig", "block_n block_v block_d num_warps num_stages")
-BackwardPlan = namedtuple("BackwardPlan", "rows_per_chunk ids_per_chunk workspace_bytes accumulator_bytes "
-                                          "gathered_hidden_bytes")
-
-
 def _shipped_launch() -> SimpleNamespace:
-    """The launch interface of ``grpo_kernels.ops.logprobs.launch``: ``GPU_CONFIG`` (kinds ``fwd``,
-    ``merge``, ``dlogits``, ``bwd_atomic``), ``FORWARD_GROUP_ROWS``, ``INVARIANT_SPLIT_VOCAB``,
-    ``DEFAULT_WORKSPACE_BYTES``, ``ATOMIC_GRAD_CHUNK_BYTES``, ``forward_splits``, ``backward_plan``;
-    ``source`` says where they came from."""
-    try:
-        from grpo_kernels.ops.logprobs import launch
-    except ImportError:
-        return _planned_launch_fallback()
-    names = ("GPU_CONFIG", "FORWARD_GROUP_ROWS", "INVARIANT_SPLIT_VOCAB", "DEFAULT_WORKSPACE_BYTES",
-             "ATOMIC_GRAD_CHUNK_BYTES", "forward_splits", "backward_plan")
-    return SimpleNamespace(**{name: getattr(launch, name) for name in names},
-                           BACKWARD_GROUP_ROWS=getattr(launch, "BACKWARD_GROUP_ROWS", launch.FORWARD_GROUP_ROWS),
-                           source="grpo_kernels.ops.logprobs.launch")
+    """The launch interface of ``grpo_kernels.ops.logprobs.launch`` that the model reads:
+    ``GPU_CONFIG`` (kinds ``fwd``, ``merge``, ``dlogits``, ``bwd_atomic``), ``FORWARD_GROUP_ROWS``,
+    ``BACKWARD_GROUP_ROWS``, ``FORWARD_PARTIAL_BYTES``, ``INVARIANT_SPLIT_VOCAB``,
+    ``DEFAULT_WORKSPACE_BYTES``, ``ATOMIC_GRAD_CHUNK_BYTES``, ``forward_splits``, ``backward_plan``.
+    A namespace (not the module), so that a test can change one name and see the model follow."""
+    from grpo_kernels.ops.logprobs import launch
 
-
-def _planned_launch_fallback() -> SimpleNamespace:
-    """FALLBACK, until the log-prob package of issue #18 (items 1, 2, 5) lands: today's
-    ``grpo_kernels/ops/logprobs.py`` for what it ships, and a local description, marked PLANNED, of
-    what it does not ship yet (the grouped forward raster, the d-logits kernel, the workspace plan).
-    Once ``grpo_kernels.ops.logprobs.launch`` exists, delete this function and the ``try/except``
-    in :func:`_shipped_launch`: nothing else reads it."""
-    from grpo_kernels.ops import logprobs as today
-
-    def tiles(kind):
-        return {dtype: LaunchConfig(*config) for dtype, config in today._GPU_CONFIG[kind].items()}
-
-    gpu_config = {"fwd": tiles("fwd"), "merge": tiles("merge"), "bwd_atomic": tiles("bwd"),
-                  # PLANNED: the d-logits kernel recomputes one logit tile per program (the atomic
-                  # backward's first half) and stores it: the atomic backward's tiles.
-                  "dlogits": tiles("bwd")}
-    default_workspace = 256 * MiB  # PLANNED (issue #18)
-
-    def forward_splits(num_rows, vocab, dtype, device_type="cuda", batch_invariant=True, num_sms=132):
-        if not batch_invariant:
-            raise NotImplementedError("the fallback models the batch-invariant (default) split only")
-        per_split = today._INVARIANT_SPLIT_VOCAB["gpu" if device_type == "cuda" else "interpreter"]
-        return per_split, -(-vocab // per_split)
-
-    def backward_plan(num_rows, vocab, dim, dtype, workspace_bytes=None):
-        # PLANNED: every live row in one chunk when a [rows, BLOCK_V] slab fits the workspace (so
-        # each d-weight row is written once, K = rows), and as many vocabulary ids per chunk as
-        # fit; d hidden accumulates in one float32 [rows, D] buffer; all rows live: no gather.
-        budget = default_workspace if workspace_bytes is None else workspace_bytes
-        elem = torch.empty((), dtype=dtype).element_size()
-        block_n, block_v = gpu_config["dlogits"][dtype][:2]
-        rows = min(num_rows, max(block_n, budget // (block_v * elem) // block_n * block_n))
-        ids = min(vocab, max(block_v, budget // (rows * elem) // block_v * block_v))
-        weight_acc = 0 if rows >= num_rows else ids * dim * 4  # d weight summed over row chunks
-        return BackwardPlan(rows, ids, rows * ids * elem, num_rows * dim * 4 + weight_acc, 0)
-
-    return SimpleNamespace(
-        GPU_CONFIG=gpu_config,
-        FORWARD_GROUP_ROWS=today._GROUP_N,  # PLANNED: today's forward has no raster groups
-        BACKWARD_GROUP_ROWS=today._GROUP_N,
-        INVARIANT_SPLIT_VOCAB=today._INVARIANT_SPLIT_VOCAB,
-        DEFAULT_WORKSPACE_BYTES=default_workspace,
-        ATOMIC_GRAD_CHUNK_BYTES=today._GRAD_CHUNK_BYTES,
-        forward_splits=forward_splits,
-        backward_plan=backward_plan,
-        source="FALLBACK: today's grpo_kernels/ops/logprobs.py + the PLANNED workspace backward and grouped "
-               "forward raster (grpo_kernels.ops.logprobs.launch does not exist yet)",
-    )
+    names = ("GPU_CONFIG", "FORWARD_GROUP_ROWS", "BACKWARD_GROUP_ROWS", "FORWARD_PARTIAL_BYTES",
+             "INVARIANT_SPLIT_VOCAB", "DEFAULT_WORKSPACE_BYTES", "ATOMIC_GRAD_CHUNK_BYTES", "forward_splits",
+             "backward_plan")
+    return SimpleNamespace(**{name: getattr(launch, name) for name in names}, source="grpo_kernels.ops.logprobs.launch")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,14 +106,14 @@ def _planned_launch_fallback() -> SimpleNamespace:
 
 
 def row_fastest_order(row_blocks: int, col_groups: int):
-    """A 2-D grid (row blocks, columns) with the row-block index fastest: today's forward."""
+    """A 2-D grid (row blocks, columns) with the row-block index fastest: the forward before issue #18."""
     return [(r, c) for c in range(col_groups) for r in range(row_blocks)]
 
 
 def grouped_order(row_blocks: int, col_groups: int, group_rows: int):
     """Groups of ``group_rows`` row blocks; inside a group the row block varies fastest, then the
     column (vocabulary split or tile): every column's weight is read while the group's hidden
-    blocks sit in L2 (the atomic backward's raster, and the forward's under issue #18)."""
+    blocks sit in L2 (the kernels' ``_grouped_tile``)."""
     order = []
     for first in range(0, row_blocks, group_rows):
         rows = range(first, min(first + group_rows, row_blocks))
@@ -332,23 +276,33 @@ def _rereads(traffic, shape, rows, ids):
 
 def forward_path(shape: Shape, gpu: GPU, launch=None, group_rows="shipped") -> Path:
     """The forward kernel (one program per row block x vocabulary split, every split's tiles in
-    turn) and the merge of the split partials. ``group_rows``: "shipped" (the interface's
-    ``FORWARD_GROUP_ROWS``) or None (row-block-fastest 2-D grid, the forward before issue #18)."""
+    turn; rows in chunks whose per-split partial states fit ``FORWARD_PARTIAL_BYTES``) and the merge
+    of the split partials. ``group_rows``: "shipped" (the interface's ``FORWARD_GROUP_ROWS``) or
+    None (row-block-fastest 2-D grid, the forward before issue #18)."""
     launch = launch or _shipped_launch()
     config = launch.GPU_CONFIG["fwd"][shape.dtype]
     group = launch.FORWARD_GROUP_ROWS if group_rows == "shipped" else group_rows
     per_split, splits = launch.forward_splits(shape.num_rows, shape.vocab, shape.dtype, device_type="cuda",
                                               batch_invariant=True, num_sms=gpu.sms)
     tiles_per_split = per_split // config.block_v
-    traffic = _launch_traffic(shape, gpu, config, shape.num_rows, shape.vocab, group, tiles_per_split)
-    row_blocks, tiles = _cdiv(shape.num_rows, config.block_n), _cdiv(shape.vocab, config.block_v)
+    # the driver's row chunks: 3 float32 partial states per row and split
+    row_chunk = max(config.block_n, launch.FORWARD_PARTIAL_BYTES // (12 * splits) // config.block_n * config.block_n)
     tile_flops = 2.0 * config.block_n * config.block_v * shape.dim
-    partials = 12 * shape.num_rows * splits  # max, sum, entropy sum per row and split, float32
-    fwd = Kernel("forward kernel", flops=row_blocks * tiles * tile_flops,
-                 hbm_bytes=sum(traffic.values()) + partials + 8 * shape.num_rows,
-                 program_flops=tiles_per_split * tile_flops, rereads=_rereads(traffic, shape, shape.num_rows,
-                                                                              shape.vocab))
-    merge = Kernel("merge of split partials", hbm_bytes=partials + 8 * shape.num_rows)
+    tiles = _cdiv(shape.vocab, config.block_v)
+    fwd = Kernel("forward kernel", program_flops=tiles_per_split * tile_flops, launches=0)
+    rereads = {"hidden": 0.0, "weight": 0.0}
+    for rows, count in _chunk_sizes(shape.num_rows, row_chunk):
+        traffic = _launch_traffic(shape, gpu, config, rows, shape.vocab, group, tiles_per_split)
+        fwd.launches += count
+        fwd.flops += count * _cdiv(rows, config.block_n) * tiles * tile_flops
+        fwd.hbm_bytes += count * (sum(traffic.values()) + 12 * rows * splits)
+        for name, factor in _rereads(traffic, shape, shape.num_rows, shape.vocab).items():
+            rereads[name] += count * factor
+    fwd.hbm_bytes += 8 * shape.num_rows  # targets in, target logits out
+    fwd.rereads = rereads
+    merge = Kernel("merge of split partials", hbm_bytes=12 * shape.num_rows * splits + 8 * shape.num_rows)
+    # one chunk's partial states, two while the next chunk's are allocated
+    partials = 12 * min(shape.num_rows, row_chunk) * splits * (2 if shape.num_rows > row_chunk else 1)
     raster = "row-block fastest" if group is None else f"groups of {group} row blocks"
     return Path("forward", [fwd, merge], extra_bytes=partials + _row_vectors_bytes(shape.num_rows),
                 notes=f"{splits} splits of {per_split} ids, raster: {raster}")
@@ -372,7 +326,7 @@ def workspace_backward_path(shape: Shape, gpu: GPU, launch=None, workspace_bytes
     rereads = {"hidden": 0.0, "weight": 0.0}
     for rows, row_count in _chunk_sizes(n, plan.rows_per_chunk):
         for ids, id_count in _chunk_sizes(v, plan.ids_per_chunk):
-            traffic = _launch_traffic(shape, gpu, config, rows, ids, launch.FORWARD_GROUP_ROWS, 1)
+            traffic = _launch_traffic(shape, gpu, config, rows, ids, launch.BACKWARD_GROUP_ROWS, 1)
             count = row_count * id_count
             programs = _cdiv(rows, config.block_n) * _cdiv(ids, config.block_v)
             dlogits.flops += count * programs * tile_flops
@@ -382,21 +336,26 @@ def workspace_backward_path(shape: Shape, gpu: GPU, launch=None, workspace_bytes
     dlogits.rereads = rereads
 
     workspace_reads = n * v * e  # each GEMM reads every d logit once
-    # d weight: K = rows. One row chunk: each row written once in the weight's dtype; several:
-    # summed over row chunks in a float32 buffer, then cast.
-    weight_rmw = 0 if row_chunks == 1 else v * d * 4 * (2 * row_chunks - 1)
+    # Float32 accumulators: the first product is written, the later ones read-modify-written.
+    # d weight: K = rows. One row chunk: each row written once in the weight's dtype; several
+    # (16-bit weights): summed over the row chunks in a float32 [ids, D] buffer, then copied.
+    weight_acc = row_chunks > 1 and shape.dtype != torch.float32
+    weight_rmw = v * d * 4 * (2 * row_chunks - 1) if weight_acc else 0
     grad_weight = Kernel("d weight GEMMs (cuBLAS, dlogits^T @ hidden)", flops=2.0 * n * d * v,
-                         hbm_bytes=workspace_reads + vocab_chunks * n * d * e + v * d * e + weight_rmw
-                         + (v * d * 4 if row_chunks > 1 else 0),
+                         hbm_bytes=workspace_reads + vocab_chunks * n * d * e + weight_rmw
+                         + (v * d * (4 + e) if weight_acc else v * d * e),
                          rmw_bytes=weight_rmw)
-    # d hidden: the float32 accumulator is zeroed, then read and written once per vocabulary chunk.
-    hidden_rmw = n * d * 4 * (1 + 2 * vocab_chunks)
+    # d hidden: a float32 [N, D] accumulator (the gradient itself for float32 inputs).
+    hidden_rmw = n * d * 4 * (2 * vocab_chunks - 1)
     grad_hidden = Kernel("d hidden GEMMs (cuBLAS addmm into float32)", flops=2.0 * n * d * v,
                          hbm_bytes=workspace_reads + row_chunks * v * d * e + hidden_rmw, rmw_bytes=hidden_rmw)
-    cast = Kernel("d hidden accumulator -> input dtype", hbm_bytes=n * d * (4 + e))
+    zero = Kernel("zero d hidden, d weight (the op allocates them zeroed)", hbm_bytes=n * d * e + v * d * e)
+    kernels = [zero, dlogits, grad_weight, grad_hidden]
+    if shape.dtype != torch.float32:
+        kernels.append(Kernel("d hidden accumulator -> input dtype", hbm_bytes=n * d * (4 + e)))
     extra = (plan.workspace_bytes + plan.accumulator_bytes + plan.gathered_hidden_bytes
              + _row_vectors_bytes(n))
-    return Path("backward, workspace", [dlogits, grad_weight, grad_hidden, cast], extra_bytes=extra,
+    return Path("backward, workspace", kernels, extra_bytes=extra,
                 notes=(f"{plan.rows_per_chunk} rows x {plan.ids_per_chunk} ids per chunk "
                        f"({row_chunks} x {vocab_chunks} chunks), workspace {plan.workspace_bytes / MiB:.0f} MiB, "
                        f"accumulators {plan.accumulator_bytes / MiB:.0f} MiB"))
@@ -409,7 +368,7 @@ def _chunk_sizes(total, chunk):
 
 
 def atomic_backward_path(shape: Shape, gpu: GPU, launch=None, exact=True) -> Path:
-    """Today's backward (``backward="atomic"``): pass 1 over row chunks recomputes each logit tile
+    """The atomic backward (``backward="atomic"``): pass 1 over row chunks recomputes each logit tile
     and atomically adds ``d logits @ W`` into a float32 [rows, D] chunk buffer (and, ``exact=False``,
     ``d logits^T @ h`` into d weight in its dtype); with ``exact=True`` pass 2 over vocabulary chunks
     recomputes the logits again and atomically adds d weight into a float32 [ids, D] chunk buffer."""
@@ -422,7 +381,7 @@ def atomic_backward_path(shape: Shape, gpu: GPU, launch=None, exact=True) -> Pat
     weight_in_pass_1 = not exact or shape.dtype == torch.float32
     tile_flops = 2.0 * config.block_n * config.block_v * d
     group = launch.BACKWARD_GROUP_ROWS
-    kernels = [Kernel("zero d hidden, d weight (atomic targets)", hbm_bytes=n * d * e + v * d * e)]
+    kernels = [Kernel("zero d hidden, d weight (the op allocates them zeroed)", hbm_bytes=n * d * e + v * d * e)]
 
     dots = 3 if weight_in_pass_1 else 2
     pass1 = Kernel(f"pass 1: recompute + d hidden{' + d weight' if weight_in_pass_1 else ''} (atomics)",

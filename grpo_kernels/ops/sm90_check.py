@@ -43,7 +43,7 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from typing import NamedTuple, Optional
 
-SPEC_MODULES = ("grpo_kernels.ops.logprobs", "grpo_kernels.ops.grpo_loss", "grpo_kernels.ops.advantages")
+SPEC_MODULES = ("grpo_kernels.ops.logprobs.specs", "grpo_kernels.ops.grpo_loss", "grpo_kernels.ops.advantages")
 
 # sm_90 (H100/H200) per-SM and per-block limits, for the shared-memory gate and the CTAs-per-SM column.
 SM90_MAX_SHARED_PER_BLOCK = 227 * 1024  # opt-in maximum of one block
@@ -64,25 +64,26 @@ class Waiver(NamedTuple):
 # printed and tabled as "waived", and do not fail the run. A waiver that no longer matches any
 # configuration of its module fails the check: delete it then.
 # (module, spec-name prefix, gate, "aligned" / "unaligned" / None for both) -> Waiver
-_LOGPROBS_REWORK = ("the log-prob kernels are being rebuilt by issue #18 items 1, 2 and 5 (the log-prob "
-                    "package, the workspace backward): its kernels must pass this gate or carry their own waiver")
 WAIVERS = {
-    ("grpo_kernels.ops.logprobs", "logprobs_bwd_det[", "spill", None): Waiver(
-        "the deterministic backward spills with soft-cap and/or bias; issue #18 replaces it by the workspace "
-        "backward and deletes these kernels"),
-    ("grpo_kernels.ops.logprobs", "logprobs_bwd[fp32,", "spill", None): Waiver(
+    ("grpo_kernels.ops.logprobs.specs", "logprobs_bwd_atomic[fp32,", "spill", None): Waiver(
         "float32 atomic backward: 8-24 B spilled with d hidden only, 11-16 KB with d weight in the same pass "
-        "(ptxas drops to 32 registers); " + _LOGPROBS_REWORK),
-    ("grpo_kernels.ops.logprobs", "logprobs_bwd[", "spill", "unaligned"): Waiver(
-        "atomic backward, no 16-divisible argument (odd D or strides): 200 B-2.5 KB spilled; " + _LOGPROBS_REWORK),
-    ("grpo_kernels.ops.logprobs", "logprobs_fwd[", "spill", "unaligned"): Waiver(
-        "forward, no 16-divisible argument (odd D or strides): 28-236 B spilled; " + _LOGPROBS_REWORK),
+        "(ptxas drops to 32 registers); the atomic backward stays selectable only until a GPU run has compared "
+        "it with the workspace backward (issue #18)"),
+    ("grpo_kernels.ops.logprobs.specs", "logprobs_bwd_atomic[", "spill", "unaligned"): Waiver(
+        "atomic backward, no 16-divisible argument (odd D or strides): 200 B-2.5 KB spilled; it stays selectable "
+        "only until a GPU run has compared it with the workspace backward (issue #18)"),
+    ("grpo_kernels.ops.logprobs.specs", "logprobs_dlogits[", "spill", "unaligned"): Waiver(
+        "the default backward's d-logits kernel, no 16-divisible argument (odd D or strides): up to 288 B "
+        "spilled (the usual shapes compile aligned and do not spill); for the log-prob kernels' owners"),
+    ("grpo_kernels.ops.logprobs.specs", "logprobs_fwd[", "spill", "unaligned"): Waiver(
+        "forward, no 16-divisible argument (odd D or strides): 28-236 B spilled (the usual shapes compile "
+        "aligned and do not spill); for the log-prob kernels' owners"),
     ("grpo_kernels.ops.grpo_loss", "grpo_loss[", "spill", None): Waiver(
         "the loss kernel spills 4-16 B in 16 of its 112 configurations (ptxas keeps it at 128 registers); "
         "for the owners of grpo_kernels/ops/grpo_loss.py", max_spill_bytes=16),
     ("grpo_kernels.ops.advantages", "group_advantages[", "spill", None): Waiver(
         "4-96 B of stack stores around ptxas's float64 division / square-root subroutines (CALL.REL in the "
-        "SASS) in 20 of its 128 configurations; for the owners of grpo_kernels/ops/advantages.py",
+        "SASS) in 20 of its 128 configurations; for the owners of grpo_kernels/ops/advantages/",
         max_spill_bytes=96),
 }
 

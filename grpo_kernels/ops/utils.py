@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import InitVar, dataclass, field
-from typing import Optional
+from dataclasses import dataclass, field
 
 import torch
 
@@ -106,14 +105,6 @@ class CompileSpec:
     num_warps: int = 4
     num_stages: int = 3
     float_atomics: bool = False
-    # Transition only, until the log-prob package of issue #18 (which passes float_atomics) lands:
-    # today's logprobs.py still passes the old keyword, whose False meant "atomics allowed".
-    # Delete this InitVar and __post_init__ then.
-    forbid_atomics: InitVar[Optional[bool]] = None
-
-    def __post_init__(self, forbid_atomics):
-        if forbid_atomics is not None:
-            object.__setattr__(self, "float_atomics", not forbid_atomics)
 
 
 TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}

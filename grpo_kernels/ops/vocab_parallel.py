@@ -37,7 +37,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from grpo_kernels.ops import logprobs as _logprobs
+from grpo_kernels.ops.logprobs.drivers import BACKENDS
+from grpo_kernels.ops.logprobs.op import single_device_logprobs
 from grpo_kernels.ops.utils import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -62,7 +63,7 @@ DEBUG_ENV = "GRPO_KERNELS_CHECK_REPLICATED"
 
 
 def _shard_driver(direction, backend, hidden, weight, bias, local_targets, rows, temperature, *args):
-    """One vocabulary shard through ``logprobs._BACKENDS[backend]`` (see docs: logprob-drivers).
+    """One vocabulary shard through ``logprobs.drivers.BACKENDS[backend]`` (see docs: logprob-drivers).
 
     ``local_targets`` ``[N]`` int32 are shard-local ids, ``-1`` where the target lies in another
     shard (an id outside ``[0, V_r)`` matches no logit in either driver). ``direction="forward"``:
@@ -72,7 +73,7 @@ def _shard_driver(direction, backend, hidden, weight, bias, local_targets, rows,
     the *global* lse and mean logit; adds this shard's exact gradients into the buffers
     (``grad_hidden`` float32 ``[N, D]``).
     """
-    forward_fn, backward_fn = _logprobs._BACKENDS[backend]
+    forward_fn, backward_fn = BACKENDS[backend]
     driver_targets = local_targets.reshape(-1, 1)  # the drivers take [N, K] targets; K = 1 here
     if direction == "forward":
         (compute_entropy,) = args
@@ -382,7 +383,7 @@ def _run(hidden, weight, targets, process_group, *, bias, temperature, ignore_in
     if pick_layout is not None and pick_layout(vocab_sizes, row_counts) == "gather_weight":
         weight_full = _AllGatherShards.apply(weight, process_group, vocab_sizes)
         bias_full = _AllGatherShards.apply(bias, process_group, vocab_sizes) if bias is not None else None
-        return _logprobs.token_logprobs(
+        return single_device_logprobs(
             hidden, weight_full, targets, bias=bias_full, temperature=temperature, ignore_index=ignore_index,
             return_entropy=return_entropy, filter_eps=filter_eps, exact=exact, backend=backend)
     backend = resolve_backend(hidden.device, backend)

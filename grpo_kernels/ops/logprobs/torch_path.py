@@ -1,6 +1,6 @@
 """The chunked PyTorch backend of ``token_logprobs``: what CPU users, the demo and CI run.
 
-Same drivers, same numbers as the Triton kernels in ``logprobs.py`` (see the interface there):
+Same drivers, same numbers as the Triton kernels of this package (see the interface in ``drivers``):
 for each compacted row ``n`` and each of its ``K`` targets ``t_k``::
 
     y    = h_n @ W.T + b                                    # [V]
@@ -215,16 +215,17 @@ def torch_forward(hidden, weight, bias, targets, rows, temperature, compute_entr
 
 def torch_backward(hidden, weight, bias, targets, rows, lse, mean_logit, grad_logp, grad_ent,
                    temperature, filter_eps, exact, grad_hidden, grad_weight, grad_bias,
-                   *, softcap=None, deterministic=False):
+                   *, softcap=None, backward="workspace", workspace_bytes=None):
     """Chunked PyTorch backward: float32 accumulation throughout.
 
     targets [N, K] (or [N], then grad_logp [M]); lse, mean_logit (= E_p[z], or None), grad_ent
     (or None) [M]; grad_logp [M, K]. Writes grad_hidden's ``rows`` (grad_hidden may be None);
     adds into grad_weight [V, D] and grad_bias [V] float32 (either may be None). ``filter_eps``
-    and ``exact`` do not apply (every tile is exact, in float32); the result is deterministic
-    whatever ``deterministic`` says (fixed-order float32 sums, no atomics).
+    ``exact``, ``backward`` and ``workspace_bytes`` do not apply (every tile is exact, in float32,
+    within this module's own slab); the result is deterministic (fixed-order float32 sums, no
+    atomics).
     """
-    del filter_eps, exact, deterministic
+    del filter_eps, exact, backward, workspace_bytes
     targets, was_1d = _as_2d_targets(targets)
     if was_1d:
         grad_logp = grad_logp[:, None]

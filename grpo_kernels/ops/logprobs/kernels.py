@@ -1,0 +1,316 @@
+"""The Triton kernels of the log-prob op: the forward, the merge of its vocabulary splits, the
+d-logits kernel of the default (workspace) backward and the atomic backward (see the package
+docstring for the math; ``launch`` holds their tile configurations, ``drivers`` launches them)."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
+    if INTERPRETER:
+        # Triton's CPU interpreter computes tl.dot with numpy's matmul, whose BLAS kernel rounds a
+        # row differently depending on its position in the tile (the tensor cores' MMA does not),
+        # and bf16/fp16 dots wrongly. An explicit float32 product-sum is position-invariant like
+        # the MMA, and products of 16-bit floats are exact in float32.
+        products = a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :]
+        return acc + tl.sum(products, axis=1)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _tanh(x):
+    # TRL's form; exact at |x| -> inf (sigmoid saturates to 0 or 1), absolute error ~1e-7 near 0.
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _grouped_tile(pid, num_row_blocks, num_cols, GROUP_N: tl.constexpr):
+    """(row block, column) of program ``pid`` in a grid of num_row_blocks x num_cols, rastered in
+    groups of GROUP_N row blocks: inside a group the row block varies fastest, then the column
+    (a vocabulary split or tile). The programs running together then share a few row blocks of
+    hidden and each column's weight tiles in L2 (see launch.FORWARD_GROUP_ROWS)."""
+    per_group = GROUP_N * num_cols
+    first_row = (pid // per_group) * GROUP_N
+    group_rows = tl.minimum(num_row_blocks - first_row, GROUP_N)
+    in_group = pid % per_group
+    return first_row + in_group % group_rows, in_group // group_rows
+
+
+@triton.jit
+def _logit_tile(
+    Hidden, Weight, Bias, rows, offs_v, row_ok, v_ok, D, stride_h, stride_w,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
+):
+    """y = h[rows] @ W[offs_v].T + b[offs_v] as a [BLOCK_N, BLOCK_V] float32 tile (before the
+    soft-cap and the temperature)."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    h_ptrs = Hidden + rows.to(tl.int64)[:, None] * stride_h
+    w_ptrs = Weight + offs_v.to(tl.int64)[None, :] * stride_w
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        h = tl.load(h_ptrs + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs + offs_d[:, None], mask=v_ok[None, :] & d_ok[:, None], other=0.0)
+        acc = _dot(h, w, acc, DOT_PRECISION, INTERPRETER)
+    if HAS_BIAS:
+        acc += tl.load(Bias + offs_v, mask=v_ok, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _logprobs_fwd_kernel(
+    Hidden, Weight, Bias, Targets, RowIdx,
+    PartMax, PartSum, PartEnt, TargetLogit,
+    M, V, D, K, stride_h, stride_w, stride_t, inv_temp, softcap, vocab_per_split, num_splits,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
+):
+    """One program: BLOCK_N rows x one vocabulary split (a 1-D grid of row blocks x splits, rastered
+    in groups of GROUP_N row blocks: see _grouped_tile). Writes per-split partial states
+    (running max, sum of exp(z - max), sum of exp(z - max) * (z - max)) into Part* [M, splits],
+    and the logit of every target id in the split into TargetLogit [M, K] (each (row, k) lies in
+    at most one tile of one split, so the stores never collide)."""
+    pid_n, pid_s = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_N), num_splits, GROUP_N)
+    offs_m = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = offs_m < M
+    rows = tl.load(RowIdx + offs_m, mask=row_ok, other=0)
+    t_ptrs = Targets + rows.to(tl.int64) * stride_t
+
+    run_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    run_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # sum_v exp(z - run_max) * (z - run_max): shift-invariant form of sum p z, so that the
+    # entropy does not cancel catastrophically when |z| ~ 1e4.
+    run_ent = tl.zeros((BLOCK_N,), dtype=tl.float32)
+
+    v_begin = pid_s * vocab_per_split
+    v_end = tl.minimum(v_begin + vocab_per_split, V)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        v_ok = offs_v < v_end
+        y = _logit_tile(Hidden, Weight, Bias, rows, offs_v, row_ok, v_ok, D, stride_h, stride_w,
+                        BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_PRECISION, INTERPRETER)
+        if HAS_SOFTCAP:
+            z = softcap * _tanh(y / softcap) * inv_temp
+        else:
+            z = y * inv_temp
+        z = tl.where(v_ok[None, :], z, float("-inf"))
+        new_max = tl.maximum(run_max, tl.max(z, axis=1))
+        rescale = tl.exp(run_max - new_max)
+        z_shift = tl.where(v_ok[None, :], z - new_max[:, None], 0.0)
+        p = tl.where(v_ok[None, :], tl.exp(z_shift), 0.0)
+        if COMPUTE_ENTROPY:
+            # re-base the old sum to the new max: sum e^{z-m'}(z-m') = r * (sum e^{z-m}(z-m) + s (m-m'))
+            shift = tl.where(run_sum > 0, run_max - new_max, 0.0)
+            run_ent = rescale * (run_ent + run_sum * shift) + tl.sum(p * z_shift, axis=1)
+        run_sum = run_sum * rescale + tl.sum(p, axis=1)
+        run_max = new_max
+        tile_end = tl.minimum(v0 + BLOCK_V, v_end)
+        for k in range(K):
+            target = tl.load(t_ptrs + k, mask=row_ok, other=-1)
+            hit = row_ok & (target >= v0) & (target < tile_end)
+            # Most tiles hold no row's k-th target: skip the [BLOCK_N, BLOCK_V] compare.
+            if tl.sum(hit.to(tl.int32), axis=0) > 0:
+                gathered = tl.sum(tl.where(offs_v[None, :] == target[:, None], z, 0.0), axis=1)
+                tl.store(TargetLogit + offs_m.to(tl.int64) * K + k, gathered, mask=hit)
+
+    out = offs_m * num_splits + pid_s
+    tl.store(PartMax + out, run_max, mask=row_ok)
+    tl.store(PartSum + out, run_sum, mask=row_ok)
+    if COMPUTE_ENTROPY:
+        tl.store(PartEnt + out, run_ent, mask=row_ok)
+
+
+@triton.jit
+def _logprobs_merge_kernel(
+    PartMax, PartSum, PartEnt, Lse, Entropy, M, num_splits,
+    BLOCK_N: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr,
+):
+    """lse [M] (and entropy [M]) from the per-split partial states [M, splits], merged split by
+    split in index order: the same operations for a row whatever M is (batch-invariant)."""
+    offs_m = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = offs_m < M
+    run_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    run_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    run_ent = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for s in range(num_splits):
+        part_max = tl.load(PartMax + offs_m * num_splits + s, mask=row_ok, other=0.0)
+        part_sum = tl.load(PartSum + offs_m * num_splits + s, mask=row_ok, other=0.0)
+        new_max = tl.maximum(run_max, part_max)
+        old_scale = tl.exp(run_max - new_max)
+        part_scale = tl.exp(part_max - new_max)
+        if COMPUTE_ENTROPY:
+            part_ent = tl.load(PartEnt + offs_m * num_splits + s, mask=row_ok, other=0.0)
+            old_shift = tl.where(run_sum > 0, run_max - new_max, 0.0)
+            run_ent = (old_scale * (run_ent + run_sum * old_shift)
+                       + part_scale * (part_ent + part_sum * (part_max - new_max)))
+        run_sum = run_sum * old_scale + part_sum * part_scale
+        run_max = new_max
+    log_sum = tl.log(tl.where(row_ok, run_sum, 1.0))
+    run_sum = tl.where(row_ok, run_sum, 1.0)
+    tl.store(Lse + offs_m, run_max + log_sum, mask=row_ok)
+    if COMPUTE_ENTROPY:
+        tl.store(Entropy + offs_m, log_sum - run_ent / run_sum, mask=row_ok)
+
+
+@triton.jit
+def _grad_logit_tile(
+    Hidden, Weight, Bias, Targets, rows, offs_m, offs_v, row_ok, v_ok, tile_begin, tile_end,
+    Lse, MeanLogit, GradLogp, GradLogpSum, GradEnt,
+    D, K, stride_h, stride_w, stride_t, inv_temp, softcap,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, ENTROPY_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INTERPRETER: tl.constexpr,
+):
+    """d loss / d y for one [BLOCK_N, BLOCK_V] tile (y = h W^T + b), float32, 0 outside the valid
+    rows x ids. Rows are indexed by the compacted position ``offs_m`` (Lse, GradLogp, ...) and by
+    the original row ``rows`` (Hidden, Targets)."""
+    y = _logit_tile(Hidden, Weight, Bias, rows, offs_v, row_ok, v_ok, D, stride_h, stride_w,
+                    BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_PRECISION, INTERPRETER)
+    if HAS_SOFTCAP:
+        z = softcap * _tanh(y / softcap) * inv_temp
+        # 1 - tanh^2(x) = 4 sigmoid(2x) sigmoid(-2x): accurate where tanh saturates (1 - t^2
+        # would cancel to a few ulps of 1 once |x| > 4)
+        dcap = 4.0 * tl.sigmoid(2.0 * y / softcap) * tl.sigmoid(-2.0 * y / softcap)
+    else:
+        z = y * inv_temp
+    lse = tl.load(Lse + offs_m, mask=row_ok, other=0.0)
+    p = tl.exp(z - lse[:, None])
+    # d logp_k / d z = onehot(t_k) - p ; d entropy / d z = -p (z - E_p[z])
+    coeff = tl.load(GradLogpSum + offs_m, mask=row_ok, other=0.0)[:, None]
+    if ENTROPY_GRAD:
+        grad_ent = tl.load(GradEnt + offs_m, mask=row_ok, other=0.0)
+        mean_logit = tl.load(MeanLogit + offs_m, mask=row_ok, other=0.0)
+        coeff += grad_ent[:, None] * (z - mean_logit[:, None])
+    grad = -p * coeff
+    t_ptrs = Targets + rows.to(tl.int64) * stride_t
+    for k in range(K):
+        target = tl.load(t_ptrs + k, mask=row_ok, other=-1)
+        hit = row_ok & (target >= tile_begin) & (target < tile_end)
+        if tl.sum(hit.to(tl.int32), axis=0) > 0:
+            grad_logp = tl.load(GradLogp + offs_m.to(tl.int64) * K + k, mask=hit, other=0.0)
+            grad += tl.where(offs_v[None, :] == target[:, None], grad_logp[:, None], 0.0)
+    if HAS_SOFTCAP:
+        grad = grad * (dcap * inv_temp)
+    else:
+        grad = grad * inv_temp
+    return tl.where(row_ok[:, None] & v_ok[None, :], grad, 0.0)
+
+
+@triton.jit
+def _logprobs_bwd_atomic_kernel(
+    Hidden, Weight, Bias, Targets, RowIdx, Lse, MeanLogit, GradLogp, GradLogpSum, GradEnt,
+    GradHidden, GradWeight, GradBias,
+    M, v_begin, v_end, D, K, stride_h, stride_w, stride_t, stride_gh, stride_gw, inv_temp, softcap,
+    filter_eps,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ENTROPY_GRAD: tl.constexpr,
+    HIDDEN_GRAD: tl.constexpr, WEIGHT_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INTERPRETER: tl.constexpr,
+):
+    """The atomic backward's kernel (``backward="atomic"``): one program forms a [BLOCK_N, BLOCK_V]
+    tile of d logits and scatters its products into d hidden and/or d weight with atomic adds.
+
+    Covers the M compacted rows x vocabulary ids [v_begin, v_end). GradHidden is indexed by the
+    compacted row position ``offs_m``; GradWeight by ``offs_v - v_begin`` (so that it can be a
+    chunk buffer); hidden/targets by the original row ``rows``. With HIDDEN_GRAD the bias
+    gradient is added too. The row-block index varies fastest inside groups of GROUP_N row
+    blocks, so that programs running together share weight tiles in L2.
+    """
+    pid_n, pid_v = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_N), tl.cdiv(v_end - v_begin, BLOCK_V), GROUP_N)
+
+    offs_m = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = offs_m < M
+    rows = tl.load(RowIdx + offs_m, mask=row_ok, other=0)
+    tile_begin = v_begin + pid_v * BLOCK_V
+    offs_v = tile_begin + tl.arange(0, BLOCK_V)
+    v_ok = offs_v < v_end
+    grad_y = _grad_logit_tile(
+        Hidden, Weight, Bias, Targets, rows, offs_m, offs_v, row_ok, v_ok, tile_begin,
+        tl.minimum(tile_begin + BLOCK_V, v_end), Lse, MeanLogit, GradLogp, GradLogpSum, GradEnt,
+        D, K, stride_h, stride_w, stride_t, inv_temp, softcap, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS,
+        HAS_SOFTCAP, ENTROPY_GRAD, DOT_PRECISION, INTERPRETER)
+
+    # Optional Cut-Cross-Entropy-style filtering: a tile whose every |d y| is below filter_eps
+    # contributes less than rounding to both products; skip its matmuls.
+    if tl.max(tl.max(tl.abs(grad_y), axis=1), axis=0) < filter_eps:
+        return
+
+    # Relaxed atomics throughout: the adds commute and nothing in this launch reads them back.
+    if HAS_BIAS and HIDDEN_GRAD:
+        tl.atomic_add(GradBias + offs_v, tl.sum(grad_y, axis=0), mask=v_ok, sem="relaxed")
+
+    grad_y_op = grad_y.to(Hidden.dtype.element_ty)
+    gh_ptrs = GradHidden + offs_m.to(tl.int64)[:, None] * stride_gh
+    w_ptrs = Weight + offs_v.to(tl.int64)[:, None] * stride_w
+    h_ptrs = Hidden + rows.to(tl.int64)[:, None] * stride_h
+    gw_ptrs = GradWeight + (offs_v - v_begin).to(tl.int64)[:, None] * stride_gw
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        if HIDDEN_GRAD:
+            w = tl.load(w_ptrs + offs_d[None, :], mask=v_ok[:, None] & d_ok[None, :], other=0.0)
+            grad_h = _dot(grad_y_op, w, tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32), DOT_PRECISION,
+                          INTERPRETER)
+            tl.atomic_add(gh_ptrs + offs_d[None, :], grad_h, mask=row_ok[:, None] & d_ok[None, :],
+                          sem="relaxed")
+        if WEIGHT_GRAD:
+            h = tl.load(h_ptrs + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            grad_w = _dot(tl.trans(grad_y_op), h, tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32),
+                          DOT_PRECISION, INTERPRETER)
+            gw_mask = v_ok[:, None] & d_ok[None, :]
+            if INTERPRETER:
+                # Triton's CPU interpreter runs programs one after another and has no bf16/fp16
+                # atomics: a plain read-add-write is then exact and race-free.
+                acc_w = tl.load(gw_ptrs + offs_d[None, :], mask=gw_mask, other=0.0).to(tl.float32)
+                tl.store(gw_ptrs + offs_d[None, :], (acc_w + grad_w).to(GradWeight.dtype.element_ty),
+                         mask=gw_mask)
+            else:
+                tl.atomic_add(gw_ptrs + offs_d[None, :], grad_w.to(GradWeight.dtype.element_ty),
+                              mask=gw_mask, sem="relaxed")
+
+
+@triton.jit
+def _logprobs_dlogits_kernel(
+    Hidden, Weight, Bias, Targets, RowIdx, Lse, MeanLogit, GradLogp, GradLogpSum, GradEnt,
+    GradLogits, BiasPartial,
+    M, v_begin, v_end, D, K, stride_h, stride_w, stride_t, stride_g, inv_temp, softcap, filter_eps,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ENTROPY_GRAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
+):
+    """The workspace backward's kernel: one program recomputes one [BLOCK_N, BLOCK_V] logit tile
+    and stores its d logits (d loss / d y) into the chunk buffer; no atomics, every element of the
+    buffer has exactly one writer.
+
+    Covers the M compacted rows x vocabulary ids [v_begin, v_end) of one chunk. GradLogits is
+    ``[M, v_end - v_begin]`` (row stride ``stride_g``) in its own dtype (the input dtype), indexed by
+    the compacted row position and ``offs_v - v_begin``. A tile whose every ``|d y|`` is below
+    filter_eps is stored as zeros (Cut Cross-Entropy's gradient filtering). With HAS_BIAS the
+    tile's float32 column sums go to ``BiasPartial[row block, offs_v - v_begin]`` (``[row blocks,
+    v_end - v_begin]``), which the driver sums over row blocks in order: d bias without atomics.
+    Programs are rastered in groups of GROUP_N row blocks (_grouped_tile).
+    """
+    num_ids = v_end - v_begin
+    pid_n, pid_v = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_N), tl.cdiv(num_ids, BLOCK_V), GROUP_N)
+    offs_m = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = offs_m < M
+    rows = tl.load(RowIdx + offs_m, mask=row_ok, other=0)
+    tile_begin = v_begin + pid_v * BLOCK_V
+    offs_v = tile_begin + tl.arange(0, BLOCK_V)
+    v_ok = offs_v < v_end
+    grad_y = _grad_logit_tile(
+        Hidden, Weight, Bias, Targets, rows, offs_m, offs_v, row_ok, v_ok, tile_begin,
+        tl.minimum(tile_begin + BLOCK_V, v_end), Lse, MeanLogit, GradLogp, GradLogpSum, GradEnt,
+        D, K, stride_h, stride_w, stride_t, inv_temp, softcap, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS,
+        HAS_SOFTCAP, ENTROPY_GRAD, DOT_PRECISION, INTERPRETER)
+    # filter_eps = 0 (no filtering) keeps every tile: no |d y| is below 0.
+    keep = tl.max(tl.max(tl.abs(grad_y), axis=1), axis=0) >= filter_eps
+    grad_y = tl.where(keep, grad_y, 0.0)
+    cols = offs_v - v_begin
+    g_ptrs = GradLogits + offs_m.to(tl.int64)[:, None] * stride_g + cols[None, :]
+    tl.store(g_ptrs, grad_y.to(GradLogits.dtype.element_ty), mask=row_ok[:, None] & v_ok[None, :])
+    if HAS_BIAS:
+        tl.store(BiasPartial + pid_n.to(tl.int64) * num_ids + cols, tl.sum(grad_y, axis=0), mask=v_ok)
