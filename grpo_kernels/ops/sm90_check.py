@@ -79,8 +79,8 @@ WAIVERS = {
         "forward, no 16-divisible argument (odd D or strides): 28-236 B spilled (the usual shapes compile "
         "aligned and do not spill); for the log-prob kernels' owners"),
     ("grpo_kernels.ops.grpo_loss", "grpo_loss[", "spill", None): Waiver(
-        "the loss kernel spills 4-16 B in 16 of its 112 configurations (ptxas keeps it at 128 registers); "
-        "for the owners of grpo_kernels/ops/grpo_loss.py", max_spill_bytes=16),
+        "the loss kernel spills 4-32 B in 14 of its 208 configurations (ptxas keeps it at 128 registers); "
+        "for the owners of grpo_kernels/ops/grpo_loss/", max_spill_bytes=32),
     ("grpo_kernels.ops.advantages", "group_advantages[", "spill", None): Waiver(
         "4-36 B of stack stores around ptxas's float64 division / square-root subroutines (CALL.REL in the "
         "SASS) in 16 of its 144 configurations; for the owners of grpo_kernels/ops/advantages/",
