@@ -67,16 +67,16 @@ class Waiver(NamedTuple):
 WAIVERS = {
     ("grpo_kernels.ops.logprobs.specs", "logprobs_bwd_atomic[fp32,", "spill", None): Waiver(
         "float32 atomic backward: 8-24 B spilled with d hidden only, 11-16 KB with d weight in the same pass "
-        "(ptxas drops to 32 registers); the atomic backward stays selectable only until a GPU run has compared "
-        "it with the workspace backward (issue #18)"),
+        "(ptxas drops to 32 registers), up to 18 KB unaligned; the atomic backward stays selectable only until "
+        "a GPU run has compared it with the workspace backward (issue #18)"),
     ("grpo_kernels.ops.logprobs.specs", "logprobs_bwd_atomic[", "spill", "unaligned"): Waiver(
-        "atomic backward, no 16-divisible argument (odd D or strides): 200 B-2.5 KB spilled; it stays selectable "
+        "atomic backward, no 16-divisible argument (odd D or strides): 420 B-2.7 KB spilled; it stays selectable "
         "only until a GPU run has compared it with the workspace backward (issue #18)"),
     ("grpo_kernels.ops.logprobs.specs", "logprobs_dlogits[", "spill", "unaligned"): Waiver(
         "the default backward's d-logits kernel, no 16-divisible argument (odd D or strides): up to 288 B "
         "spilled (the usual shapes compile aligned and do not spill); for the log-prob kernels' owners"),
     ("grpo_kernels.ops.logprobs.specs", "logprobs_fwd[", "spill", "unaligned"): Waiver(
-        "forward, no 16-divisible argument (odd D or strides): 28-236 B spilled (the usual shapes compile "
+        "forward, no 16-divisible argument (odd D or strides): 28-368 B spilled (the usual shapes compile "
         "aligned and do not spill); for the log-prob kernels' owners"),
     ("grpo_kernels.ops.grpo_loss", "grpo_loss[", "spill", None): Waiver(
         "the loss kernel spills 4-32 B in 14 of its 208 configurations (ptxas keeps it at 128 registers); "
