@@ -161,7 +161,17 @@ def test_a_waiver_that_matches_nothing_is_reported():
 
 
 def test_a_capped_waiver_stops_at_its_bytes():
-    (module, prefix, gate, _), waiver = next((k, w) for k, w in sm90_check.WAIVERS.items() if w.max_spill_bytes)
+    (module, prefix, gate, _), waiver = next((k, w) for k, w in sm90_check.WAIVERS.items()
+                                             if w.max_spill_bytes and not w.min_triton)
     cap = waiver.max_spill_bytes
     assert sm90_check._waiver(module, prefix + "x]", gate, True, {"spill_stores": cap, "spill_loads": 4})
     assert sm90_check._waiver(module, prefix + "x]", gate, True, {"spill_stores": 4, "spill_loads": cap + 1}) is None
+
+
+def test_a_waiver_for_a_newer_triton_applies_to_it_only(monkeypatch):
+    (module, prefix, gate, alignment), waiver = next((k, w) for k, w in sm90_check.WAIVERS.items() if w.min_triton)
+    usage, aligned = {"spill_stores": waiver.max_spill_bytes, "spill_loads": 0}, alignment != "unaligned"
+    monkeypatch.setattr(sm90_check, "_triton_version", lambda: waiver.min_triton)
+    assert sm90_check._waiver(module, prefix + "x]", gate, aligned, usage)
+    monkeypatch.setattr(sm90_check, "_triton_version", lambda: (waiver.min_triton[0], waiver.min_triton[1] - 1))
+    assert sm90_check._waiver(module, prefix + "x]", gate, aligned, usage) is None

@@ -58,6 +58,13 @@ SM90_MAX_BLOCKS_PER_SM = 32
 class Waiver(NamedTuple):
     reason: str
     max_spill_bytes: Optional[int] = None  # spill gate only: waived up to this many bytes stored or loaded
+    min_triton: Optional[tuple] = None  # only with this Triton (major, minor) or newer (CI also runs the newest)
+
+
+def _triton_version() -> tuple:
+    import triton
+
+    return tuple(int(part) for part in triton.__version__.split(".")[:2])
 
 
 # Known failures of shipped configurations, each waived for one gate with its reason: they are
@@ -78,6 +85,10 @@ WAIVERS = {
     ("grpo_kernels.ops.logprobs.specs", "logprobs_fwd[", "spill", "unaligned"): Waiver(
         "forward, no 16-divisible argument (odd D or strides): 28-368 B spilled (the usual shapes compile "
         "aligned and do not spill); for the log-prob kernels' owners"),
+    ("grpo_kernels.ops.logprobs.specs", "logprobs_", "spill", "aligned"): Waiver(
+        "Triton 3.9 (CI's newest-Triton run) spills 8-24 B in 12 of the 118 aligned log-prob configurations "
+        "(forward, float32 with entropy; d-logits and atomic backward with bias and soft-cap); Triton 3.6 spills "
+        "none there; for the log-prob kernels' owners", max_spill_bytes=24, min_triton=(3, 7)),
     ("grpo_kernels.ops.grpo_loss", "grpo_loss[", "spill", None): Waiver(
         "the loss kernel spills 4-32 B in 14 of its 208 configurations (ptxas keeps it at 128 registers); "
         "for the owners of grpo_kernels/ops/grpo_loss/", max_spill_bytes=32),
@@ -270,7 +281,8 @@ def _waiver(module_name: str, spec_name: str, gate: str, aligned: bool, usage: d
         if (module == module_name and spec_name.startswith(prefix) and gate == waived_gate
                 and alignment in (None, "aligned" if aligned else "unaligned")
                 and (waiver.max_spill_bytes is None
-                     or max(usage["spill_stores"], usage["spill_loads"]) <= waiver.max_spill_bytes)):
+                     or max(usage["spill_stores"], usage["spill_loads"]) <= waiver.max_spill_bytes)
+                and (waiver.min_triton is None or _triton_version() >= waiver.min_triton)):
             return waiver.reason
     return None
 
