@@ -102,3 +102,20 @@ def test_dropped_tokens_add_nothing(backend, loss_type, level):
     assert abs(want) < HUGE
     assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
     torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_type", ["vespo", "cispo", "grpo"])
+def test_old_logprobs_minus_inf(backend, loss_type):
+    """old_logprobs = -inf (an infinite log-ratio) where the float64 loss stays finite: VESPO clamps
+    the log-ratio, CISPO caps its detached weight, the PPO clip with A > 0 takes the clipped branch."""
+    batch = extreme_batch(extremes=("one-kept",))
+    batch["adv"] = batch["adv"].abs()
+    batch["old"][0] = -math.inf
+    batch["old"][1, 2] = -math.inf
+    got, want, grad, want_grad = compare(batch, backend, loss_type, "token")
+    assert math.isfinite(want) and abs(want) < HUGE
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
+    assert torch.isfinite(grad).all()  # (the float64 autograd's clipped branch is exp(inf) x 0 = NaN: ours 0)
+    finite = torch.isfinite(want_grad)
+    torch.testing.assert_close(grad[finite], want_grad[finite], rtol=1e-4, atol=1e-6)
