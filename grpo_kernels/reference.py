@@ -423,6 +423,8 @@ def grpo_loss_reference(
     Returns ``(loss, metrics)``: a float64 loss differentiable w.r.t. ``logprobs`` and ``entropy``
     and a dict of float64 metrics (token-weighted means over the mask; NaN when not computable).
     """
+    if rollout_is_mode is not None and rollout_is_ratio is None and rollout_is is None:
+        raise ValueError("rollout_is_mode bounds a rollout IS ratio: pass rollout_is_ratio or set rollout_is")
     logp = logprobs.double()
     mask = completion_mask.double()
     B, T = logp.shape

@@ -8,6 +8,7 @@ illegal memory access on the GPU.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 
@@ -60,10 +61,12 @@ def check_same_device(**tensors) -> None:
 
 
 def check_positive_finite(name: str, value) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
+    """``value`` as a float: a real number (``int``, ``float``, a numpy scalar; not a ``bool``, a
+    string or a tensor, which are never converted), finite and > 0; else a ``TypeError`` or
+    ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be finite and > 0, got {value}")
     return value

@@ -255,6 +255,7 @@ class LossType:
 
 
 _CLIP_OPTIONS = ("delta", "clip_ratio_c")
+_GLOBAL_TOKENS = ("num_items_in_batch",)  # read by TRL's global token mean (trl:global-token-mean)
 LOSS_TYPES_TABLE = {
     "grpo": LossType("clip", "trl:seq-mean-token-mean", _CLIP_OPTIONS, ("pg_clipfrac_lower",), True,
                      doc="PPO clip; per-sequence token mean, then the mean over sequences"),
@@ -263,17 +264,17 @@ LOSS_TYPES_TABLE = {
     "dr_grpo": LossType("clip", "trl:dr_grpo", _CLIP_OPTIONS + ("max_completion_length",), ("pg_clipfrac_lower",),
                         True, required=("max_completion_length",),
                         doc="PPO clip; sum / (B * max_completion_length) (Dr. GRPO)"),
-    "dapo": LossType("clip", "trl:global-token-mean", _CLIP_OPTIONS, ("pg_clipfrac_lower",), True,
+    "dapo": LossType("clip", "trl:global-token-mean", _CLIP_OPTIONS + _GLOBAL_TOKENS, ("pg_clipfrac_lower",), True,
                      doc="PPO clip; token mean over the whole generation batch (DAPO)"),
     "luspo": LossType("clip", "trl:seq-mean-token-sum", _CLIP_OPTIONS, ("pg_clipfrac_lower",), True,
                       doc="PPO clip; mean over sequences of the token sum (LUSPO)"),
-    "cispo": LossType("cispo", "trl:global-token-mean", ("cispo_ratio_min",),
+    "cispo": LossType("cispo", "trl:global-token-mean", ("cispo_ratio_min",) + _GLOBAL_TOKENS,
                       doc="-stopgrad(clamp(rho, cispo_ratio_min, epsilon_high)) A logp (CISPO); epsilon_high is the cap"),
     "sapo": LossType("sapo", "trl:seq-mean-token-mean", ("sapo_temperature_pos", "sapo_temperature_neg"),
                      doc="soft gate -sigmoid(tau (rho - 1)) 4/tau A (SAPO)"),
     # (VESPO folds a given rollout IS ratio into its sequence weight: no in-loss rollout correction)
     "vespo": LossType("vespo", "trl:global-token-mean",
-                      ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"),
+                      ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg") + _GLOBAL_TOKENS,
                       ("vespo/phi_seq_mean",), rollout_correction=(),
                       doc="-stopgrad(phi(w)) A logp, phi the gamma weight of the summed sequence log-ratio (VESPO)"),
     # (no off-policy mask: verl has none for GMPO, and that variant trips Triton's sm_90 ThreadLocality pass)
