@@ -111,3 +111,16 @@ class CompileSpec:
 
 
 TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def check_bool(name: str, value) -> bool:
+    """``value`` itself when it is a ``bool`` (or a numpy bool); else a ``TypeError`` naming ``name``.
+
+    Strings, numbers and tensors are never converted: ``bool("no")`` is True, so a flag passed as
+    text would silently mean its opposite.
+    """
+    if isinstance(value, bool):
+        return value
+    if type(value).__name__ == "bool_" and type(value).__module__ == "numpy":
+        return bool(value)
+    raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} {value!r}")
