@@ -11,6 +11,7 @@ from grpo_kernels.ops.fused_linear_grpo import fused_linear_grpo_loss
 from grpo_kernels.ops.grpo_loss import LOSS_TYPES_TABLE, OPTIONS, check_temperature, validate_loss_options
 from grpo_kernels.ops.logprobs import token_logprobs
 from grpo_kernels.ops.packing import packed_shape
+from grpo_kernels.ops.utils import check_bool
 
 _IGNORE_INDEX = -100
 
@@ -93,9 +94,8 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         if own & set(self.loss_options):
             raise TypeError(f"loss_options {', '.join(sorted(own & set(self.loss_options)))}: pass them as the "
                             "constructor's (or forward's) own arguments")
-        for name, value in (("compiled", compiled), ("use_ref_model", use_ref_model)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        check_bool("compiled", compiled)
+        check_bool("use_ref_model", use_ref_model)
         check_temperature(temperature)
         # Liger's own checks, in Liger's words, before the table's
         if importance_sampling_level == "sequence" and loss_type in ("cispo", "sapo", "vespo"):

@@ -117,6 +117,35 @@ def test_loss_types(backend, loss_type, level, beta, delta):
     assert not got[2][1].any(), "fully masked row must get no gradient"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_type", CLIP_TYPES)
+@pytest.mark.parametrize("per_token", [False, True], ids=["row-advantages", "token-advantages"])
+def test_sequence_token_level(backend, loss_type, per_token):
+    """GSPO-token (verl's gspo): the sequence ratio's value, each token's own gradient; with one
+    advantage per row it is GSPO (TRL's 'sequence'), with advantages along a row it is not. The
+    clamp of the sequence log-ratio from above zeroes a row's gradient through the ratio."""
+    batch = make_batch(5, 9, advantage_per_token=per_token)
+    options = dict(loss_type=loss_type, max_completion_length=MAX_LEN, epsilon_high=0.28)
+    # (an entropy mask varies the multiplier along a row: then GSPO-token differs from GSPO anyway)
+    check(batch, backend, importance_sampling_level="sequence_token", beta=0.04, entropy_coef=0.01,
+          top_entropy_quantile=0.8, **options)
+    token = check(batch, backend, importance_sampling_level="sequence_token", **options)[0]
+    sequence = run_loss(gk.grpo_loss, batch, backend=backend, importance_sampling_level="sequence", **options)
+    assert_close(token[0], sequence[0], "the same loss value")
+    if per_token:
+        assert (token[2] - sequence[2]).abs().max() > 1e-3, "token-level advantages: GSPO-token differs"
+    else:
+        assert_close(token[2], sequence[2], "one advantage per row: GSPO-token is GSPO")
+    # a row whose mean log-ratio exceeds the clamp, A < 0 (unclipped): no gradient through its ratio,
+    # which it has without the clamp
+    batch["old"][0] = batch["logp"][0] - 12.0
+    batch["adv"][0] = -batch["adv"][0].abs() - 0.1
+    for level in ("sequence", "sequence_token"):
+        got, _ = check(batch, backend, importance_sampling_level=level, sequence_log_ratio_max=10.0, **options)
+        assert not got[2][0].any() and got[2].any()
+        assert run_loss(gk.grpo_loss, batch, backend=backend, importance_sampling_level=level, **options)[2][0].any()
+
+
 OPTION_CASES = {
     "bias_corrected_kl": dict(beta=0.1, use_bias_correction_kl=True),
     "bias_corrected_kl_seq": dict(beta=0.1, use_bias_correction_kl=True, importance_sampling_level="sequence",

@@ -5,7 +5,8 @@ advantage per completion (or per token), the loss is the per-token loss ``L_t`` 
 type, aggregated by its normalizer (``docs/semantics.md`` states every formula)::
 
     l_t   = logp_t - old_t                                   (old = logp.detach() when not given)
-    rho   = exp(l_t)  token level,  exp(sum_t m l_t / max(sum_t m, 1))  sequence level (GSPO)
+    rho   = exp(l_t)  token level,  exp(sum_t m l_t / max(sum_t m, 1))  sequence level (GSPO; GSPO-token:
+            the same value, d rho / d logp_t = rho through the token's own log-prob)
     L_t   = P_t(rho, A, logp) * multiplier_t + beta * KL_t (* rho when bias-corrected)
     loss  = aggregation(L) - entropy_coef * (mean entropy over the effective mask)
 

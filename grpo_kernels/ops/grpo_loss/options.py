@@ -24,12 +24,14 @@ from grpo_kernels.ops.grpo_loss.table import (
     METRIC_DOCS,
     METRIC_NAMES,
     POLICIES,
+    RATIO_LEVELS,
     REJECTION_SAMPLING,
     ROLLOUT_IS_LEVELS,
     RS_LEVEL_DOCS,
 )
+from grpo_kernels.ops.utils import check_bool
 
-IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+IMPORTANCE_SAMPLING_LEVELS = tuple(RATIO_LEVELS)
 ROLLOUT_IS_MODES = (None, "truncate", "mask")
 
 
@@ -94,11 +96,9 @@ def _positive_int(name, value) -> int:
     return int(value)
 
 
-@_accepting("a bool")
+@_accepting("a bool (or a numpy bool)")
 def _boolean(name, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
+    return check_bool(name, value)
 
 
 def _optional(check):
@@ -153,8 +153,9 @@ _WITH_AGG_MODE = Needs(lambda v: v["loss_agg_mode"] is not None, "loss_agg_mode 
                        "normalizers)")
 _WITH_IS_MODE = Needs(lambda v: v["rollout_is_mode"] is not None, "rollout_is_mode (a bound of it)")
 _WITH_ROLLOUT_RS = Needs(lambda v: v["rollout_rs"] is not None, "rollout_rs (a bound of rejection sampling)")
-_WITH_SEQUENCE_LEVEL = Needs(lambda v: v["importance_sampling_level"] == "sequence",
-                             "importance_sampling_level='sequence' (a sequence-ratio option)")
+_WITH_SEQUENCE_LEVEL = Needs(lambda v: v["importance_sampling_level"] != "token",
+                             "importance_sampling_level 'sequence' or 'sequence_token' (it bounds the "
+                             "sequence ratio)")
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,12 @@ OPTIONS = {
                            "dual-clip PPO: for A < 0 the loss is at most -A * clip_ratio_c (> 1; verl's default 3); "
                            "None: off. When set, log-ratios are clamped to [-20, 20] before exp, as verl does"),
     "importance_sampling_level": Option("token", _choice(IMPORTANCE_SAMPLING_LEVELS),
-                                        "'sequence': one GSPO ratio per completion (clip loss types)"),
+                                        "'sequence': one GSPO ratio per completion (TRL); 'sequence_token': "
+                                        "GSPO-token, the same ratio with a per-token gradient (verl's gspo); "
+                                        "the loss types of the table's sequence-level column (table below)"),
+    "sequence_log_ratio_max": Option(None, _optional(_finite),
+                                     "clamps the sequence log-ratio from above before exp, no gradient above it "
+                                     "(verl's gspo: 10); None: off", _WITH_SEQUENCE_LEVEL),
     "max_completion_length": Option(None, _optional(_positive_int),
                                     "dr_grpo's normalizer is B * max_completion_length (required by dr_grpo)"),
     "num_items_in_batch": Option(None, _optional(_count),
@@ -275,13 +281,14 @@ class LossConfig:
         self.spec = LOSS_TYPES_TABLE[self.loss_type]
         self.policy = POLICIES[self.spec.policy]
         self.aggregation = AGGREGATIONS[self.loss_agg_mode or self.spec.aggregation]
-        self.sequence_level = self.importance_sampling_level == "sequence"
+        self.sequence_level = self.importance_sampling_level != "token"
         if self.epsilon_high is None:
             self.epsilon_high = self.epsilon_low
         self.delta_or_inf = math.inf if self.delta is None else self.delta
         self.clip_ratio_c_or_inf = math.inf if self.clip_ratio_c is None else self.clip_ratio_c
         # verl clamps the log-ratio before exp wherever it uses clip_ratio_c
         self.log_ratio_bound = 20.0 if self.clip_ratio_c is not None else math.inf
+        self.seq_log_ratio_max = math.inf if self.sequence_log_ratio_max is None else self.sequence_log_ratio_max
         if self.rollout_is_mode is None:
             self.is_clip_min, self.is_clip_max = -math.inf, math.inf
         else:
@@ -360,9 +367,10 @@ def validate_loss_options(**options) -> LossConfig:
             raise ValueError(f"{low_name} {low} > {high_name} {high}: {low_name} must be <= {high_name}")
     if values["off_policy_mask_threshold"] is not None and not spec.off_policy_mask:
         raise ValueError(f"off_policy_mask_threshold is not supported with loss_type={loss_type!r}")
-    if values["importance_sampling_level"] == "sequence" and not spec.sequence_level:
+    if values["importance_sampling_level"] != "token" and not spec.sequence_level:
         raise ValueError(
-            f"importance_sampling_level='sequence' (GSPO) makes no sense with loss_type={loss_type!r}: "
+            f"importance_sampling_level={values['importance_sampling_level']!r} (GSPO) makes no sense with "
+            f"loss_type={loss_type!r}: "
             "its per-token weight is defined on token ratios; use importance_sampling_level='token'. "
             "(Sequence-level importance sampling is not supported for this loss type.)")
     for name in spec.required:
@@ -404,6 +412,9 @@ def options_markdown() -> str:
         correction = ", ".join(f"`{c}`" for c in spec.rollout_correction) or "-"
         lines.append(f"| `{name}` | {spec.doc} | `{spec.aggregation}`: {AGGREGATIONS[spec.aggregation].doc} | "
                      f"{opts} | {metrics} | {'yes' if spec.sequence_level else 'no'} | {correction} | {spec.peer} |")
+    lines += ["", "| importance_sampling_level | ratio (loss types with sequence level: yes) | semantics of |",
+              "|---|---|---|"]
+    lines += [f"| `{name!r}` | {level.doc} | {level.peer} |" for name, level in RATIO_LEVELS.items()]
     lines += ["", "| loss_agg_mode | loss |", "|---|---|"]
     lines += [f"| `{name}` | {AGGREGATIONS[name].doc} |" for name in LOSS_AGG_MODES]
     lines += ["", "| kl_estimator | estimator |", "|---|---|"]

@@ -354,6 +354,14 @@ def importance_ratio(log_ratio, bound):
 
 
 @triton.jit
+def sequence_ratio(log_ratio, bound, log_ratio_max):
+    """A row's ratio rho = exp(clamp(min(s, log_ratio_max), -bound, bound)) from its log-ratio s, and
+    d rho / d s (0 above log_ratio_max: verl's gspo clamps s at 10; inf when off)."""
+    rho, drho = importance_ratio(tl.minimum(log_ratio, log_ratio_max), bound)
+    return rho, tl.where(log_ratio <= log_ratio_max, drho, 0.0)
+
+
+@triton.jit
 def token_loss(x, o, r, a, rho, row_value, multiplier, p0, p1, p2, p3, beta, bias_kl,
                POLICY: tl.constexpr, KL: tl.constexpr):
     """L_t = P_t * multiplier + beta * KL_t (* rho when bias-corrected), with its partials.
