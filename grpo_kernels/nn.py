@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import numbers
 import warnings
 
 import torch
@@ -97,6 +98,18 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         check_bool("compiled", compiled)
         check_bool("use_ref_model", use_ref_model)
         check_temperature(temperature)
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
+            raise TypeError(f"chunk_size must be an int (accepted for compatibility, no effect), "
+                            f"got {type(chunk_size).__name__} {chunk_size!r}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        # The options of the other loss types, which Liger keeps and ignores (and so do we): their
+        # types and ranges all the same, so that a string or a bool is refused whatever the loss type
+        for name, value in (("delta", delta), ("sapo_temperature_pos", sapo_temperature_pos),
+                            ("sapo_temperature_neg", sapo_temperature_neg), ("vespo_k_pos", vespo_k_pos),
+                            ("vespo_lambda_pos", vespo_lambda_pos), ("vespo_k_neg", vespo_k_neg),
+                            ("vespo_lambda_neg", vespo_lambda_neg)):
+            OPTIONS[name].check(name, value)
         # Liger's own checks, in Liger's words, before the table's
         if importance_sampling_level == "sequence" and loss_type in ("cispo", "sapo", "vespo"):
             raise ValueError(
@@ -194,7 +207,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         options = self._loss_options()
         # No reference: Liger takes KL against the policy itself, which is 0 with 0 gradient.
         options["beta"] = self.beta if ref_logprobs is not None else 0.0
-        if "num_items_in_batch" in LOSS_TYPES_TABLE[self.loss_type].options:
+        if "num_items_in_batch" in LOSS_TYPES_TABLE[self.loss_type].options and options.get("loss_agg_mode") is None:
             options["num_items_in_batch"] = num_items_in_batch  # (Liger ignores it for the other loss types)
         loss, metrics = fused_linear_grpo_loss(
             hidden, lin_weight, selected_token_ids, attention_mask, advantages,

@@ -438,7 +438,8 @@ def test_fused_bad_input(monkeypatch):
 
 
 def trl_compute_loss(batch, logp, entropy, *, loss_type, level, beta, epsilon_high, delta, use_bias_correction_kl,
-                     entropy_coef, top_entropy_quantile, off_policy_mask_threshold, rollout_is_ratio):
+                     entropy_coef, top_entropy_quantile, off_policy_mask_threshold, rollout_is_ratio,
+                     num_items_in_batch=None):
     import collections
     import types
 
@@ -470,13 +471,16 @@ def trl_compute_loss(batch, logp, entropy, *, loss_type, level, beta, epsilon_hi
         current_gradient_accumulation_steps=1, max_completion_length=MAX_LEN,
         _entropy_bonus_enabled=entropy_coef != 0, use_adaptive_entropy=False, entropy_coef=entropy_coef,
         _metrics={"train": collections.defaultdict(list)},
+        get_gamma_weights=GRPOTrainer.get_gamma_weights,
         args=types.SimpleNamespace(use_bias_correction_kl=use_bias_correction_kl, delta=delta,
-                                   sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, steps_per_generation=1))
+                                   sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, steps_per_generation=1,
+                                   vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0))
     trainer.get_high_entropy_mask = types.MethodType(GRPOTrainer.get_high_entropy_mask, trainer)
     inputs = dict(prompt_ids=torch.zeros(B, 1, dtype=torch.long), prompt_mask=torch.ones(B, 1, dtype=torch.long),
                   completion_ids=torch.zeros(B, T, dtype=torch.long), completion_mask=batch["mask"],
                   advantages=batch["adv"], old_per_token_logps=batch["old"], ref_per_token_logps=batch["ref"],
-                  importance_sampling_ratio=rollout_is_ratio, num_items_in_batch=batch["mask"].sum().float())
+                  importance_sampling_ratio=rollout_is_ratio,
+                  num_items_in_batch=batch["mask"].sum().float() if num_items_in_batch is None else num_items_in_batch)
     loss = GRPOTrainer._compute_loss(trainer, None, inputs)
     return loss, {k: v[0] for k, v in trainer._metrics["train"].items()}
 

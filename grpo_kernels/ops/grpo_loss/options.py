@@ -1,6 +1,6 @@
-"""The options of ``grpo_loss``: one ``Option`` each (default, check, doc), their validation
-without tensors (``validate_loss_options``), and the generated options tables of
-``docs/semantics.md`` (``options_markdown``, ``docs_in_sync``).
+"""The options of ``grpo_loss``: one ``Option`` each (default, check, doc, what it needs), which
+loss types read it (``option_readers``), and their validation without tensors
+(``validate_loss_options``). ``docs.py`` generates their tables in ``docs/semantics.md``.
 
 Checks are strict: a bool is a bool, a number is a number (a bool is not), a string is a choice
 and never parsed. Every error names the option.
@@ -21,13 +21,10 @@ from grpo_kernels.ops.grpo_loss.table import (
     LOSS_AGG_MODES,
     LOSS_TYPES,
     LOSS_TYPES_TABLE,
-    METRIC_DOCS,
-    METRIC_NAMES,
     POLICIES,
     RATIO_LEVELS,
     REJECTION_SAMPLING,
     ROLLOUT_IS_LEVELS,
-    RS_LEVEL_DOCS,
 )
 from grpo_kernels.ops.utils import check_bool
 
@@ -151,6 +148,9 @@ class Needs:
 
 _WITH_AGG_MODE = Needs(lambda v: v["loss_agg_mode"] is not None, "loss_agg_mode (it is one of verl's agg_loss "
                        "normalizers)")
+_WITHOUT_AGG_MODE = Needs(lambda v: v["loss_agg_mode"] is None,
+                          "loss_agg_mode=None (it is TRL's normalizer of dapo, cispo and vespo; verl's modes "
+                          "take batch_num_tokens / global_batch_size)")
 _WITH_IS_MODE = Needs(lambda v: v["rollout_is_mode"] is not None, "rollout_is_mode (a bound of it)")
 _WITH_ROLLOUT_RS = Needs(lambda v: v["rollout_rs"] is not None, "rollout_rs (a bound of rejection sampling)")
 _WITH_SEQUENCE_LEVEL = Needs(lambda v: v["importance_sampling_level"] != "token",
@@ -190,7 +190,8 @@ OPTIONS = {
                                     "dr_grpo's normalizer is B * max_completion_length (required by dr_grpo)"),
     "num_items_in_batch": Option(None, _optional(_count),
                                  "active tokens of the whole generation batch on all ranks (> 0; dapo, cispo, "
-                                 "vespo); None: the micro-batch's count, summed over ranks and averaged"),
+                                 "vespo); None: the micro-batch's count, summed over ranks and averaged",
+                                 _WITHOUT_AGG_MODE),
     "loss_agg_mode": Option(None, _choice((None,) + LOSS_AGG_MODES),
                             "None: the loss type's own TRL normalizer; else verl's agg_loss mode"),
     "dp_size": Option(1, _positive_int, "verl's data-parallel size (loss_agg_mode only)", _WITH_AGG_MODE),
@@ -271,6 +272,38 @@ _TYPE_SPECIFIC = frozenset(name for spec in LOSS_TYPES_TABLE.values() for name i
 ORDERED_OPTIONS = (("clip_cov_lb", "clip_cov_ub"), ("rollout_is_clip_min", "rollout_is_clip_max"),
                    ("rollout_rs_threshold_lower", "rollout_rs_threshold"))
 _ROLLOUT_CORRECTION = ("rollout_is", "rollout_rs")
+# Which loss types read an option that is not type-specific, where not all of them do (the
+# validation below refuses the option for the others, each with its own message).
+_READ_BY = {
+    "importance_sampling_level": lambda spec: spec.sequence_level,
+    "sequence_log_ratio_max": lambda spec: spec.sequence_level,
+    "off_policy_mask_threshold": lambda spec: spec.off_policy_mask,
+    "rollout_is": lambda spec: "rollout_is" in spec.rollout_correction,
+    "rollout_is_batch_normalize": lambda spec: "rollout_is" in spec.rollout_correction,
+    "rollout_rs": lambda spec: "rollout_rs" in spec.rollout_correction,
+    "rollout_rs_threshold": lambda spec: "rollout_rs" in spec.rollout_correction,
+    "rollout_rs_threshold_lower": lambda spec: "rollout_rs" in spec.rollout_correction,
+    "bypass_mode": lambda spec: bool(spec.rollout_correction),
+    # the clip range: accepted by every loss type, read by the policy terms that name it
+    "epsilon_low": lambda spec: "epsilon_low" in POLICIES[spec.policy].params,
+    "epsilon_high": lambda spec: "epsilon_high" in POLICIES[spec.policy].params,
+}
+# Options accepted with any loss type though only some read them (the exception to "a non-default
+# option the loss type ignores raises"), and why.
+ACCEPTED_UNUSED = {
+    "epsilon_low": "TRL and verl set the clip range whatever the loss type",
+    "epsilon_high": "TRL and verl set the clip range whatever the loss type",
+    "max_completion_length": "TRL passes it whatever the loss type",
+}
+
+
+def option_readers(name: str) -> tuple:
+    """The loss types that read option ``name`` (``LOSS_TYPES_TABLE`` order)."""
+    if name in _READ_BY:
+        return tuple(t for t, spec in LOSS_TYPES_TABLE.items() if _READ_BY[name](spec))
+    if name in _TYPE_SPECIFIC or name == "max_completion_length":
+        return tuple(t for t, spec in LOSS_TYPES_TABLE.items() if name in spec.options)
+    return LOSS_TYPES
 
 
 class LossConfig:
@@ -397,51 +430,3 @@ def _check_rollout_correction(loss_type, spec, values) -> None:
         if values["rollout_rs_threshold_lower"] is not None and not criterion.ratio_bounds:
             raise ValueError(f"rollout_rs_threshold_lower is a probability-ratio bound of the *_k1 criteria; "
                              f"rollout_rs={values['rollout_rs']!r} has only an upper bound")
-
-
-def options_markdown() -> str:
-    """The options and loss-type tables of ``docs/semantics.md``, generated from the tables here."""
-    lines = ["| option | default | meaning |", "|---|---|---|"]
-    for name, option in OPTIONS.items():
-        lines.append(f"| `{name}` | `{option.default!r}` | {option.doc} |")
-    lines += ["", "| loss_type | policy term | default aggregation | type-specific options | extra metrics | "
-              "sequence level | rollout correction | semantics of |", "|---|---|---|---|---|---|---|---|"]
-    for name, spec in LOSS_TYPES_TABLE.items():
-        opts = ", ".join(f"`{o}`" for o in spec.options) or "-"
-        metrics = ", ".join(f"`{m}`" for m in spec.metrics) or "-"
-        correction = ", ".join(f"`{c}`" for c in spec.rollout_correction) or "-"
-        lines.append(f"| `{name}` | {spec.doc} | `{spec.aggregation}`: {AGGREGATIONS[spec.aggregation].doc} | "
-                     f"{opts} | {metrics} | {'yes' if spec.sequence_level else 'no'} | {correction} | {spec.peer} |")
-    lines += ["", "| importance_sampling_level | ratio (loss types with sequence level: yes) | semantics of |",
-              "|---|---|---|"]
-    lines += [f"| `{name!r}` | {level.doc} | {level.peer} |" for name, level in RATIO_LEVELS.items()]
-    lines += ["", "| loss_agg_mode | loss |", "|---|---|"]
-    lines += [f"| `{name}` | {AGGREGATIONS[name].doc} |" for name in LOSS_AGG_MODES]
-    lines += ["", "| kl_estimator | estimator |", "|---|---|"]
-    lines += [f"| `{name!r}` | {doc} |" for name, (_, doc) in KL_ESTIMATORS.items()]
-    lines += ["", "| rollout_rs | statistic | of | kept when | semantics of |", "|---|---|---|---|---|"]
-    for name, criterion in REJECTION_SAMPLING.items():
-        bounds = ("log(lower) <= statistic <= log(upper), lower = 1 / upper unless given" if criterion.ratio_bounds
-                  else "statistic <= upper")
-        lines.append(f"| `{name}` | {criterion.doc} | {RS_LEVEL_DOCS[criterion.level]} | {bounds} | "
-                     f"{criterion.peer} |")
-    lines += ["", "| metric | meaning |", "|---|---|"]
-    lines += [f"| `{name}` | {METRIC_DOCS[name]} |" for name in METRIC_NAMES]
-    return "\n".join(lines) + "\n"
-
-
-DOCS_BEGIN = "<!-- options table: generated by `python -m grpo_kernels.ops.grpo_loss --write-docs` -->"
-DOCS_END = "<!-- end of generated options table -->"
-
-
-def docs_in_sync(path, *, write=False) -> bool:
-    """Whether ``path`` (docs/semantics.md) holds ``options_markdown()`` between the markers;
-    with ``write``, make it so."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    begin, end = text.index(DOCS_BEGIN) + len(DOCS_BEGIN), text.index(DOCS_END)
-    wanted = text[:begin] + "\n\n" + options_markdown() + "\n" + text[end:]
-    if write and wanted != text:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(wanted)
-    return wanted == text
