@@ -402,3 +402,6 @@ def test_trainer_config_refuses_strings_and_bools(tmp_path):
     path.write_text("beta: 4e-2\nlearning_rate: 1E-6\n")  # YAML 1.2 numbers PyYAML reads as strings
     config = load_config(str(path))
     assert config.beta == pytest.approx(0.04) and config.learning_rate == pytest.approx(1e-6)
+    # the levels come from the loss family's table (GSPO-token included)
+    assert GRPOConfig(importance_sampling_level="sequence_token").loss_options()["importance_sampling_level"] == \
+        "sequence_token"

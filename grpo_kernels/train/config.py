@@ -43,7 +43,13 @@ def option(default, help: str, choices: tuple | None = None):
     return field(default=default, metadata=metadata)
 
 
-from grpo_kernels.ops.grpo_loss import KL_ESTIMATORS, LOSS_AGG_MODES, LOSS_TYPES, validate_loss_options
+from grpo_kernels.ops.grpo_loss import (
+    IMPORTANCE_SAMPLING_LEVELS,
+    KL_ESTIMATORS,
+    LOSS_AGG_MODES,
+    LOSS_TYPES,
+    validate_loss_options,
+)
 
 # The loss options the config forwards to ``fused_linear_grpo_loss`` (with the same names); the
 # type-specific ones are forwarded only when set (None: the loss type's own default).
@@ -115,8 +121,9 @@ class GRPOConfig:
     epsilon_high: float | None = option(None, "upper clip range (>= 0); null = epsilon_low; DAPO's clip-higher "
                                         "uses 0.28")
     delta: float | None = option(None, "two-sided clip of the ratio at 1 + delta (INTELLECT-2; > 0); null = off")
-    importance_sampling_level: str = option("token", "importance ratio per token, or per sequence (GSPO)",
-                                            ("token", "sequence"))
+    importance_sampling_level: str = option("token", "importance ratio per token, per sequence (GSPO), or per "
+                                            "sequence with a per-token gradient (sequence_token: GSPO-token)",
+                                            IMPORTANCE_SAMPLING_LEVELS)
     entropy_coef: float = option(0.0, "entropy bonus: the loss subtracts entropy_coef x the mean token entropy")
     kl_estimator: str | None = option(None, "KL estimator of the beta term (verl's names); null: k3",
                                       (None, *(k for k in KL_ESTIMATORS if k is not None)))
