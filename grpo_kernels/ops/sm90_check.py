@@ -23,7 +23,8 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
-SPEC_MODULES = ("grpo_kernels.ops.logprobs.specs", "grpo_kernels.ops.grpo_loss", "grpo_kernels.ops.advantages")
+SPEC_MODULES = ("grpo_kernels.ops.logprobs.specs", "grpo_kernels.ops.grpo_loss", "grpo_kernels.ops.advantages",
+                "grpo_kernels.ops.divergence.specs")
 H100_MAX_SHARED_BYTES = 227 * 1024  # per block, opt-in maximum on sm_90
 _RESOURCE_RE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 _ATOMIC_RE = re.compile(r"^\s*(?:@!?%\w+\s+)?(?:atom|red)\.", re.MULTILINE)  # PTX atomic instructions

@@ -17,6 +17,8 @@ from grpo_kernels.ops.logprobs.kernels import _grouped_tile, _logit_tile, _tanh
 
 # What the d-logits kernel differentiates (its KIND constexpr).
 FORWARD_KL, REVERSE_KL, JSD, TARGETS = 0, 1, 2, 3
+# the same, as the jit functions may read them (globals must be constexprs there)
+_FORWARD_KL, _REVERSE_KL, _TARGETS = tl.constexpr(FORWARD_KL), tl.constexpr(REVERSE_KL), tl.constexpr(TARGETS)
 # The forward's per-row, per-split online state, in this order along Part's first axis:
 # student (max, sum e^{x}, sum e^{x} x) with x = z_s - max_s; teacher (max, sum e^{x}) with
 # x = z_t - max_t; the teacher gap sum e^{x_t} (x_t - x_s) and the student gap sum e^{x_s} (x_s - x_t).
@@ -311,7 +313,7 @@ def _divergence_dlogits_kernel(
     log_ps = zs - tl.load(SLse + offs_m, mask=row_ok, other=0.0)[:, None]
     ps = tl.exp(log_ps)
     grad_row = tl.load(GradRow + offs_m, mask=row_ok, other=0.0)[:, None]
-    if KIND == TARGETS:
+    if KIND == _TARGETS:
         grad = -ps * grad_row
         ids_ptrs = Ids + rows.to(tl.int64) * stride_ids
         tile_end = tl.minimum(tile_begin + BLOCK_V, v_end)
@@ -326,11 +328,11 @@ def _divergence_dlogits_kernel(
                              t_scale, t_softcap, inv_t, t_has_bias, t_has_softcap, BLOCK_N, BLOCK_V, BLOCK_DT,
                              T_DOT_PRECISION, INTERPRETER, False)
         log_pt = zt - tl.load(TLse + offs_m, mask=row_ok, other=0.0)[:, None]
-        if KIND == FORWARD_KL:
+        if KIND == _FORWARD_KL:
             grad = ps - tl.exp(log_pt)
         else:
             aux = tl.load(Aux + offs_m, mask=row_ok, other=0.0)[:, None]
-            if KIND == REVERSE_KL:
+            if KIND == _REVERSE_KL:
                 grad = ps * (log_ps - log_pt - aux)
             else:
                 log_m = _log_mixture(log_ps, log_pt, log_beta, log_one_minus_beta)
