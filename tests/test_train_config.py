@@ -35,6 +35,8 @@ BAD_VALUES = [
     ({"clip_ratio_c": 0.5}, r"clip_ratio_c"),
     ({"loss_type": "cispo", "importance_sampling_level": "sequence"}, r"importance_sampling_level='sequence'"),
     ({"top_entropy_quantile": 1.5}, r"top_entropy_quantile must be in \[0, 1\]"),
+    ({"loss_type": "dro"}, r"loss_type='dro' needs dro_beta"),
+    ({"kl_tau": 0.1}, r"kl_tau is only used by loss_type ipo, prime_dppo"),
     ({"resume": True, "overwrite_output_dir": True}, r"resume and overwrite_output_dir contradict"),
     ({"reward_funcs": ["overlong_penalty"], "overlong_buffer": 0}, r"overlong_buffer must be in \(0, max_new_tokens"),
 ]

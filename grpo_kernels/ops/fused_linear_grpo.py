@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from grpo_kernels.ops.grpo_loss import _check_temperature, grpo_loss_prepared, prepare_loss_inputs
+from grpo_kernels.ops.grpo_loss import check_temperature, grpo_loss_prepared, prepare_loss_inputs
 from grpo_kernels.ops.logprobs import token_logprobs
 from grpo_kernels.ops.utils import INDEX_DTYPES, check_tensor, resolve_backend
 
@@ -79,12 +79,11 @@ def fused_linear_grpo_loss(
         process_group: vocabulary-parallel head, passed to ``token_logprobs`` (``lm_head_weight`` and
             ``bias`` are this rank's shard, ``completion_ids`` global ids, ``hidden`` the same on
             every rank; the loss is then the same on every rank).
-        **options: every option of :func:`grpo_kernels.grpo_loss` (``beta``, ``loss_type``,
-            ``epsilon_low``, ``epsilon_high``, ``delta``, ``importance_sampling_level``,
-            ``max_completion_length``, ``num_items_in_batch``, ``rollout_is_ratio``,
-            ``rollout_is_mode``, ``sapo_temperature_pos/neg``, ``use_bias_correction_kl``,
-            ``entropy_coef``, ``top_entropy_quantile``, ``sampling_logprobs``,
-            ``off_policy_mask_threshold``).
+        **options: every option and extra input of :func:`grpo_kernels.grpo_loss` (``beta``,
+            ``loss_type`` and its own options, ``importance_sampling_level``, the aggregation,
+            ``rollout_is_ratio`` / ``rollout_is_mode``, rollout correction (``rollout_is``,
+            ``rollout_rs``, ``bypass_mode``, ... with ``sampling_logprobs`` in decoupled mode),
+            ``entropy_coef``, ``top_entropy_quantile``, ``off_policy_mask_threshold``, ...).
 
     Returns:
         ``(loss, metrics)`` as :func:`grpo_kernels.grpo_loss`; the loss is differentiable w.r.t.
@@ -92,7 +91,7 @@ def fused_linear_grpo_loss(
         log-prob kernel's forward for the ``entropy`` metric (a few flops per logit, no extra pass);
         its backward only runs when ``entropy_coef != 0``.
     """
-    _check_temperature(temperature)
+    check_temperature(temperature)
     check_tensor("hidden", hidden, ndim=3)
     check_tensor("lm_head_weight", lm_head_weight, ndim=2)
     check_tensor("completion_ids", completion_ids, dtypes=INDEX_DTYPES, ndim=2)
