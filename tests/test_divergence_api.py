@@ -165,3 +165,19 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.grpo_kernels.divergence_student_topk.default,
                           (*student, inv_temperature, row_mask, 4, 1.1, 3.0),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_cost_model_counts_the_drivers_matmuls():
+    from grpo_kernels.ops.divergence.launch import GPU_CONFIG, cost_model
+    from grpo_kernels.ops.logprobs.launch import backward_plan
+
+    rows, vocab, d_s, d_t = 8192, 151936, 4096, 2048
+    unit = 2 * rows * vocab
+    expected = {("full", 0.0): 4 * d_s + 2 * d_t, ("full", 1.0): 4 * d_s + 2 * d_t, ("full", 0.5): 5 * d_s + 3 * d_t,
+                ("teacher_topk", 0.0): 4 * d_s, ("student_topk", 1.0): 5 * d_s + d_t}
+    for (mode, beta), units in expected.items():
+        cost = cost_model(rows, vocab, d_s, d_t, torch.bfloat16, mode=mode, beta=beta)
+        assert cost.matmul_flops == unit * units
+    plan = backward_plan(rows, vocab, d_s, torch.bfloat16, tiles=GPU_CONFIG["dlogits"][torch.bfloat16][:2])
+    assert cost.workspace_bytes == plan.workspace_bytes <= 256 * 2**20
+    assert cost.accumulator_bytes == 4 * rows * d_s
