@@ -116,6 +116,9 @@ def test_student_topk_selection_across_chunks(slab_bytes):
     ids = select_student_topk(student, torch.tensor([0, 2], dtype=torch.int32), torch.ones(3), k,
                               slab_bytes=slab_bytes)
     assert ids.tolist() == [[6, 11, 17, 1], [-1] * k, [6, 11, 17, 1]]
+    # a tie across the k-th place: ids 6, 11 and 17 share the top value, k = 2 keeps 6 and 11
+    ids = select_student_topk(student, torch.tensor([1], dtype=torch.int32), torch.ones(3), 2, slab_bytes=slab_bytes)
+    assert ids.tolist() == [[-1, -1], [6, 11], [-1, -1]]
     student = Head(torch.randn(9, 5), torch.randn(vocab, 5), None, 0.7, 2.0)
     ids = select_student_topk(student, torch.arange(9, dtype=torch.int32), torch.full((9,), 2.0), k,
                               slab_bytes=slab_bytes)

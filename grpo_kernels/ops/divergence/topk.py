@@ -89,14 +89,36 @@ def topk_divergence(student_logp: torch.Tensor, teacher_logp: torch.Tensor, supp
     return divergence.float(), student_mass, teacher_mass
 
 
+def _in_rank_order(values: torch.Tensor, ids: torch.Tensor):
+    """(values, ids) sorted by value, descending, equal values by id, ascending."""
+    by_id = torch.argsort(ids, dim=1)
+    values, ids = values.gather(1, by_id), ids.gather(1, by_id)
+    by_value = torch.sort(values, dim=1, descending=True, stable=True).indices
+    return values.gather(1, by_value), ids.gather(1, by_value)
+
+
+def _tile_topk(z: torch.Tensor, k: int):
+    """(values, ids) of the min(k, width) largest entries of each row of a tile, in rank order,
+    ties with the lower id first. torch.topk picks among values tied at the k-th place as it likes:
+    the rows where such a tie leaves an entry out are redone with a stable sort of the row."""
+    values, ids = torch.topk(z, min(k, z.shape[1]), dim=1)
+    values, ids = _in_rank_order(values, ids)
+    threshold = values[:, -1:]
+    ambiguous = ((z == threshold).sum(dim=1) > (values == threshold).sum(dim=1)).nonzero().squeeze(1)
+    if ambiguous.numel() > 0:
+        exact_values, exact_ids = torch.sort(z[ambiguous], dim=1, descending=True, stable=True)
+        values[ambiguous], ids[ambiguous] = exact_values[:, :values.shape[1]], exact_ids[:, :values.shape[1]]
+    return values, ids
+
+
 def select_student_topk(student: Head, rows: torch.Tensor, inv_temp: torch.Tensor, k: int,
                         slab_bytes: int = 32 * 2**20) -> torch.Tensor:
     """The student's ``k`` largest logits' ids per row (ties: the lower id first), ``[N, k]``
     int32, -1 on rows not in ``rows`` (int32, compacted).
 
     Chunked PyTorch over ``[rows, vocabulary ids]`` tiles of at most ``slab_bytes`` float32 (no
-    ``[N, V]`` buffer): every tile's ids are sorted stably by logit (descending) and merged with
-    the running top-k, which holds only lower ids, so that a stable sort keeps ties in id order.
+    ``[N, V]`` buffer): every tile's top-k in rank order (``_tile_topk``) is merged with the
+    running top-k, which holds only lower ids, so that a stable sort keeps ties in id order.
     The logits are the head's z (after scale, soft-cap and temperature; ranking z and not y keeps
     ties that the soft-cap's rounding creates).
     """
@@ -119,8 +141,8 @@ def select_student_topk(student: Head, rows: torch.Tensor, inv_temp: torch.Tenso
             v1 = min(v0 + vocab_chunk, vocab)
             z = tiles.pre_activation_into(slab[:(r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0), hidden_rows, v0, v1)
             tiles.activate(z, inv_temp[index[r0:r1]])
-            values, order = torch.sort(z, dim=1, descending=True, stable=True)
-            values, chunk_ids = values[:, :k], order[:, :k] + v0
+            values, chunk_ids = _tile_topk(z, k)
+            chunk_ids += v0
             if best_values is not None:
                 values = torch.cat([best_values, values], dim=1)
                 chunk_ids = torch.cat([best_ids, chunk_ids], dim=1)
