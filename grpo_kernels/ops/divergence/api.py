@@ -65,28 +65,74 @@ def _check_number(name: str, value, low: float, high: float) -> float:
     return value
 
 
-def _inv_temperature(temperature, lead_shape, num_rows, device) -> torch.Tensor:
+def _inv_temperature(temperature, student_hidden) -> torch.Tensor:
     """[N] float32 1 / temperature (values checked inside the op)."""
+    lead_shape = tuple(student_hidden.shape[:-1])
+    num_rows = math.prod(lead_shape)
     if isinstance(temperature, torch.Tensor):
         check_tensor("temperature", temperature, dtypes=FLOAT_DTYPES)
         if tuple(temperature.shape) != lead_shape:
             raise ValueError(f"temperature tensor shape {tuple(temperature.shape)} must be hidden's leading shape "
                              f"{lead_shape} (one temperature per row)")
-        check_same_device(student_hidden=torch.empty(0, device=device), temperature=temperature)
+        check_same_device(student_hidden=student_hidden, temperature=temperature)
         return 1.0 / temperature.detach().reshape(num_rows).float()
     # 1 / T in double, rounded once to float32: what TRL's kernels multiply by
-    return torch.full((num_rows,), 1.0 / check_positive_finite("temperature", temperature), device=device,
-                      dtype=torch.float32)
+    return torch.full((num_rows,), 1.0 / check_positive_finite("temperature", temperature),
+                      device=student_hidden.device, dtype=torch.float32)
 
 
-def _row_mask(mask, lead_shape, num_rows, device) -> torch.Tensor:
+def _row_mask(mask, student_hidden) -> torch.Tensor:
+    """[N] bool: the rows computed (``mask != 0``; all without a mask)."""
+    lead_shape = tuple(student_hidden.shape[:-1])
+    num_rows = math.prod(lead_shape)
     if mask is None:
-        return torch.ones(num_rows, device=device, dtype=torch.bool)
+        return torch.ones(num_rows, device=student_hidden.device, dtype=torch.bool)
     check_tensor("mask", mask)
     if tuple(mask.shape) != lead_shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} must be hidden's leading shape {lead_shape}")
-    check_same_device(student_hidden=torch.empty(0, device=device), mask=mask)
+    check_same_device(student_hidden=student_hidden, mask=mask)
     return (mask.reshape(num_rows) != 0).detach()
+
+
+def _check_teacher_inputs(mode, topk, lead_shape, vocab, teacher_hidden, teacher_weight, teacher_bias,
+                          teacher_topk_ids, teacher_topk_logprobs) -> None:
+    """The teacher's inputs and ``topk`` fit ``mode``: a teacher head for ``"full"`` and
+    ``"student_topk"`` (with ``topk``), the teacher's top-k for ``"teacher_topk"``."""
+    has_teacher_head = any(t is not None for t in (teacher_hidden, teacher_weight, teacher_bias))
+    has_teacher_topk = teacher_topk_ids is not None or teacher_topk_logprobs is not None
+    if mode == "teacher_topk":
+        if has_teacher_head:
+            raise ValueError("mode='teacher_topk' takes teacher_topk_ids and teacher_topk_logprobs, not a teacher "
+                             "head (teacher_hidden/teacher_weight/teacher_bias)")
+        if teacher_topk_ids is None or teacher_topk_logprobs is None:
+            raise ValueError("mode='teacher_topk' needs teacher_topk_ids and teacher_topk_logprobs ([..., k] each)")
+        check_tensor("teacher_topk_ids", teacher_topk_ids, dtypes=INDEX_DTYPES)
+        check_tensor("teacher_topk_logprobs", teacher_topk_logprobs, dtypes=FLOAT_DTYPES)
+        for name, tensor in (("teacher_topk_ids", teacher_topk_ids), ("teacher_topk_logprobs", teacher_topk_logprobs)):
+            if tensor.dim() != len(lead_shape) + 1 or tuple(tensor.shape[:-1]) != lead_shape or tensor.shape[-1] == 0:
+                raise ValueError(f"{name} shape {tuple(tensor.shape)} must be hidden's leading shape {lead_shape} "
+                                 f"+ (k,) with k >= 1")
+        if teacher_topk_ids.shape != teacher_topk_logprobs.shape:
+            raise ValueError(f"teacher_topk_ids {tuple(teacher_topk_ids.shape)} and teacher_topk_logprobs "
+                             f"{tuple(teacher_topk_logprobs.shape)} must have the same shape")
+        if topk is not None and topk != teacher_topk_ids.shape[-1]:
+            raise ValueError(f"topk={topk!r} differs from teacher_topk_ids' k={teacher_topk_ids.shape[-1]} (leave "
+                             f"topk None with mode='teacher_topk')")
+    else:
+        if has_teacher_topk:
+            raise ValueError(f"teacher_topk_ids/teacher_topk_logprobs are for mode='teacher_topk', not {mode!r}")
+        if teacher_hidden is None or teacher_weight is None:
+            raise ValueError(f"mode={mode!r} needs the teacher head: teacher_hidden and teacher_weight")
+        _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias, lead_shape)
+        if teacher_weight.shape[0] != vocab:
+            raise ValueError(f"teacher_weight has V={teacher_weight.shape[0]} rows, student_weight V={vocab}: the "
+                             f"vocabularies must be the same")
+    if mode == "student_topk":
+        if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= min(MAX_STUDENT_TOPK, vocab):
+            raise ValueError(f"mode='student_topk' needs topk, an int in [1, {min(MAX_STUDENT_TOPK, vocab)}], "
+                             f"got {topk!r}")
+    elif mode == "full" and topk is not None:
+        raise ValueError("topk is for mode='student_topk' (the teacher's k comes from teacher_topk_ids)")
 
 
 def _rows_2d(hidden: torch.Tensor) -> torch.Tensor:
@@ -185,42 +231,8 @@ def fused_divergence(
     num_rows = math.prod(lead_shape)
     if num_rows == 0:
         raise ValueError("empty batch: student_hidden has no rows")
-    vocab = student_weight.shape[0]
-    has_teacher_head = any(t is not None for t in (teacher_hidden, teacher_weight, teacher_bias))
-    has_teacher_topk = teacher_topk_ids is not None or teacher_topk_logprobs is not None
-    if mode == "teacher_topk":
-        if has_teacher_head:
-            raise ValueError("mode='teacher_topk' takes teacher_topk_ids and teacher_topk_logprobs, not a teacher "
-                             "head (teacher_hidden/teacher_weight/teacher_bias)")
-        if teacher_topk_ids is None or teacher_topk_logprobs is None:
-            raise ValueError("mode='teacher_topk' needs teacher_topk_ids and teacher_topk_logprobs ([..., k] each)")
-        check_tensor("teacher_topk_ids", teacher_topk_ids, dtypes=INDEX_DTYPES)
-        check_tensor("teacher_topk_logprobs", teacher_topk_logprobs, dtypes=FLOAT_DTYPES)
-        for name, tensor in (("teacher_topk_ids", teacher_topk_ids), ("teacher_topk_logprobs", teacher_topk_logprobs)):
-            if tensor.dim() != len(lead_shape) + 1 or tuple(tensor.shape[:-1]) != lead_shape or tensor.shape[-1] == 0:
-                raise ValueError(f"{name} shape {tuple(tensor.shape)} must be hidden's leading shape {lead_shape} "
-                                 f"+ (k,) with k >= 1")
-        if teacher_topk_ids.shape != teacher_topk_logprobs.shape:
-            raise ValueError(f"teacher_topk_ids {tuple(teacher_topk_ids.shape)} and teacher_topk_logprobs "
-                             f"{tuple(teacher_topk_logprobs.shape)} must have the same shape")
-        if topk is not None and topk != teacher_topk_ids.shape[-1]:
-            raise ValueError(f"topk={topk!r} differs from teacher_topk_ids' k={teacher_topk_ids.shape[-1]} (leave "
-                             f"topk None with mode='teacher_topk')")
-    else:
-        if has_teacher_topk:
-            raise ValueError(f"teacher_topk_ids/teacher_topk_logprobs are for mode='teacher_topk', not {mode!r}")
-        if teacher_hidden is None or teacher_weight is None:
-            raise ValueError(f"mode={mode!r} needs the teacher head: teacher_hidden and teacher_weight")
-        _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias, lead_shape)
-        if teacher_weight.shape[0] != vocab:
-            raise ValueError(f"teacher_weight has V={teacher_weight.shape[0]} rows, student_weight V={vocab}: the "
-                             f"vocabularies must be the same")
-    if mode == "student_topk":
-        if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= min(MAX_STUDENT_TOPK, vocab):
-            raise ValueError(f"mode='student_topk' needs topk, an int in [1, {min(MAX_STUDENT_TOPK, vocab)}], "
-                             f"got {topk!r}")
-    elif mode == "full" and topk is not None:
-        raise ValueError("topk is for mode='student_topk' (the teacher's k comes from teacher_topk_ids)")
+    _check_teacher_inputs(mode, topk, lead_shape, student_weight.shape[0], teacher_hidden, teacher_weight,
+                          teacher_bias, teacher_topk_ids, teacher_topk_logprobs)
     if not isinstance(topk_tail, str) or topk_tail not in TAILS:
         raise ValueError(f"topk_tail must be one of {TAILS}, got {topk_tail!r}")
     beta = _check_number("beta", beta, 0.0, 1.0)
@@ -236,8 +248,8 @@ def fused_divergence(
                       teacher_topk_ids=teacher_topk_ids, teacher_topk_logprobs=teacher_topk_logprobs)
     device = student_hidden.device
     backend = resolve_backend(device, backend)
-    inv_temperature = _inv_temperature(temperature, lead_shape, num_rows, device)
-    row_mask = _row_mask(mask, lead_shape, num_rows, device)
+    inv_temperature = _inv_temperature(temperature, student_hidden)
+    row_mask = _row_mask(mask, student_hidden)
     student = (_rows_2d(student_hidden), _contiguous(student_weight), _contiguous(student_bias))
     teacher = (None, None, None) if mode == "teacher_topk" else \
         (_rows_2d(teacher_hidden), _contiguous(teacher_weight), _contiguous(teacher_bias))
