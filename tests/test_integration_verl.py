@@ -397,10 +397,14 @@ def _bypass_batch(device):
     B, T = 6, 40
     logp = torch.rand(B, T, device=device).clamp(0.05, 0.95).log()
     offset = torch.tensor([0.4, 0.0, 0.0, -0.05, -0.2, -0.5], device=device)[:, None]
-    old = (logp + offset + 0.1 * torch.randn(B, T, device=device)).clamp(max=-1e-3)
-    old[0, :3] = (logp[0, :3] + 1.5).clamp(max=-1e-3)
     lengths = torch.tensor([40, 0, 40, 25, 33, 17], device=device)
     mask = torch.arange(T, device=device)[None, :] < lengths[:, None]
+    noise = 0.1 * torch.randn(B, T, device=device) * mask
+    # each row's mean log-ratio is its offset whatever the seed (up to the clamp): the row statistics
+    # stay on their side of every case's thresholds
+    noise -= (noise.sum(dim=1, keepdim=True) / lengths.clamp(min=1)[:, None]) * mask
+    old = (logp + offset + noise).clamp(max=-1e-3)
+    old[0, :3] = (logp[0, :3] + 1.5).clamp(max=-1e-3)
     advantages = torch.randn(B, 1, device=device).expand(B, T) * mask
     return logp, old, advantages, mask
 

@@ -108,6 +108,14 @@ def test_help_lists_every_field_with_its_help_and_choices(capsys):
         first_words = " ".join(f.metadata["help"].split()[:3])
         assert first_words in " ".join(text.split()), f.name
     assert "--config FILE.yaml" in text
+    # HfArgumentParser's generated --no_X flags: their help says what they do, not what --X does
+    flat = " ".join(text.split())
+    for name in ("save_final_model", "progress_bar", "resume", "tensorboard"):
+        negative = f"--no_{name}, --no-{name.replace('_', '-')} "
+        if negative in flat:
+            assert flat.split(negative)[1].startswith(f"sets {name} to false (the same as --{name} false)"), flat
+    assert "--no_progress_bar" in flat and "--no_save_final_model" in flat
+    assert "show a tqdm progress bar (default: False)" not in flat
     from grpo_kernels.ops.grpo_loss import LOSS_TYPES
 
     assert "{" + ",".join(LOSS_TYPES) + "}" in text and "{auto,cpu,cuda}" in text

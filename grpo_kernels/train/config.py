@@ -368,7 +368,10 @@ class _Parser:
             name = action.dest
             if name in _FIELD_TYPES and type(None) in typing.get_args(_FIELD_TYPES[name]) and action.type is not None:
                 action.type = _nullable(action.type)
-            if action.default is not argparse.SUPPRESS and action.help and action.dest != "help":
+            if action.option_strings and action.option_strings[0] == f"--no_{name}" and name in _FIELD_TYPES:
+                # HfArgumentParser gives its generated --no_X flag the help of --X
+                action.help = f"sets {name} to false (the same as --{name} false)"
+            elif action.default is not argparse.SUPPRESS and action.help and action.dest != "help":
                 action.help += " (default: %(default)s)"
 
     def parse(self, argv: list[str]) -> GRPOConfig:
