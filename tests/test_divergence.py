@@ -95,7 +95,8 @@ def test_student_topk_ties_go_to_the_lower_id(device, backend):
 # Float32 logits z carry an absolute rounding error of ~1e-7 |z|, which bounds what any float32
 # kernel (TRL's included) can resolve: where the two distributions differ by |dz| per logit, the
 # gradient's relative error is ~1e-7 |z| / |dz| (near-identical heads: |dz| ~ 1e-3, and a JSD whose
-# mixture is within beta = 1e-4 of p_s); at tiny temperatures |z| ~ 1e3-1e4, so values and
+# mixture is within beta = 1e-4 of p_s); a 20x sharper teacher has |z_t| ~ 200 (values good to
+# ~1e-5 of their size, summed over the vocabulary); at tiny temperatures |z| ~ 1e3-1e4, so values and
 # entropies are good to ~1e-7 |z| absolute, and a near one-hot row's gradient is small (~(1 - p_max)
 # |z| / T) but carries the rounding of ~|z| / T numbers: the reverse KL's at the argmax, p_a (d_a -
 # KL), is a difference of two ~|z| numbers. Hence a floor of 100 under the gradient norm (a generic
@@ -106,9 +107,9 @@ EXTREMES = {
     "near-identical-fkl": ("perturbed", {"beta": 0.0}, 2e-6, 2e-3, 0.0),
     "near-identical-rkl": ("perturbed", {"beta": 1.0}, 2e-6, 2e-3, 0.0),
     "near-identical-jsd": ("perturbed", {"beta": 0.5}, 2e-6, 2e-3, 0.0),
-    "very-different-fkl": ("sharp", {"beta": 0.0}, 2e-6, 1e-5, 0.0),
-    "very-different-rkl": ("sharp", {"beta": 1.0}, 2e-6, 1e-5, 0.0),
-    "very-different-jsd-beta-near-0": ("sharp", {"beta": 1e-4}, 2e-6, 2e-3, 0.0),
+    "very-different-fkl": ("sharp", {"beta": 0.0}, 1e-5, 1e-5, 0.0),
+    "very-different-rkl": ("sharp", {"beta": 1.0}, 1e-5, 1e-5, 0.0),
+    "very-different-jsd-beta-near-0": ("sharp", {"beta": 1e-4}, 1e-5, 2e-3, 0.0),
     "jsd-beta-near-1": ("independent", {"beta": 1 - 1e-4}, 2e-6, 1e-5, 0.0),
     "huge-temperature": ("independent", {"beta": 0.5, "temperature": 1e3}, 2e-6, 1e-3, 0.0),
     "tiny-temperature-fkl": ("independent", {"beta": 0.0, "temperature": 1e-3}, 1e-3, 1e-4, 100.0),
