@@ -190,7 +190,8 @@ def fused_divergence(
       teacher's log-probs there, ``teacher_topk_logprobs [..., k]`` (full-vocabulary log-probs, as
       a vLLM server returns them, used as given: the temperature applies to the student only;
       entries of ``-inf`` are absent), plus a tail bucket (``topk_tail="bucket"``) or renormalized
-      over the ids (``"renormalize"``). With ``beta=0``: verl's/TRL's top-k forward KL.
+      over the ids (``"renormalize"``). With ``beta=0``: TRL's server-distillation forward KL (verl's
+      truncated top-k sum plus the tail's term).
     - ``"student_topk"``: over the student's own top-``topk`` ids (ties: the lower id), with the
       teacher head's log-probs at them; tail as above. With ``beta=1``: the reverse KL on the
       student's top-k (verl #7590). No gradient flows through the choice of ids.
