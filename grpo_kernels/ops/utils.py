@@ -92,9 +92,10 @@ class CompileSpec:
 
     ``signature`` maps every kernel argument to its Triton type (``"*bf16"``, ``"*fp32"``,
     ``"i32"``, ``"fp32"``, or ``"constexpr"``); ``constexprs`` gives the value of each constexpr
-    argument. ``tests/test_compile_sm90.py`` compiles each spec for H100 and checks spills and
-    shared memory, and that the PTX holds no atomic instruction (``atom.*``/``red.*``) unless
-    ``float_atomics`` marks a kernel that adds floats with atomics (the atomic backward only).
+    argument. ``grpo_kernels.ops.sm90_check`` compiles each spec for H100 and gates on spills,
+    shared memory, wgmma for tensor-core dots, and floating-point atomics: a spec whose PTX holds
+    an ``atom``/``red`` on a float type fails unless ``float_atomics=True`` (only the atomic
+    backward of the log-prob op is marked so; integer atomics such as locks are always allowed).
     """
 
     name: str
