@@ -178,6 +178,7 @@ def test_cost_model_counts_the_drivers_matmuls():
     for (mode, beta), units in expected.items():
         cost = cost_model(rows, vocab, d_s, d_t, torch.bfloat16, mode=mode, beta=beta)
         assert cost.matmul_flops == unit * units
-    plan = backward_plan(rows, vocab, d_s, torch.bfloat16, tiles=GPU_CONFIG["dlogits"][torch.bfloat16][:2])
+    plan = backward_plan(rows, vocab, d_s, torch.bfloat16,
+                         tiles=GPU_CONFIG["dlogits"][(torch.bfloat16, torch.bfloat16)][:2])
     assert cost.workspace_bytes == plan.workspace_bytes <= 256 * 2**20
     assert cost.accumulator_bytes == 4 * rows * d_s

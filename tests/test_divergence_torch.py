@@ -8,6 +8,7 @@ import torch
 from divergence_cases import check_against_reference, make_case
 from test_logprobs_torch import allocator_peak_bytes
 
+from grpo_kernels.ops.divergence import head as head_module
 from grpo_kernels.ops.divergence import torch_path
 from grpo_kernels.ops.divergence.head import Head
 from grpo_kernels.ops.divergence.kernels import FORWARD_KL, JSD, REVERSE_KL, TARGETS
@@ -48,13 +49,15 @@ def _heads(num_rows, vocab, dim, device):
 
 def test_memory_is_flat_in_rows_and_vocabulary(monkeypatch):
     # Above inputs and gradients: two logits slabs (forward), three in the backward (with dz/dy),
-    # cache-sized blocks, O(rows) vectors, the [M, D] float32 d-hidden accumulator and one
-    # [vocabulary chunk, D] d-weight accumulator. No [rows, V] buffer; the same at 4x N and 4x V.
+    # cache-sized blocks, the weight rows gathered for the logits at the ids (half a slab), O(rows)
+    # vectors, the [M, D] float32 d-hidden accumulator and one [vocabulary chunk, D] d-weight
+    # accumulator. No [rows, V] buffer; the same at 4x N and 4x V.
     slab_rows, slab_vocab, dim = 16, 64, 24
     slab_bytes = 4 * slab_rows * slab_vocab
     monkeypatch.setattr(torch_path, "_SLAB_BYTES", slab_bytes)
     monkeypatch.setattr(torch_path, "_MIN_SLAB_ROWS", slab_rows)
     monkeypatch.setattr(torch_path, "_BLOCK_BYTES", slab_bytes // 2)
+    monkeypatch.setattr(head_module, "_GATHER_BYTES", slab_bytes // 2)  # the weight rows at the 4 ids
 
     def peaks(num_rows, vocab):
         student, teacher = _heads(num_rows, vocab, dim, "cpu")
@@ -76,7 +79,7 @@ def test_memory_is_flat_in_rows_and_vocabulary(monkeypatch):
         }
         # O(rows) vectors, the d-hidden accumulator and [chunk, D] pieces: none of them a slab's size
         small = 40 * num_rows * 4 + num_rows * dim * 4 + 6 * slab_vocab * (dim + 3) * 4 + 8 * slab_rows * dim * 4
-        assert result["forward"] <= 2.5 * slab_bytes + small, result
+        assert result["forward"] <= 3 * slab_bytes + small, result
         assert result["backward"] <= 3.5 * slab_bytes + small, result
         assert result["backward_targets"] <= 2.5 * slab_bytes + small, result
         return result, small

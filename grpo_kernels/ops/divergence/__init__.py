@@ -20,8 +20,10 @@ of one pass: ``KL(p_t || p_s) = gap_t / sum_t - log sum_t + log sum_s``. A merge
 the splits in index order (the split size is fixed, so a row's bits do not depend on the batch).
 The JSD needs both final normalizers for its mixture: a second pass (``_divergence_jsd_kernel``)
 recomputes both tiles and sums ``beta p_t log(p_t / m) + (1 - beta) p_s log(p_s / m)`` and
-``KL(p_s || m)`` (its backward's row term). For the top-k forms the same kernel copies ``z`` at the
-``k`` ids out of the tile that holds them (no teacher tile for the teacher's given top-k).
+``KL(p_s || m)`` (its backward's row term). The top-k forms run the same forward (without a teacher
+tile for the teacher's given top-k) and take ``z`` at their ``k`` ids as ``k`` dot products per row
+(``head.logits_at_ids``: O(N k D) beside the vocabulary's O(N V D)); their backward writes
+``sum_i g_i [v = id_i] - p_s sum_i g_i`` for the student alone.
 
 Backward: the log-prob package's workspace scheme (``logprobs.workspace.dlogits_gemm_backward``)
 with this package's d-logits kernel, which recomputes both tiles and writes the student's
@@ -45,8 +47,9 @@ Modules, lowest layer first (each imports only those above it, and ``grpo_kernel
 ``kernels``, ``launch``, ``workspace``):
 
 - ``kernels``: the Triton jit kernels.
-- ``launch``: their tiles per dtype, and the cost model.
-- ``head``: the drivers' interface (a head, the forward's statistics, a head's tile in torch).
+- ``launch``: their tiles per (student, teacher) dtype pair, and the cost model.
+- ``head``: the drivers' interface (a head, the forward's statistics, a head's tile in torch, its
+  logits at given ids).
 - ``torch_path``: the chunked PyTorch drivers.
 - ``topk``: the top-k forms (the divergence on a support; the student's top-k ids).
 - ``drivers``: the Triton drivers; ``BACKENDS``.

@@ -14,7 +14,7 @@ import torch
 import triton
 
 from grpo_kernels.ops.divergence import launch
-from grpo_kernels.ops.divergence.head import ForwardStats, Head
+from grpo_kernels.ops.divergence.head import ForwardStats, Head, logits_at_ids
 from grpo_kernels.ops.divergence.kernels import (
     JSD,
     NUM_STATES,
@@ -48,36 +48,30 @@ def _mixture_logs(beta: float) -> tuple[float, float, float]:
     return float(beta), 0.0, 0.0
 
 
-def _block_d(head: Head | None, stand_in: Head, device_type: str) -> int:
-    return launch.head_block_d((head or stand_in).hidden.dtype, device_type)
-
-
 def triton_forward(student: Head, teacher: Head | None, rows: torch.Tensor, inv_temp: torch.Tensor,
                    ids: torch.Tensor | None, beta: float) -> ForwardStats:
     """Triton forward over the compacted ``rows [M]`` int32; see ``torch_path.torch_forward``."""
     num_rows, vocab = rows.numel(), student.weight.shape[0]
     device, dtype = student.hidden.device, student.hidden.dtype
     device_type = device.type
-    block_n, block_v, _, num_warps, num_stages = launch.launch_config("fwd", dtype, device_type)
-    merge_n, _, _, merge_warps, merge_stages = launch.launch_config("merge", dtype, device_type)
+    teacher_dtype = teacher.hidden.dtype if teacher is not None else None
+    block_n, block_v, block_d, num_warps, num_stages = launch.launch_config("fwd", dtype, teacher_dtype, device_type)
+    merge_n, _, _, merge_warps, merge_stages = launch.launch_config("merge", dtype, teacher_dtype, device_type)
     vocab_per_split, splits = launch.forward_splits(num_rows, vocab, dtype, device_type, batch_invariant=True)
     has_teacher = teacher is not None
     (sh, sw, sb), s_scalars = _head_args(student, student)
     (th, tw, tb), t_scalars = _head_args(teacher, student)
-    tiles = {"BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_DS": _block_d(student, student, device_type),
-             "BLOCK_DT": _block_d(teacher, student, device_type), "GROUP_N": FORWARD_GROUP_ROWS,
-             "S_DOT_PRECISION": launch.dot_precision(dtype), "T_DOT_PRECISION": launch.dot_precision(th.dtype),
-             "INTERPRETER": device_type != "cuda", "num_warps": num_warps, "num_stages": num_stages}
-    num_ids = ids.shape[1] if ids is not None else 0
-    ids_arg = ids if ids is not None else rows
+    scalars = (*s_scalars[:2], *t_scalars[:2], s_scalars[2], s_scalars[3], t_scalars[2], t_scalars[3])
+    tiles = {"BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_DS": block_d, "BLOCK_DT": block_d,
+             "GROUP_N": FORWARD_GROUP_ROWS, "S_DOT_PRECISION": launch.dot_precision(dtype),
+             "T_DOT_PRECISION": launch.dot_precision(th.dtype), "INTERPRETER": device_type != "cuda",
+             "num_warps": num_warps, "num_stages": num_stages}
 
     def vector():
         return torch.empty(num_rows, device=device, dtype=torch.float32)
 
     student_lse, entropy = vector(), vector()
     teacher_lse, forward_kl, reverse_kl = (vector(), vector(), vector()) if has_teacher else (None, None, None)
-    student_id = torch.zeros((num_rows, num_ids), device=device, dtype=torch.float32)
-    teacher_id = torch.zeros((num_rows, num_ids), device=device, dtype=torch.float32) if has_teacher else student_id
     # Row chunks bound the partial states; a row's result does not depend on its chunk.
     row_chunk = max(block_n, FORWARD_PARTIAL_BYTES // (4 * NUM_STATES * splits) // block_n * block_n)
     for start in range(0, num_rows, row_chunk):
@@ -86,10 +80,9 @@ def triton_forward(student: Head, teacher: Head | None, rows: torch.Tensor, inv_
         count = chunk_rows.numel()
         part = torch.empty((NUM_STATES if has_teacher else 3, count, splits), device=device, dtype=torch.float32)
         _divergence_fwd_kernel[(triton.cdiv(count, block_n) * splits,)](
-            sh, sw, sb, th, tw, tb, inv_temp, chunk_rows, ids_arg, part, student_id[sl], teacher_id[sl],
-            count, vocab, sh.shape[1], th.shape[1], num_ids, sh.stride(0), sw.stride(0), th.stride(0), tw.stride(0),
-            ids_arg.stride(0), *s_scalars[:2], *t_scalars[:2], s_scalars[2], s_scalars[3], t_scalars[2],
-            t_scalars[3], vocab_per_split, splits, HAS_TEACHER=has_teacher, **tiles)
+            sh, sw, sb, th, tw, tb, inv_temp, chunk_rows, part, count, vocab, sh.shape[1], th.shape[1],
+            sh.stride(0), sw.stride(0), th.stride(0), tw.stride(0), *scalars, vocab_per_split, splits,
+            HAS_TEACHER=has_teacher, **tiles)
         unused = student_lse[sl]
         _divergence_merge_kernel[(triton.cdiv(count, merge_n),)](
             part, student_lse[sl], entropy[sl], teacher_lse[sl] if has_teacher else unused,
@@ -97,35 +90,46 @@ def triton_forward(student: Head, teacher: Head | None, rows: torch.Tensor, inv_
             BLOCK_N=merge_n, HAS_TEACHER=has_teacher, num_warps=merge_warps, num_stages=merge_stages)
 
     stats = {"student_lse": student_lse, "entropy": entropy}
-    if num_ids:
-        stats["student_id_logits"] = student_id
+    if ids is not None:
+        stats["student_id_logits"] = logits_at_ids(student, rows, ids, inv_temp)
         if has_teacher:
-            stats["teacher_id_logits"] = teacher_id
+            stats["teacher_id_logits"] = logits_at_ids(teacher, rows, ids, inv_temp)
     if has_teacher:
         stats.update(teacher_lse=teacher_lse, forward_kl=forward_kl, reverse_kl=reverse_kl)
         if 0.0 < beta < 1.0:
-            sums = torch.empty((2, num_rows), device=device, dtype=torch.float32)
-            jsd_n, jsd_v, _, jsd_warps, jsd_stages = launch.launch_config("jsd", dtype, device_type)
-            jsd_tiles = {**tiles, "BLOCK_N": jsd_n, "BLOCK_V": jsd_v, "num_warps": jsd_warps,
-                         "num_stages": jsd_stages}
-            row_chunk = max(jsd_n, FORWARD_PARTIAL_BYTES // (8 * splits) // jsd_n * jsd_n)
-            for start in range(0, num_rows, row_chunk):
-                sl = slice(start, start + row_chunk)
-                chunk_rows = rows[sl]
-                count = chunk_rows.numel()
-                part = torch.empty((2, count, splits), device=device, dtype=torch.float32)
-                _divergence_jsd_kernel[(triton.cdiv(count, jsd_n) * splits,)](
-                    sh, sw, sb, th, tw, tb, inv_temp, chunk_rows, student_lse[sl], teacher_lse[sl], part,
-                    count, vocab, sh.shape[1], th.shape[1], sh.stride(0), sw.stride(0), th.stride(0), tw.stride(0),
-                    *s_scalars[:2], *t_scalars[:2], s_scalars[2], s_scalars[3], t_scalars[2], t_scalars[3],
-                    *_mixture_logs(beta), vocab_per_split, splits, **jsd_tiles)
-                chunk_sums = torch.empty((2, count), device=device, dtype=torch.float32)
-                _split_sum_kernel[(triton.cdiv(count, merge_n),)](
-                    part, chunk_sums, count, splits, NUM_SUMS=2, BLOCK_N=merge_n, num_warps=merge_warps,
-                    num_stages=merge_stages)
-                sums[:, sl] = chunk_sums
-            stats["jsd"], stats["kl_student_mixture"] = sums.unbind(0)
+            stats["jsd"], stats["kl_student_mixture"] = _jsd_pass(
+                (sh, sw, sb, th, tw, tb), scalars, rows, inv_temp, student_lse, teacher_lse, beta, vocab_per_split,
+                splits, dtype, teacher_dtype)
     return ForwardStats(**stats)
+
+
+def _jsd_pass(pointers, scalars, rows, inv_temp, student_lse, teacher_lse, beta, vocab_per_split, splits, dtype,
+              teacher_dtype):
+    """(JSD, KL(p_s || m)) per compacted row: the second pass, then the ordered sum of its splits."""
+    num_rows, device = rows.numel(), rows.device
+    vocab, (sh, _, _, th, _, _) = pointers[1].shape[0], pointers
+    block_n, block_v, block_d, num_warps, num_stages = launch.launch_config("jsd", dtype, teacher_dtype, device.type)
+    merge_n, _, _, merge_warps, merge_stages = launch.launch_config("merge", dtype, teacher_dtype, device.type)
+    sums = torch.empty((2, num_rows), device=device, dtype=torch.float32)
+    row_chunk = max(block_n, FORWARD_PARTIAL_BYTES // (8 * splits) // block_n * block_n)
+    for start in range(0, num_rows, row_chunk):
+        sl = slice(start, start + row_chunk)
+        chunk_rows = rows[sl]
+        count = chunk_rows.numel()
+        part = torch.empty((2, count, splits), device=device, dtype=torch.float32)
+        _divergence_jsd_kernel[(triton.cdiv(count, block_n) * splits,)](
+            *pointers, inv_temp, chunk_rows, student_lse[sl], teacher_lse[sl], part, count, vocab, sh.shape[1],
+            th.shape[1], sh.stride(0), pointers[1].stride(0), th.stride(0), pointers[4].stride(0), *scalars,
+            *_mixture_logs(beta), vocab_per_split, splits,
+            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_DS=block_d, BLOCK_DT=block_d, GROUP_N=FORWARD_GROUP_ROWS,
+            S_DOT_PRECISION=launch.dot_precision(dtype), T_DOT_PRECISION=launch.dot_precision(th.dtype),
+            INTERPRETER=device.type != "cuda", num_warps=num_warps, num_stages=num_stages)
+        chunk_sums = torch.empty((2, count), device=device, dtype=torch.float32)
+        _split_sum_kernel[(triton.cdiv(count, merge_n),)](
+            part, chunk_sums, count, splits, NUM_SUMS=2, BLOCK_N=merge_n, num_warps=merge_warps,
+            num_stages=merge_stages)
+        sums[:, sl] = chunk_sums
+    return sums.unbind(0)
 
 
 def triton_backward(student: Head, teacher: Head | None, rows, inv_temp, kind: int, beta: float, student_lse,
@@ -142,16 +146,18 @@ def triton_backward(student: Head, teacher: Head | None, rows, inv_temp, kind: i
     into a bounded buffer, then cuBLAS GEMMs, no floating-point atomics.
     """
     dtype, device_type = student.hidden.dtype, student.hidden.device.type
-    block_n, block_v, _, num_warps, num_stages = launch.launch_config("dlogits", dtype, device_type)
     teacher = teacher if kind != TARGETS else None
+    teacher_dtype = teacher.hidden.dtype if teacher is not None else None
+    block_n, block_v, block_d, num_warps, num_stages = launch.launch_config("dlogits", dtype, teacher_dtype,
+                                                                            device_type)
     (sh, sw, sb), s_scalars = _head_args(student, student)
     (th, tw, tb), t_scalars = _head_args(teacher, student)
     num_ids = ids.shape[1] if kind == TARGETS else 0
     ids_arg = ids if kind == TARGETS else rows
     unused = student_lse
     mixture = _mixture_logs(beta) if kind == JSD else (float(beta), 0.0, 0.0)
-    constexprs = {"BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_DS": _block_d(student, student, device_type),
-                  "BLOCK_DT": _block_d(teacher, student, device_type), "GROUP_N": BACKWARD_GROUP_ROWS, "KIND": kind,
+    constexprs = {"BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_DS": block_d, "BLOCK_DT": block_d,
+                  "GROUP_N": BACKWARD_GROUP_ROWS, "KIND": kind,
                   "S_DOT_PRECISION": launch.dot_precision(dtype), "T_DOT_PRECISION": launch.dot_precision(th.dtype),
                   "INTERPRETER": device_type != "cuda", "num_warps": num_warps, "num_stages": num_stages}
 

@@ -1,5 +1,6 @@
 """The drivers' interface: one LM head, the forward's statistics, and a head's logits on a tile
-in PyTorch (the chunked path and the student top-k selection).
+in PyTorch (the chunked path and the student top-k selection), and the logits at given ids
+(the top-k forms, both paths).
 
 A head maps hidden states to logits ``z``, per row ``n`` and vocabulary id ``v``::
 
@@ -86,3 +87,37 @@ class TileLogits:
         elif derivative is not None:
             derivative.copy_((inv_temp * self.head.logit_scale)[:, None].expand_as(derivative))
         return block.mul_(inv_temp[:, None])
+
+
+# float32 bytes of the [rows, K, D] weight rows gathered at once by logits_at_ids
+_GATHER_BYTES = 32 * 2**20
+
+
+def logits_at_ids(head: Head, rows: torch.Tensor, ids: torch.Tensor, inv_temp: torch.Tensor) -> torch.Tensor:
+    """``[M, K]`` float32: the head's z at ``ids [N, K]`` (int, -1: none, giving 0) for the
+    compacted ``rows [M]`` (int), as K float32 dot products per row, a chunk of rows at a time (the
+    gathered weight rows take at most ``_GATHER_BYTES``). O(M K D) work beside the vocabulary's
+    O(M V D): the top-k forms' logits at their ids.
+
+    An elementwise product and a sum, not a batched matmul: a float32 matmul may run in TF32 when
+    the caller allows it, and these z must match the kernels' (IEEE float32) normalizers."""
+    index = rows.long()
+    num_ids, dim = ids.shape[1], head.weight.shape[1]
+    out = torch.zeros((index.numel(), num_ids), device=head.hidden.device)
+    chunk = max(1, _GATHER_BYTES // (4 * num_ids * dim))
+    for r0 in range(0, index.numel(), chunk):
+        r1 = min(r0 + chunk, index.numel())
+        row_ids = ids.index_select(0, index[r0:r1]).long()
+        present = row_ids >= 0
+        row_ids = row_ids.clamp(min=0).reshape(-1)
+        hidden_rows = head.hidden.index_select(0, index[r0:r1]).float()
+        # a fresh float32 [rows, K, D] either way (index_select copies), multiplied in place
+        weight_rows = head.weight.index_select(0, row_ids).view(r1 - r0, num_ids, dim).float()
+        y = weight_rows.mul_(hidden_rows[:, None, :]).sum(2)
+        if head.bias is not None:
+            y += head.bias.index_select(0, row_ids).float().view(r1 - r0, num_ids)
+        u = y * head.logit_scale
+        if head.softcap is not None:
+            u = head.softcap * torch.tanh(u / head.softcap)
+        out[r0:r1] = torch.where(present, u * inv_temp.index_select(0, index[r0:r1])[:, None], 0.0)
+    return out

@@ -1,7 +1,6 @@
-"""The Triton kernels of the divergence op: the forward (both heads' online statistics and the
-logits at given ids), the merge of its vocabulary splits, the JSD's second pass, and the d-logits
-kernel of the backward (see the package docstring for the math, ``launch`` for the tiles,
-``drivers`` for the launches).
+"""The Triton kernels of the divergence op: the forward (both heads' online statistics), the merge
+of its vocabulary splits, the JSD's second pass, and the d-logits kernel of the backward (see the
+package docstring for the math, ``launch`` for the tiles, ``drivers`` for the launches).
 
 Every kernel computes a student tile and, with ``HAS_TEACHER``, the teacher's tile of the same
 rows and vocabulary ids: two tile GEMMs (``hidden @ weight.T``, each head with its own hidden
@@ -55,23 +54,9 @@ def _head_logits(Hidden, Weight, Bias, rows, offs_v, row_ok, v_ok, D, stride_h, 
 
 
 @triton.jit
-def _gather_ids(z, IdLogit, Ids, offs_m, rows, row_ok, offs_v, tile_begin, tile_end, K, stride_ids):
-    """Stores z[row, id] into IdLogit [M, K] for every id of Ids [N, K] that lies in this tile."""
-    ids_ptrs = Ids + rows.to(tl.int64) * stride_ids
-    for k in range(K):
-        target = tl.load(ids_ptrs + k, mask=row_ok, other=-1)
-        hit = row_ok & (target >= tile_begin) & (target < tile_end)
-        # Most tiles hold no row's k-th id: skip the [BLOCK_N, BLOCK_V] compare.
-        if tl.sum(hit.to(tl.int32), axis=0) > 0:
-            gathered = tl.sum(tl.where(offs_v[None, :] == target[:, None], z, 0.0), axis=1)
-            tl.store(IdLogit + offs_m.to(tl.int64) * K + k, gathered, mask=hit)
-
-
-@triton.jit
 def _divergence_fwd_kernel(
-    SHidden, SWeight, SBias, THidden, TWeight, TBias, InvTemp, RowIdx, Ids,
-    Part, SIdLogit, TIdLogit,
-    M, V, DS, DT, K, stride_sh, stride_sw, stride_th, stride_tw, stride_ids,
+    SHidden, SWeight, SBias, THidden, TWeight, TBias, InvTemp, RowIdx, Part,
+    M, V, DS, DT, stride_sh, stride_sw, stride_th, stride_tw,
     s_scale, s_softcap, t_scale, t_softcap, s_has_bias, s_has_softcap, t_has_bias, t_has_softcap,
     vocab_per_split, num_splits,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
@@ -80,8 +65,9 @@ def _divergence_fwd_kernel(
 ):
     """One program: BLOCK_N compacted rows x one vocabulary split (a 1-D grid of row blocks x
     splits in groups of GROUP_N row blocks). Writes the split's online state (NUM_STATES of them,
-    3 without a teacher) into Part [NUM_STATES, M, splits], and the logits z_s (and z_t) at the ids
-    Ids [N, K] that lie in the split into SIdLogit (TIdLogit) [M, K]; -1 ids match nothing.
+    3 without a teacher) into Part [NUM_STATES, M, splits]. (The top-k forms' logits at k ids are
+    k dot products per row, formed outside: ``head.logits_at_ids``; copying them out of the tiles
+    here held registers that spilled.)
 
     Every running sum is kept relative to its running max (x = z - max), so that nothing cancels
     when |z| ~ 1e4: when a max moves by d, a sum of e^{x} x becomes r (S + s d) with r = e^{d}.
@@ -105,11 +91,9 @@ def _divergence_fwd_kernel(
     for v0 in range(v_begin, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_ok = offs_v < v_end
-        tile_end = tl.minimum(v0 + BLOCK_V, v_end)
         zs, _ = _head_logits(SHidden, SWeight, SBias, rows, offs_v, row_ok, v_ok, DS, stride_sh, stride_sw,
                              s_scale, s_softcap, inv_t, s_has_bias, s_has_softcap, BLOCK_N, BLOCK_V, BLOCK_DS,
                              S_DOT_PRECISION, INTERPRETER, False)
-        _gather_ids(zs, SIdLogit, Ids, offs_m, rows, row_ok, offs_v, v0, tile_end, K, stride_ids)
         new_s_max = tl.maximum(s_max, tl.max(tl.where(v_ok[None, :], zs, float("-inf")), axis=1))
         s_rescale = tl.exp(s_max - new_s_max)
         s_shift = tl.where(s_sum > 0, s_max - new_s_max, 0.0)
@@ -119,7 +103,6 @@ def _divergence_fwd_kernel(
             zt, _ = _head_logits(THidden, TWeight, TBias, rows, offs_v, row_ok, v_ok, DT, stride_th, stride_tw,
                                  t_scale, t_softcap, inv_t, t_has_bias, t_has_softcap, BLOCK_N, BLOCK_V, BLOCK_DT,
                                  T_DOT_PRECISION, INTERPRETER, False)
-            _gather_ids(zt, TIdLogit, Ids, offs_m, rows, row_ok, offs_v, v0, tile_end, K, stride_ids)
             new_t_max = tl.maximum(t_max, tl.max(tl.where(v_ok[None, :], zt, float("-inf")), axis=1))
             t_rescale = tl.exp(t_max - new_t_max)
             t_shift = tl.where(t_sum > 0, t_max - new_t_max, 0.0)

@@ -1,9 +1,9 @@
 """Every kernel configuration the divergence drivers can launch, for the sm_90 compile check
 (``python -m grpo_kernels.ops.sm90_check --module grpo_kernels.ops.divergence.specs``).
 
-Configurations: the student's dtype (the tiles) x the teacher's dtype (its pointers and BLOCK_DT)
-x the kernel's constexprs (a teacher tile or not; the d-logits kernel's KIND). Bias and soft-cap
-are runtime switches, compiled into every configuration.
+Configurations: the student's dtype x the teacher's dtype (or no teacher tile), which set the
+tiles and pointer types, x the d-logits kernel's KIND. Bias and soft-cap are runtime switches,
+compiled into every configuration.
 """
 
 from grpo_kernels.ops.divergence.kernels import (
@@ -17,7 +17,7 @@ from grpo_kernels.ops.divergence.kernels import (
     _divergence_merge_kernel,
     _split_sum_kernel,
 )
-from grpo_kernels.ops.divergence.launch import BLOCK_D, GPU_CONFIG, dot_precision
+from grpo_kernels.ops.divergence.launch import DTYPE_PAIRS, GPU_CONFIG, dot_precision
 from grpo_kernels.ops.logprobs.launch import BACKWARD_GROUP_ROWS, FORWARD_GROUP_ROWS
 from grpo_kernels.ops.utils import FLOAT_DTYPES, TRITON_DTYPE, CompileSpec
 
@@ -49,42 +49,40 @@ def _head_pointers(student_ty, teacher_ty):
 
 
 def _tile_constexprs(config, student_dtype, teacher_dtype, group_n):
-    block_n, block_v, *_ = config
-    return {"BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_DS": BLOCK_D[student_dtype],
-            "BLOCK_DT": BLOCK_D[teacher_dtype], "GROUP_N": group_n,
+    block_n, block_v, block_d, *_ = config
+    return {"BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_DS": block_d, "BLOCK_DT": block_d, "GROUP_N": group_n,
             "S_DOT_PRECISION": dot_precision(student_dtype), "T_DOT_PRECISION": dot_precision(teacher_dtype),
             "INTERPRETER": False}
 
 
 def sm90_compile_specs() -> list[CompileSpec]:
     specs = []
-    merge = GPU_CONFIG["merge"][FLOAT_DTYPES[0]]
+    merge = GPU_CONFIG["merge"][(FLOAT_DTYPES[0], None)]
     for has_teacher in (False, True):
         specs.append(_spec(f"divergence_merge[teacher={has_teacher}]", _divergence_merge_kernel, {},
                            {"BLOCK_N": merge[0], "HAS_TEACHER": has_teacher}, merge))
     specs.append(_spec("divergence_split_sum", _split_sum_kernel, {}, {"NUM_SUMS": 2, "BLOCK_N": merge[0]}, merge))
-    for student_dtype in FLOAT_DTYPES:
-        s_ty = TRITON_DTYPE[student_dtype]
-        # (teacher dtype or None: no teacher tile, the stand-in pointers are the student's)
-        for teacher_dtype in (None, *FLOAT_DTYPES):
-            t_dtype = teacher_dtype or student_dtype
-            t_ty = TRITON_DTYPE[t_dtype]
-            has_teacher = teacher_dtype is not None
-            heads = _head_pointers(s_ty, t_ty)
-            label = f"{s_ty},teacher={t_ty if has_teacher else None}"
-            config = GPU_CONFIG["fwd"][student_dtype]
+    for student_dtype, teacher_dtype in DTYPE_PAIRS:
+        has_teacher = teacher_dtype is not None
+        # without a teacher tile the stand-in teacher pointers are the student's
+        t_dtype = teacher_dtype or student_dtype
+        s_ty, t_ty = TRITON_DTYPE[student_dtype], TRITON_DTYPE[t_dtype]
+        heads = _head_pointers(s_ty, t_ty)
+        label = f"{s_ty},teacher={t_ty if has_teacher else None}"
+        pair = (student_dtype, teacher_dtype)
+        config = GPU_CONFIG["fwd"][pair]
+        specs.append(_spec(
+            f"divergence_fwd[{label}]", _divergence_fwd_kernel, heads,
+            {**_tile_constexprs(config, student_dtype, t_dtype, FORWARD_GROUP_ROWS), "HAS_TEACHER": has_teacher},
+            config))
+        if has_teacher:
+            config = GPU_CONFIG["jsd"][pair]
+            specs.append(_spec(f"divergence_jsd[{label}]", _divergence_jsd_kernel, heads,
+                               _tile_constexprs(config, student_dtype, t_dtype, FORWARD_GROUP_ROWS), config))
+        config = GPU_CONFIG["dlogits"][pair]
+        for kind in (FORWARD_KL, REVERSE_KL, JSD) if has_teacher else (TARGETS,):
             specs.append(_spec(
-                f"divergence_fwd[{label}]", _divergence_fwd_kernel, heads,
-                {**_tile_constexprs(config, student_dtype, t_dtype, FORWARD_GROUP_ROWS), "HAS_TEACHER": has_teacher},
-                config))
-            if has_teacher:
-                config = GPU_CONFIG["jsd"][student_dtype]
-                specs.append(_spec(f"divergence_jsd[{label}]", _divergence_jsd_kernel, heads,
-                                   _tile_constexprs(config, student_dtype, t_dtype, FORWARD_GROUP_ROWS), config))
-            config = GPU_CONFIG["dlogits"][student_dtype]
-            for kind in (FORWARD_KL, REVERSE_KL, JSD) if has_teacher else (TARGETS,):
-                specs.append(_spec(
-                    f"divergence_dlogits[{label},kind={_KIND_NAMES[kind]}]", _divergence_dlogits_kernel,
-                    {**heads, "GradLogits": f"*{s_ty}"},
-                    {**_tile_constexprs(config, student_dtype, t_dtype, BACKWARD_GROUP_ROWS), "KIND": kind}, config))
+                f"divergence_dlogits[{label},kind={_KIND_NAMES[kind]}]", _divergence_dlogits_kernel,
+                {**heads, "GradLogits": f"*{s_ty}"},
+                {**_tile_constexprs(config, student_dtype, t_dtype, BACKWARD_GROUP_ROWS), "KIND": kind}, config))
     return specs

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from grpo_kernels.ops.divergence.head import ForwardStats, Head, TileLogits
+from grpo_kernels.ops.divergence.head import ForwardStats, Head, TileLogits, logits_at_ids
 from grpo_kernels.ops.divergence.kernels import FORWARD_KL, JSD, REVERSE_KL, TARGETS
 
 # One head's float32 [rows, vocabulary ids] logits slab (the student's and the teacher's: two).
@@ -132,27 +132,19 @@ def torch_forward(student: Head, teacher: Head | None, rows: torch.Tensor, inv_t
     run[0].fill_(-math.inf)
     if teacher is not None:
         run[3].fill_(-math.inf)
-    num_ids = ids.shape[1] if ids is not None else 0
-    id_logits = [torch.zeros((num_rows, num_ids), device=device) for _ in tiles.heads] if num_ids else None
-    row_ids = ids.index_select(0, tiles.rows) if num_ids else None
-
     for r0, r1, v0, v1 in tiles.spans():
         zs = tiles.logits(0, r0, r1, v0, v1)
         zt = tiles.logits(1, r0, r1, v0, v1) if teacher is not None else None
-        if num_ids:
-            columns, inside = _id_columns(row_ids[r0:r1], v0, v1)
-            for logits, z in zip(id_logits, (zs, zt)):
-                logits[r0:r1] += torch.where(inside, z.gather(1, columns), 0.0)
         for b0, b1 in _row_blocks(r1 - r0, v1 - v0):
             part = _block_states(zs[b0:b1], zt[b0:b1] if zt is not None else None)
             _merge([state[r0 + b0:r0 + b1] for state in run], part)
 
     log_s_sum = run[1].log()
     stats = {"student_lse": run[0] + log_s_sum, "entropy": log_s_sum - run[2] / run[1]}
-    if num_ids:
-        stats["student_id_logits"] = id_logits[0]
+    if ids is not None:  # the Triton driver's way too: K dot products per row
+        stats["student_id_logits"] = logits_at_ids(student, rows, ids, inv_temp)
         if teacher is not None:
-            stats["teacher_id_logits"] = id_logits[1]
+            stats["teacher_id_logits"] = logits_at_ids(teacher, rows, ids, inv_temp)
     if teacher is not None:
         log_t_sum = run[4].log()
         stats.update(teacher_lse=run[3] + log_t_sum, forward_kl=run[5] / run[4] - log_t_sum + log_s_sum,
