@@ -8,6 +8,7 @@ illegal memory access on the GPU.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 
@@ -60,10 +61,12 @@ def check_same_device(**tensors) -> None:
 
 
 def check_positive_finite(name: str, value) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
+    """``value`` as a float: a real number (``int``, ``float``, a numpy scalar; not a ``bool``, a
+    string or a tensor, which are never converted), finite and > 0; else a ``TypeError`` or
+    ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be finite and > 0, got {value}")
     return value
@@ -108,3 +111,16 @@ class CompileSpec:
 
 
 TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def check_bool(name: str, value) -> bool:
+    """``value`` itself when it is a ``bool`` (or a numpy bool); else a ``TypeError`` naming ``name``.
+
+    Strings, numbers and tensors are never converted: ``bool("no")`` is True, so a flag passed as
+    text would silently mean its opposite.
+    """
+    if isinstance(value, bool):
+        return value
+    if type(value).__name__ == "bool_" and type(value).__module__ == "numpy":
+        return bool(value)
+    raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} {value!r}")
