@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import inspect
+import numbers
 import warnings
 
 import torch
 
 from grpo_kernels.ops.fused_linear_grpo import fused_linear_grpo_loss
-from grpo_kernels.ops.grpo_loss import OPTIONS
+from grpo_kernels.ops.grpo_loss import LOSS_TYPES_TABLE, OPTIONS, check_temperature, validate_loss_options
 from grpo_kernels.ops.logprobs import token_logprobs
 from grpo_kernels.ops.packing import packed_shape
+from grpo_kernels.ops.utils import check_bool
 
 _IGNORE_INDEX = -100
 
@@ -50,7 +52,10 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             ``ipo_threshold``), verl's aggregations, rollout correction in bypass mode
             (``rollout_is``, ``rollout_rs``, ... with ``bypass_mode=True``: ``old_per_token_logps``
             are then the rollout's; Liger's forward has no argument for separate sampling log-probs).
-            Unknown names raise a ``TypeError`` here; values are checked at the first forward.
+            Unknown names raise a ``TypeError`` here.
+
+    Every argument is checked at construction (``validate_loss_options``: a number is a real number,
+    never a bool or a string, a bool a bool), as the options of :func:`grpo_kernels.grpo_loss`.
 
     Differences from Liger 0.8.5, all in favour of TRL 1.16's math: ``luspo`` at token level (or with
     a KL term) aggregates ``sum_t m L / B`` as TRL does (Liger sums unmasked tokens), and with
@@ -90,12 +95,22 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         if own & set(self.loss_options):
             raise TypeError(f"loss_options {', '.join(sorted(own & set(self.loss_options)))}: pass them as the "
                             "constructor's (or forward's) own arguments")
-        if sapo_temperature_pos <= 0:
-            raise ValueError(f"sapo_temperature_pos must be positive, got {sapo_temperature_pos}")
-        if sapo_temperature_neg <= 0:
-            raise ValueError(f"sapo_temperature_neg must be positive, got {sapo_temperature_neg}")
-        if delta is not None and delta <= 0:
-            raise ValueError(f"delta must be positive, got {delta}")
+        check_bool("compiled", compiled)
+        check_bool("use_ref_model", use_ref_model)
+        check_temperature(temperature)
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
+            raise TypeError(f"chunk_size must be an int (accepted for compatibility, no effect), "
+                            f"got {type(chunk_size).__name__} {chunk_size!r}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        # The options of the other loss types, which Liger keeps and ignores (and so do we): their
+        # types and ranges all the same, so that a string or a bool is refused whatever the loss type
+        for name, value in (("delta", delta), ("sapo_temperature_pos", sapo_temperature_pos),
+                            ("sapo_temperature_neg", sapo_temperature_neg), ("vespo_k_pos", vespo_k_pos),
+                            ("vespo_lambda_pos", vespo_lambda_pos), ("vespo_k_neg", vespo_k_neg),
+                            ("vespo_lambda_neg", vespo_lambda_neg)):
+            OPTIONS[name].check(name, value)
+        # Liger's own checks, in Liger's words, before the table's
         if importance_sampling_level == "sequence" and loss_type in ("cispo", "sapo", "vespo"):
             raise ValueError(
                 f"Sequence-level importance sampling is not supported for loss_type='{loss_type}'. "
@@ -119,6 +134,15 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         self.vespo_k_neg = vespo_k_neg
         self.vespo_lambda_neg = vespo_lambda_neg
         self.process_group = process_group
+        validate_loss_options(**self._loss_options())
+
+    def _loss_options(self) -> dict:
+        """The grpo_loss options this module passes (the forward adds num_items_in_batch and the inputs)."""
+        return dict(beta=self.beta, loss_type=self.loss_type, epsilon_low=self.epsilon_low,
+                    epsilon_high=self.epsilon_high, importance_sampling_level=self.importance_sampling_level,
+                    max_completion_length=self.max_completion_length,
+                    use_bias_correction_kl=self.use_bias_correction_kl,
+                    **{**self._type_specific_options(), **self.loss_options})
 
     def forward(
         self,
@@ -143,7 +167,8 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         ``advantages`` ``[B]``, ``bias`` ``[V]``, ``ref_per_token_logps`` / ``old_per_token_logps``
         ``[B, T]``, ``ref_input`` / ``ref_weight`` / ``ref_bias`` (reference model's hidden states and
         head, used when ``use_ref_model`` and no ``ref_per_token_logps``), ``vllm_is_ratio`` ``[B, T]``,
-        ``[B, 1]`` or ``[B]`` (applied as given), ``num_items_in_batch`` (dapo/cispo normalizer).
+        ``[B, 1]`` or ``[B]`` (applied as given), ``num_items_in_batch`` (dapo/cispo/vespo normalizer;
+        ignored by the other loss types, as in Liger).
         ``cu_seqlens`` (not in Liger; keyword only): packed sequences, int32/int64 ``[S + 1]`` (see
         :func:`grpo_kernels.grpo_loss`): ``_input`` / ``ref_input`` ``[N, H]`` or ``[1, N, H]``, the
         token tensors ``[N]`` or ``[1, N]``, ``advantages`` ``[S]``; the padded layout's results.
@@ -179,25 +204,21 @@ class FusedLinearGRPOLoss(torch.nn.Module):
                                                   temperature=self.temperature, ignore_index=_IGNORE_INDEX,
                                                   process_group=self.process_group)
 
+        options = self._loss_options()
+        # No reference: Liger takes KL against the policy itself, which is 0 with 0 gradient.
+        options["beta"] = self.beta if ref_logprobs is not None else 0.0
+        if "num_items_in_batch" in LOSS_TYPES_TABLE[self.loss_type].options and options.get("loss_agg_mode") is None:
+            options["num_items_in_batch"] = num_items_in_batch  # (Liger ignores it for the other loss types)
         loss, metrics = fused_linear_grpo_loss(
             hidden, lin_weight, selected_token_ids, attention_mask, advantages,
             bias=bias,
             old_logprobs=old_per_token_logps,
             ref_logprobs=ref_logprobs,
             temperature=self.temperature,
-            # No reference: Liger takes KL against the policy itself, which is 0 with 0 gradient.
-            beta=self.beta if ref_logprobs is not None else 0.0,
-            loss_type=self.loss_type,
-            epsilon_low=self.epsilon_low,
-            epsilon_high=self.epsilon_high,
-            importance_sampling_level=self.importance_sampling_level,
-            max_completion_length=self.max_completion_length,
-            num_items_in_batch=num_items_in_batch,
             rollout_is_ratio=vllm_is_ratio,
-            use_bias_correction_kl=self.use_bias_correction_kl,
-            **{**self._type_specific_options(), **self.loss_options},
             process_group=self.process_group,
             cu_seqlens=cu_seqlens,
+            **options,
         )
         outputs = []
         if self.beta != 0.0:

@@ -480,6 +480,7 @@ def grpo_loss_reference(
     clip_ratio_c=None,
     kl_estimator=None,
     importance_sampling_level="token",
+    sequence_log_ratio_max=None,
     max_completion_length=None,
     num_items_in_batch=None,
     loss_agg_mode=None,
@@ -527,6 +528,8 @@ def grpo_loss_reference(
     Returns ``(loss, metrics)``: a float64 loss differentiable w.r.t. ``logprobs`` and ``entropy``
     and a dict of float64 metrics (token-weighted means over the mask; NaN when not computable).
     """
+    if rollout_is_mode is not None and rollout_is_ratio is None and rollout_is is None:
+        raise ValueError("rollout_is_mode bounds a rollout IS ratio: pass rollout_is_ratio or set rollout_is")
     logp = logprobs.double()
     mask = completion_mask.double()
     B, T = logp.shape
@@ -587,6 +590,12 @@ def grpo_loss_reference(
         log_weights = log_ratio
     else:
         log_weights = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+        if importance_sampling_level == "sequence_token":
+            # GSPO-token (verl's compute_policy_loss_gspo): sg(s_i) + logp_t - sg(logp_t), per token
+            # (padding: 0, never logp - logp, which is NaN at a padded -inf)
+            log_weights = torch.where(mask != 0, logp - logp.detach(), 0.0) + log_weights.detach()
+        if sequence_log_ratio_max is not None:  # verl's gspo: clamp(max=10)
+            log_weights = torch.clamp(log_weights, max=sequence_log_ratio_max)
     if clip_ratio_c is not None:  # verl clamps the log-ratio before exp
         log_weights = torch.clamp(log_weights, -20.0, 20.0)
     coef_1 = torch.exp(log_weights)

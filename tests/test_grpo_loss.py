@@ -117,6 +117,35 @@ def test_loss_types(backend, loss_type, level, beta, delta):
     assert not got[2][1].any(), "fully masked row must get no gradient"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_type", CLIP_TYPES)
+@pytest.mark.parametrize("per_token", [False, True], ids=["row-advantages", "token-advantages"])
+def test_sequence_token_level(backend, loss_type, per_token):
+    """GSPO-token (verl's gspo): the sequence ratio's value, each token's own gradient; with one
+    advantage per row it is GSPO (TRL's 'sequence'), with advantages along a row it is not. The
+    clamp of the sequence log-ratio from above zeroes a row's gradient through the ratio."""
+    batch = make_batch(5, 9, advantage_per_token=per_token)
+    options = dict(loss_type=loss_type, max_completion_length=MAX_LEN, epsilon_high=0.28)
+    # (an entropy mask varies the multiplier along a row: then GSPO-token differs from GSPO anyway)
+    check(batch, backend, importance_sampling_level="sequence_token", beta=0.04, entropy_coef=0.01,
+          top_entropy_quantile=0.8, **options)
+    token = check(batch, backend, importance_sampling_level="sequence_token", **options)[0]
+    sequence = run_loss(gk.grpo_loss, batch, backend=backend, importance_sampling_level="sequence", **options)
+    assert_close(token[0], sequence[0], "the same loss value")
+    if per_token:
+        assert (token[2] - sequence[2]).abs().max() > 1e-3, "token-level advantages: GSPO-token differs"
+    else:
+        assert_close(token[2], sequence[2], "one advantage per row: GSPO-token is GSPO")
+    # a row whose mean log-ratio exceeds the clamp, A < 0 (unclipped): no gradient through its ratio,
+    # which it has without the clamp
+    batch["old"][0] = batch["logp"][0] - 12.0
+    batch["adv"][0] = -batch["adv"][0].abs() - 0.1
+    for level in ("sequence", "sequence_token"):
+        got, _ = check(batch, backend, importance_sampling_level=level, sequence_log_ratio_max=10.0, **options)
+        assert not got[2][0].any() and got[2].any()
+        assert run_loss(gk.grpo_loss, batch, backend=backend, importance_sampling_level=level, **options)[2][0].any()
+
+
 OPTION_CASES = {
     "bias_corrected_kl": dict(beta=0.1, use_bias_correction_kl=True),
     "bias_corrected_kl_seq": dict(beta=0.1, use_bias_correction_kl=True, importance_sampling_level="sequence",
@@ -156,11 +185,12 @@ def test_rollout_is_ratio(backend, shape, mode):
     full = torch.exp(0.5 * torch.randn(B, T))
     full[0, 0], full[-1, 0] = 2.5, 0.4  # outside [0.7, 1.6] in every shape
     ratio = {"token": full, "row": full[:, 0], "row1": full[:, :1]}[shape]
-    options = dict(rollout_is_ratio=ratio, rollout_is_mode=mode, rollout_is_clip_min=0.7, rollout_is_clip_max=1.6,
-                   beta=0.04, loss_type="grpo")
+    # (the bounds are options of rollout_is_mode: without a mode, setting them is refused)
+    bounds = dict(rollout_is_clip_min=0.7, rollout_is_clip_max=1.6) if mode is not None else {}
+    options = dict(rollout_is_ratio=ratio, rollout_is_mode=mode, beta=0.04, loss_type="grpo", **bounds)
     check(batch, backend, **options)
     if mode is not None:  # the bounds matter on these inputs
-        plain = run_loss(gk.grpo_loss, batch, backend=backend, **{**options, "rollout_is_mode": None})
+        plain = run_loss(gk.grpo_loss, batch, backend=backend, rollout_is_ratio=ratio, beta=0.04, loss_type="grpo")
         moded = run_loss(gk.grpo_loss, batch, backend=backend, **options)
         assert not torch.allclose(plain[0], moded[0])
 
@@ -319,7 +349,7 @@ def test_fused_stores_nothing_vocab_sized(backend):
 
 
 BAD_OPTIONS = [
-    (dict(loss_type="ppo"), ValueError, "unknown loss_type"),
+    (dict(loss_type="ppo"), ValueError, "loss_type must be one of"),
     (dict(loss_type="cispo", importance_sampling_level="sequence"), ValueError, "sequence"),
     (dict(loss_type="sapo", importance_sampling_level="sequence"), ValueError, "sequence"),
     (dict(importance_sampling_level="segment"), ValueError, "importance_sampling_level"),
@@ -408,7 +438,8 @@ def test_fused_bad_input(monkeypatch):
 
 
 def trl_compute_loss(batch, logp, entropy, *, loss_type, level, beta, epsilon_high, delta, use_bias_correction_kl,
-                     entropy_coef, top_entropy_quantile, off_policy_mask_threshold, rollout_is_ratio):
+                     entropy_coef, top_entropy_quantile, off_policy_mask_threshold, rollout_is_ratio,
+                     num_items_in_batch=None):
     import collections
     import types
 
@@ -440,13 +471,16 @@ def trl_compute_loss(batch, logp, entropy, *, loss_type, level, beta, epsilon_hi
         current_gradient_accumulation_steps=1, max_completion_length=MAX_LEN,
         _entropy_bonus_enabled=entropy_coef != 0, use_adaptive_entropy=False, entropy_coef=entropy_coef,
         _metrics={"train": collections.defaultdict(list)},
+        get_gamma_weights=GRPOTrainer.get_gamma_weights,
         args=types.SimpleNamespace(use_bias_correction_kl=use_bias_correction_kl, delta=delta,
-                                   sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, steps_per_generation=1))
+                                   sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, steps_per_generation=1,
+                                   vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0))
     trainer.get_high_entropy_mask = types.MethodType(GRPOTrainer.get_high_entropy_mask, trainer)
     inputs = dict(prompt_ids=torch.zeros(B, 1, dtype=torch.long), prompt_mask=torch.ones(B, 1, dtype=torch.long),
                   completion_ids=torch.zeros(B, T, dtype=torch.long), completion_mask=batch["mask"],
                   advantages=batch["adv"], old_per_token_logps=batch["old"], ref_per_token_logps=batch["ref"],
-                  importance_sampling_ratio=rollout_is_ratio, num_items_in_batch=batch["mask"].sum().float())
+                  importance_sampling_ratio=rollout_is_ratio,
+                  num_items_in_batch=batch["mask"].sum().float() if num_items_in_batch is None else num_items_in_batch)
     loss = GRPOTrainer._compute_loss(trainer, None, inputs)
     return loss, {k: v[0] for k, v in trainer._metrics["train"].items()}
 

@@ -244,8 +244,6 @@ def test_policy_loss_matches_verl(loss_backend, device, name, agg):
     rollout_is_weights = None
     if agg == "token-mean" and name != "sapo":
         rollout_is_weights = torch.rand_like(logp) + 0.5
-        if name == "gspo":  # sequence-level weights (see test_gspo_refuses_token_level_is_weights)
-            rollout_is_weights = rollout_is_weights[:, :1].expand_as(logp).contiguous()
     config = _verl_config(name, info)
     seed = int(torch.randint(0, 2**31, ()).item())
 
@@ -278,10 +276,37 @@ def test_clip_cov_generator_makes_the_draw_reproducible(device):
 
 
 @needs_verl
-def test_gspo_refuses_token_level_is_weights(device):
-    logp, old, advantages, mask = _verl_batch(device)
-    with pytest.raises(ValueError, match="sequence-level rollout_is_weights"):
-        policy_loss("gspo")(old, logp, advantages, mask, "token-mean", _verl_config("gspo"), torch.rand_like(logp))
+@pytest.mark.parametrize("name", VERL_LOSS_NAMES)
+def test_policy_loss_matches_verl_with_advantages_along_a_row(loss_backend, device, name):
+    """Advantages that vary along a row (GAE, token-level rewards, REINFORCE++), verl's own function
+    the oracle over random cases: odd shapes, token-level rollout IS weights or none, and a row whose
+    mean log-ratio is above gspo's clamp at 10 (verl: no gradient through its ratio)."""
+    from verl.trainer.ppo import core_algos
+
+    for case, (B, T) in enumerate([(3, 1), (4, 7), (5, 33), (3, 257)]):
+        logp, old, _, mask = _verl_batch(device, B, T)
+        advantages = torch.randn(B, T, device=device) * mask
+        old[0] = (logp[0] - 12.0) if case % 2 else old[0]
+        advantages[0] = -advantages[0].abs() - 0.1  # unclipped on the high side: the clamp decides
+        weights = torch.rand_like(logp) + 0.5 if case >= 2 else None
+        loss_agg_mode = ("token-mean", "seq-mean-token-mean")[case % 2]
+        config = _verl_config(name)
+        seed = int(torch.randint(0, 2**31, ()).item())
+        verl_logp = logp.detach().cpu().clone().requires_grad_()
+        torch.manual_seed(seed)
+        want_loss, want_metrics = core_algos.get_policy_loss_fn(name)(
+            old.cpu(), verl_logp, advantages.cpu(), mask.cpu(), loss_agg_mode, config,
+            None if weights is None else weights.cpu())
+        want_grad, = torch.autograd.grad(want_loss, verl_logp)
+        ours_logp = logp.detach().clone().requires_grad_()
+        torch.manual_seed(seed)
+        loss, metrics = policy_loss(name)(old, ours_logp, advantages, mask, loss_agg_mode, config, weights)
+        grad, = torch.autograd.grad(loss, ours_logp)
+        scale = max(1.0, abs(want_loss.item()))
+        torch.testing.assert_close(loss.detach().cpu(), want_loss.detach().float(), atol=1e-5 * scale, rtol=1e-5)
+        torch.testing.assert_close(grad.cpu(), want_grad.float(), atol=1e-6 * scale, rtol=1e-4)
+        for key, value in want_metrics.items():
+            assert metrics[key] == pytest.approx(value, abs=1e-5), key
 
 
 def test_policy_loss_bad_input():

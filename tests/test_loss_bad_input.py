@@ -52,7 +52,7 @@ def test_nan_or_negative_mask(backend):
     for bad in (float("nan"), -1.0, float("inf")):
         mask = batch["mask"].float()
         mask[0, 2] = bad
-        with pytest.raises(ValueError, match="completion_mask must be finite and >= 0"):
+        with pytest.raises(ValueError, match=r"completion_mask must be in \[0, 1\]"):
             loss(batch, backend, mask=mask)
 
 

@@ -139,6 +139,7 @@ def loss_type_cases():
         yield loss_type, "token"
         if loss_type in SEQUENCE_LEVEL:
             yield loss_type, "sequence"
+            yield loss_type, "sequence_token"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -208,6 +209,8 @@ def test_per_token_advantages_one_row_layout_and_int32(backend):
     check_packed(backend, batch=batch, one_row=True, loss_type="geo_mean", beta=0.04)
     check_packed(backend, batch=batch, loss_type="luspo", importance_sampling_level="sequence",
                  off_policy_mask_threshold=0.0, inputs=("old", "sampling"))
+    check_packed(backend, batch=batch, loss_type="dapo", importance_sampling_level="sequence_token",
+                 sequence_log_ratio_max=0.0, inputs=("old", "ref", "is_token"), beta=0.04)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

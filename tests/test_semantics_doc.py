@@ -16,3 +16,14 @@ def test_every_option_and_loss_type_documented():
     text = grpo_loss_module.options_markdown()
     for name in list(grpo_loss_module.OPTIONS) + list(grpo_loss_module.LOSS_TYPES_TABLE):
         assert f"`{name}`" in text
+
+
+def test_error_policy_table_lists_every_option():
+    """The error-policy table (docs/semantics.md, "Error policy") has one row per option, generated
+    from the option table (kept in sync by test_options_table_in_sync)."""
+    rows = [line for line in grpo_loss_module.error_policy_markdown().splitlines() if line.startswith("| `")]
+    assert [row.split("`")[1] for row in rows] == list(grpo_loss_module.OPTIONS)
+    with open(DOC, encoding="utf-8") as f:
+        text = f.read()
+    section = text[text.index("## Error policy"):text.index("## torch.compile")]
+    assert all(row in section for row in rows)

@@ -97,7 +97,7 @@ def test_clip_cov_draw_follows_the_generator():
     "options, error, match",
     [
         (dict(loss_type="geo_mean", importance_sampling_level="sequence"), ValueError, "Sequence-level"),
-        (dict(loss_type="kl_cov", kl_cov_ratio=0.0), ValueError, "kl_cov_ratio must be > 0"),
+        (dict(loss_type="kl_cov", kl_cov_ratio=0.0), ValueError, r"kl_cov_ratio must be in \(0, 1\]"),
         (dict(loss_type="clip_cov", generator=3), TypeError, "generator must be a torch.Generator"),
         (dict(loss_type="dapo", clip_cov_ratio=0.1), ValueError, "only used by loss_type clip_cov"),
         (dict(loss_type="dppo_kl", clip_ratio_c=1.0), ValueError, "clip_ratio_c"),

@@ -278,9 +278,10 @@ def _loss_cases(ctx: Context):
     from grpo_kernels.ops import grpo_loss as loss_module
 
     cases = []
-    for loss_type in loss_module.LOSS_TYPES:
-        for level in loss_module.IMPORTANCE_SAMPLING_LEVELS:
-            for off_policy in (None, 0.05):
+    for loss_type, spec in loss_module.LOSS_TYPES_TABLE.items():
+        # (only the combinations grpo_loss accepts: the table says which)
+        for level in loss_module.IMPORTANCE_SAMPLING_LEVELS if spec.sequence_level else ("token",):
+            for off_policy in (None, 0.05) if spec.off_policy_mask else (None,):
                 for mask_dtype in ("bool", "int64", "float32", "int32"):
                     cases.append({"label": f"{loss_type},{level},offpolicy={off_policy},mask={mask_dtype}",
                                   "loss_type": loss_type, "level": level, "off_policy": off_policy,

@@ -26,6 +26,7 @@ config through ``.get`` / attributes (an ``ActorConfig``, an OmegaConf ``DictCon
 
 from __future__ import annotations
 
+import numbers
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ import torch
 from grpo_kernels.integrations.verl_advantages import VERL_ADV_ESTIMATORS, adv_estimator, register_adv_estimators
 from grpo_kernels.ops.grpo_loss import REJECTION_SAMPLING, grpo_loss, rollout_correction
 from grpo_kernels.ops.logprobs import token_logprobs
+from grpo_kernels.ops.utils import check_bool
 
 __all__ = ["linear_cross_entropy", "FusedLinearForPPO", "policy_loss", "VERL_POLICY_LOSSES", "patch_verl",
            "adv_estimator", "VERL_ADV_ESTIMATORS"]
@@ -153,15 +155,33 @@ def _field(config, name, default=None):
     return default if value is None else value
 
 
+def _as_number(name, value) -> float:
+    """A number of verl's config as a float: a real number (OmegaConf hands its values over as Python
+    ints and floats), never a bool or a string: a string is refused, not parsed (``"0.2"`` in a
+    YAML file is a quoting mistake that verl's own comparisons would not catch either)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"verl config {name} must be a number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def _number(config, name, default) -> float:
+    """``config.<name>`` (or ``default``) as a number (``_as_number``)."""
+    return _as_number(name, _field(config, name, default))
+
+
 def _clip_range(config) -> dict:
     """verl's clip_ratio_low / clip_ratio_high, each falling back on clip_ratio."""
-    clip_ratio = _field(config, "clip_ratio", 0.2)
-    return {"epsilon_low": float(_field(config, "clip_ratio_low", clip_ratio)),
-            "epsilon_high": float(_field(config, "clip_ratio_high", clip_ratio))}
+    clip_ratio = _number(config, "clip_ratio", 0.2)
+    return {"epsilon_low": _number(config, "clip_ratio_low", clip_ratio),
+            "epsilon_high": _number(config, "clip_ratio_high", clip_ratio)}
 
 
 def _policy_loss_field(config, name, default):
     return _field(_field(config, "policy_loss"), name, default)
+
+
+def _policy_loss_number(config, name, default) -> float:
+    return _as_number(f"policy_loss.{name}", _policy_loss_field(config, name, default))
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
@@ -187,7 +207,6 @@ class VerlPolicyLoss:
     metrics: Callable
     aggregation: str | None = "given"
     sequence_is_weights: bool = False
-    sequence_ratio: bool = False  # importance_sampling_level="sequence" (GSPO)
     ignores_is_weights: bool = False  # the rollout_is_weights argument is not used
 
 
@@ -226,12 +245,12 @@ def _clip_cov_metrics(out, l, mask, config):
 
 
 def _dppo_options(config):
-    return {**_clip_range(config), "clip_ratio_c": float(_field(config, "clip_ratio_c", 20.0))}
+    return {**_clip_range(config), "clip_ratio_c": _number(config, "clip_ratio_c", 20.0)}
 
 
 def _dro_options(config):
     beta = _policy_loss_field(config, "dro_beta", None)
-    if beta is None or beta <= 0:
+    if beta is None or _as_number("policy_loss.dro_beta", beta) <= 0:
         raise ValueError("policy_loss.dro_beta must be a positive value when using DRO (as verl requires)")
     return {"dro_beta": float(beta)}
 
@@ -244,7 +263,7 @@ def _ppo_kl_metrics(out, l, mask, config):
 def _verl_threshold(name, value) -> tuple:
     """verl's threshold specification (a number, or a string "upper" / "lower_upper") as
     ``(lower or None, upper)``: verl's config format is parsed here, never by grpo_loss's options."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):
         raise TypeError(f"{name} must be a number or verl's 'lower_upper' string, got {value!r}")
     if isinstance(value, str):
         lower, _, upper = value.strip().rpartition("_")
@@ -271,15 +290,23 @@ def _bypass_options(config):
             lower, upper = _verl_threshold("rollout_is_threshold", upper)
             options.update(rollout_is=level, rollout_is_mode="truncate" if lower is None else "mask",
                            rollout_is_clip_min=lower, rollout_is_clip_max=upper,
-                           rollout_is_batch_normalize=bool(_field(correction, "rollout_is_batch_normalize", False)))
+                           rollout_is_batch_normalize=check_bool(
+                               "rollout_correction.rollout_is_batch_normalize",
+                               _field(correction, "rollout_is_batch_normalize", False)))
     elif kind == "ppo_clip":
-        options = {"loss_type": "dapo", **_clip_range(config), "clip_ratio_c": float(_field(config, "clip_ratio_c", 3.0))}
+        options = {"loss_type": "dapo", **_clip_range(config), "clip_ratio_c": _number(config, "clip_ratio_c", 3.0)}
     else:
         raise ValueError(f"rollout_correction.loss_type must be 'reinforce' or 'ppo_clip', got {kind!r}")
     criteria = _field(correction, "rollout_rs", None)
     if criteria is not None:
-        names = list(dict.fromkeys(c.strip() for c in str(criteria).split(",") if c.strip()))
-        specs = [t.strip() for t in str(_field(correction, "rollout_rs_threshold", "")).split(",") if t.strip()]
+        if not isinstance(criteria, str):
+            raise TypeError(f"rollout_correction.rollout_rs must be a string (verl's criterion names, comma-separated), "
+                            f"got {type(criteria).__name__} {criteria!r}")
+        names = list(dict.fromkeys(c.strip() for c in criteria.split(",") if c.strip()))
+        threshold = _field(correction, "rollout_rs_threshold", "")
+        if not isinstance(threshold, str):  # a number: verl's single upper bound
+            _verl_threshold("rollout_rs_threshold", threshold)
+        specs = [t.strip() for t in str(threshold).split(",") if t.strip()]
         if len(names) != 1 or len(set(specs)) > 1:
             raise ValueError(f"grpo_kernels' bypass_mode takes one rejection criterion and one threshold, got "
                              f"rollout_rs={criteria!r}, rollout_rs_threshold={_field(correction, 'rollout_rs_threshold')!r}")
@@ -308,12 +335,17 @@ def _bypass_metrics(out, l, mask, config):
 VERL_POLICY_LOSSES = {
     # verl's default: PPO clip with dual clip (clip_ratio_c, default 3) on ratios of log-ratios clamped to +-20
     "vanilla": VerlPolicyLoss(
-        "dapo", lambda c: {**_clip_range(c), "clip_ratio_c": float(_field(c, "clip_ratio_c", 3.0))},
+        "dapo", lambda c: {**_clip_range(c), "clip_ratio_c": _number(c, "clip_ratio_c", 3.0)},
         _clip_metrics("clip_ratio/region_mean", "pg_clipfrac_lower", 20.0)),
-    "gspo": VerlPolicyLoss("dapo", _clip_range, _clip_metrics("clip_ratio/region_mean", None), sequence_ratio=True),
+    # GSPO-token: the sequence ratio, clamped at 10 in log space, with each token's gradient carrying its
+    # own advantage, clip and rollout IS weight (compute_policy_loss_gspo)
+    "gspo": VerlPolicyLoss(
+        "dapo", lambda c: {**_clip_range(c), "importance_sampling_level": "sequence_token",
+                           "sequence_log_ratio_max": 10.0},
+        _clip_metrics("clip_ratio/region_mean", None)),
     "sapo": VerlPolicyLoss(
-        "sapo", lambda c: {"sapo_temperature_pos": float(_field(c, "tau_pos", 1.0)),
-                           "sapo_temperature_neg": float(_field(c, "tau_neg", 1.05))},
+        "sapo", lambda c: {"sapo_temperature_pos": _number(c, "tau_pos", 1.0),
+                           "sapo_temperature_neg": _number(c, "tau_neg", 1.05)},
         _clip_metrics(None, None, 20.0), aggregation="seq-mean-token-mean"),
     "cispo": VerlPolicyLoss("cispo", _cispo_options, _cispo_metrics),
     "geo_mean": VerlPolicyLoss(
@@ -322,12 +354,12 @@ VERL_POLICY_LOSSES = {
     "dppo_tv": VerlPolicyLoss("dppo_tv", _dppo_options, _clip_metrics("clip_ratio/region_mean", "pg_clipfrac_lower", 20.0)),
     "dppo_kl": VerlPolicyLoss("dppo_kl", _dppo_options, _clip_metrics("clip_ratio/region_mean", "pg_clipfrac_lower", 20.0)),
     "kl_cov": VerlPolicyLoss(
-        "kl_cov", lambda c: {"kl_cov_ratio": float(_policy_loss_field(c, "kl_cov_ratio", 2e-4)),
-                             "ppo_kl_coef": float(_policy_loss_field(c, "ppo_kl_coef", 1.0))}, _kl_cov_metrics),
+        "kl_cov", lambda c: {"kl_cov_ratio": _policy_loss_number(c, "kl_cov_ratio", 2e-4),
+                             "ppo_kl_coef": _policy_loss_number(c, "ppo_kl_coef", 1.0)}, _kl_cov_metrics),
     "clip_cov": VerlPolicyLoss(
-        "clip_cov", lambda c: {**_clip_range(c), "clip_cov_ratio": float(_policy_loss_field(c, "clip_cov_ratio", 2e-4)),
-                               "clip_cov_lb": float(_policy_loss_field(c, "clip_cov_lb", 1.0)),
-                               "clip_cov_ub": float(_policy_loss_field(c, "clip_cov_ub", 5.0))}, _clip_cov_metrics),
+        "clip_cov", lambda c: {**_clip_range(c), "clip_cov_ratio": _policy_loss_number(c, "clip_cov_ratio", 2e-4),
+                               "clip_cov_lb": _policy_loss_number(c, "clip_cov_lb", 1.0),
+                               "clip_cov_ub": _policy_loss_number(c, "clip_cov_ub", 5.0)}, _clip_cov_metrics),
     "gpg": VerlPolicyLoss("gpg", lambda c: {}, lambda out, l, mask, config: {}),
     "dro": VerlPolicyLoss("dro", _dro_options, _ppo_kl_metrics),
     # REINFORCE (or PPO clip) with rollout correction computed in the loss against old_log_prob, which
@@ -363,8 +395,6 @@ def policy_loss(name: str, *, backend: str = "auto", generator: torch.Generator 
             raise ValueError(f"verl policy loss {name!r} needs the actor config (verl asserts config is not None)")
         mask = response_mask
         options = {"loss_type": spec.loss_type, **spec.options(config)}
-        if spec.sequence_ratio:
-            options["importance_sampling_level"] = "sequence"
         if spec.loss_type == "clip_cov":
             options["generator"] = generator
         if spec.aggregation is not None:
@@ -381,12 +411,6 @@ def policy_loss(name: str, *, backend: str = "auto", generator: torch.Generator 
                 # verl: exp(sum_t m log(w_t + 1e-10) / (sum_t m + 1e-8)), one weight per sequence
                 m = mask.to(torch.float32)
                 is_ratio = torch.exp((torch.log(is_ratio.float() + 1e-10) * m).sum(-1) / (m.sum(-1) + 1e-8))
-            elif spec.sequence_ratio and is_ratio.dim() == 2 and bool(
-                    ((is_ratio != is_ratio[:, :1]) & mask.bool()).any()):
-                raise ValueError(
-                    "verl's gspo multiplies the sequence ratio's per-token copies by token-level rollout IS "
-                    "weights (GSPO-token); grpo_kernels' sequence-level ratio takes one weight per sequence: "
-                    "pass sequence-level rollout_is_weights")
         loss, out = grpo_loss(log_prob, mask, advantages, old_logprobs=old_log_prob, rollout_is_ratio=is_ratio,
                               backend=backend, **options)
         with torch.no_grad():

@@ -21,6 +21,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -42,7 +43,13 @@ def option(default, help: str, choices: tuple | None = None):
     return field(default=default, metadata=metadata)
 
 
-from grpo_kernels.ops.grpo_loss import KL_ESTIMATORS, LOSS_AGG_MODES, LOSS_TYPES, validate_loss_options
+from grpo_kernels.ops.grpo_loss import (
+    IMPORTANCE_SAMPLING_LEVELS,
+    KL_ESTIMATORS,
+    LOSS_AGG_MODES,
+    LOSS_TYPES,
+    validate_loss_options,
+)
 
 # The loss options the config forwards to ``fused_linear_grpo_loss`` (with the same names); the
 # type-specific ones are forwarded only when set (None: the loss type's own default).
@@ -114,8 +121,9 @@ class GRPOConfig:
     epsilon_high: float | None = option(None, "upper clip range (>= 0); null = epsilon_low; DAPO's clip-higher "
                                         "uses 0.28")
     delta: float | None = option(None, "two-sided clip of the ratio at 1 + delta (INTELLECT-2; > 0); null = off")
-    importance_sampling_level: str = option("token", "importance ratio per token, or per sequence (GSPO)",
-                                            ("token", "sequence"))
+    importance_sampling_level: str = option("token", "importance ratio per token, per sequence (GSPO), or per "
+                                            "sequence with a per-token gradient (sequence_token: GSPO-token)",
+                                            IMPORTANCE_SAMPLING_LEVELS)
     entropy_coef: float = option(0.0, "entropy bonus: the loss subtracts entropy_coef x the mean token entropy")
     kl_estimator: str | None = option(None, "KL estimator of the beta term (verl's names); null: k3",
                                       (None, *(k for k in KL_ESTIMATORS if k is not None)))
@@ -297,17 +305,21 @@ def _closest(value, candidates) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
+# A number in exponent notation without a dot (``1e-6``, ``-3E+2``): YAML 1.2 reads it as a float,
+# PyYAML's YAML 1.1 as a string.
+_YAML_EXPONENT_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _number_strings_as_numbers(values: dict) -> dict:
-    """YAML 1.1 reads ``1e-6`` (no dot) as a string: numeric fields take such strings as numbers."""
+    """The numbers of a YAML file that PyYAML (YAML 1.1) reads as strings, ``1e-6`` (no dot), as
+    floats for the float fields: that and nothing else. A quoted number (``"0.04"``) stays a
+    string, which the type check refuses; values from Python or the command line never come here."""
     converted = {}
     for key, value in values.items():
         annotation = _FIELD_TYPES[key]
         base = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
-        if isinstance(value, str) and base[0] in (int, float):
-            try:
-                value = base[0](value)
-            except ValueError:
-                pass  # the type check names the field
+        if isinstance(value, str) and base[0] is float and _YAML_EXPONENT_NUMBER.fullmatch(value):
+            value = float(value)
         converted[key] = value
     return converted
 
@@ -336,11 +348,11 @@ def _check_keys(values: dict, where: str) -> None:
 
 def load_config(path: str | None = None, overrides: dict | None = None) -> GRPOConfig:
     """A GRPOConfig from a YAML file (optional) with ``overrides`` (a dict of field values) on top."""
-    values = _read_yaml(path) if path is not None else {}
+    values = _number_strings_as_numbers(_read_yaml(path)) if path is not None else {}
     overrides = dict(overrides or {})
     _check_keys(overrides, "overrides")
-    values.update(overrides)
-    return GRPOConfig(**_number_strings_as_numbers(values))
+    values.update(overrides)  # (Python values: checked as given, never parsed)
+    return GRPOConfig(**values)
 
 
 # --- the command line ----------------------------------------------------------------------------

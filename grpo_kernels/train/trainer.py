@@ -576,7 +576,8 @@ class GRPOTrainer:
                         bias=bias,
                         old_logprobs=None if old is None else old[rows, :C],
                         ref_logprobs=None if ref is None else ref[rows, :C],
-                        num_items_in_batch=global_tokens if token_normalized else None,
+                        # (verl's modes take their counts from verl_counts instead)
+                        num_items_in_batch=global_tokens if token_normalized and cfg.loss_agg_mode is None else None,
                         entropy_coef=entropy_coefs[j],
                         **verl_counts,
                         **self.loss_options,

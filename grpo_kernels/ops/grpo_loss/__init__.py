@@ -5,7 +5,8 @@ advantage per completion (or per token), the loss is the per-token loss ``L_t`` 
 type, aggregated by its normalizer (``docs/semantics.md`` states every formula)::
 
     l_t   = logp_t - old_t                                   (old = logp.detach() when not given)
-    rho   = exp(l_t)  token level,  exp(sum_t m l_t / max(sum_t m, 1))  sequence level (GSPO)
+    rho   = exp(l_t)  token level,  exp(sum_t m l_t / max(sum_t m, 1))  sequence level (GSPO; GSPO-token:
+            the same value, d rho / d logp_t = rho through the token's own log-prob)
     L_t   = P_t(rho, A, logp) * multiplier_t + beta * KL_t (* rho when bias-corrected)
     loss  = aggregation(L) - entropy_coef * (mean entropy over the effective mask)
 
@@ -20,7 +21,8 @@ One module per concept:
   estimator (run by the kernel and, on torch tensors, by the torch row pass);
 * ``table``: the family as tables (``POLICIES``, ``LOSS_TYPES_TABLE``, ``AGGREGATIONS``,
   ``KL_ESTIMATORS``, metrics, the row statistics' columns);
-* ``options``: the ``OPTIONS`` table, ``validate_loss_options`` and the generated docs tables;
+* ``options``: the ``OPTIONS`` table, ``option_readers``, ``validate_loss_options``;
+* ``docs``: the generated tables of docs/semantics.md (options, loss family, error policy);
 * ``kernel``: the Triton row pass and its launch; ``rows_torch``: the same row pass on torch;
 * ``covariance``: KL-Cov / Clip-Cov's token selection;
 * ``op``: the custom op ``grpo_kernels::grpo_loss`` and its autograd formula;
@@ -39,16 +41,20 @@ from grpo_kernels.ops.grpo_loss.api import (
     prepare_loss_inputs,
     rollout_correction,
 )
-from grpo_kernels.ops.grpo_loss.options import (
+from grpo_kernels.ops.grpo_loss.docs import (
     DOCS_BEGIN,
     DOCS_END,
+    docs_in_sync,
+    error_policy_markdown,
+    options_markdown,
+)
+from grpo_kernels.ops.grpo_loss.options import (
     IMPORTANCE_SAMPLING_LEVELS,
     OPTIONS,
     ROLLOUT_IS_MODES,
     LossConfig,
     Option,
-    docs_in_sync,
-    options_markdown,
+    option_readers,
     validate_loss_options,
 )
 from grpo_kernels.ops.grpo_loss.specs import sm90_compile_specs
@@ -76,6 +82,7 @@ __all__ = [
     "grpo_loss", "grpo_loss_prepared", "prepare_loss_inputs", "check_temperature", "rollout_correction",
     "validate_loss_options",
     "LossConfig", "Option", "OPTIONS", "IMPORTANCE_SAMPLING_LEVELS", "ROLLOUT_IS_MODES", "options_markdown",
+    "error_policy_markdown", "option_readers",
     "docs_in_sync", "DOCS_BEGIN", "DOCS_END", "sm90_compile_specs", "AGGREGATIONS", "CLIP_LOSS_TYPES",
     "COMMON_METRICS", "KL_ESTIMATORS", "LOSS_AGG_MODES", "LOSS_TYPES", "LOSS_TYPES_TABLE", "METRIC_DOCS",
     "METRIC_NAMES", "NUM_STATS", "POLICIES", "REJECTION_SAMPLING", "STAT_COLUMNS", "Aggregation", "LossType", "PolicyTerm",

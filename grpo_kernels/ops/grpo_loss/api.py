@@ -4,9 +4,6 @@ fused API checks every loss input before its log-prob kernel runs, then hands th
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 
 from grpo_kernels.ops.grpo_loss.kernel import KERNEL_MASK_DTYPES
@@ -16,7 +13,7 @@ from grpo_kernels.ops.grpo_loss.rows_torch import Rows, on_torch, rollout_correc
 from grpo_kernels.ops.grpo_loss.table import METRIC_NAMES, ROW_LOG_RATIO_VESPO, metric_names
 from grpo_kernels.ops.grpo_loss.terms import rollout_is_weight
 from grpo_kernels.ops.packing import as_tokens, check_cu_seqlens, cu_seqlens_value_checks, packed_shape, raise_failed
-from grpo_kernels.ops.utils import FLOAT_DTYPES, check_tensor, resolve_backend
+from grpo_kernels.ops.utils import FLOAT_DTYPES, check_positive_finite, check_tensor, resolve_backend
 
 
 class LossLayout:
@@ -155,7 +152,8 @@ def prepare_loss_inputs(shape, device, completion_mask, advantages, *, old_logpr
 
 
 def _check_rollout_correction_inputs(cfg, old_logprobs, sampling_logprobs, rollout_is_ratio) -> None:
-    """Which log-probs the off-policy mask and rollout correction read, and that they are given."""
+    """Which log-probs the off-policy mask and rollout correction read, and that they are given; a
+    rollout IS mode needs a ratio to bound."""
     decoupled = cfg.rollout_correction and not cfg.bypass_mode
     if sampling_logprobs is not None and cfg.off_policy_mask_threshold is None and not decoupled:
         raise ValueError("sampling_logprobs is read by the off-policy mask (off_policy_mask_threshold) and by "
@@ -169,6 +167,9 @@ def _check_rollout_correction_inputs(cfg, old_logprobs, sampling_logprobs, rollo
                          "log-probs with old_logprobs")
     if cfg.rollout_is is not None and rollout_is_ratio is not None:
         raise ValueError("rollout_is computes the rollout IS weight: do not pass rollout_is_ratio as well")
+    if cfg.rollout_is_mode is not None and cfg.rollout_is is None and rollout_is_ratio is None:
+        raise ValueError(f"rollout_is_mode={cfg.rollout_is_mode!r} bounds a rollout IS ratio: pass rollout_is_ratio, "
+                         "or set rollout_is to compute one (without either it would bound an implicit ratio of 1)")
 
 
 def grpo_loss(
@@ -252,11 +253,9 @@ def grpo_loss(
     return grpo_loss_prepared(logprobs, entropy, cfg, tensors, backend)
 
 
-def check_temperature(temperature):
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+def check_temperature(temperature) -> float:
+    """The loss APIs' ``temperature``: a real number, finite and > 0 (the log-prob op's check)."""
+    return check_positive_finite("temperature", temperature)
 
 
 def grpo_loss_prepared(logprobs, entropy, cfg, tensors, backend):

@@ -23,13 +23,14 @@ from grpo_kernels.ops.grpo_loss.table import (
     NUM_STATS,
     REJECTION_SAMPLING,
     ROLLOUT_IS_LEVELS,
-    ROW_LOG_RATIO_MEAN,
+    RATIO_LEVELS,
     RS_NONE,
 )
 from grpo_kernels.ops.grpo_loss.terms import (
     gmpo_log_ratio,
     importance_ratio,
     rollout_is_weight,
+    sequence_ratio,
     token_loss,
     vespo_log_is,
     vespo_phi,
@@ -74,7 +75,7 @@ def grpo_loss_kernel(
     B, T,
     stride_logp, stride_old, stride_ref, stride_sampling, stride_mask,
     stride_adv_b, stride_adv_t, stride_ent_b, stride_ent_t, stride_is_b, stride_is_t, stride_token_value,
-    p0, p1, p2, p3, beta, bias_kl, log_ratio_bound,
+    p0, p1, p2, p3, beta, bias_kl, log_ratio_bound, seq_log_ratio_max,
     is_clip_min, is_clip_max, is_mask_mode, off_policy_threshold, rs_lower, rs_upper, write_grad_entropy,
     POLICY: tl.constexpr, KL: tl.constexpr, ROW_LOG_RATIO: tl.constexpr, FOLDS_IS_RATIO: tl.constexpr,
     OFF_POLICY: tl.constexpr, TOKEN_VALUE: tl.constexpr, RC_SOURCE: tl.constexpr, RC_IS: tl.constexpr,
@@ -115,7 +116,10 @@ def grpo_loss_kernel(
         seq_len = rows64
         walk = T
         grad_stride = T
-    SEQ_LEVEL: tl.constexpr = (ROW_LOG_RATIO == 1) or (ROW_LOG_RATIO == 3) or (ROW_LOG_RATIO == 4)  # a ratio per row
+    # a ratio per row whose gradient is spread over the row (table.ROW_RATIO_SPREAD), or GSPO-token's
+    # row ratio with a per-token gradient
+    SEQ_LEVEL: tl.constexpr = (ROW_LOG_RATIO == 1) or (ROW_LOG_RATIO == 3) or (ROW_LOG_RATIO == 4)
+    SEQ_TOKEN: tl.constexpr = ROW_LOG_RATIO == 5
     SEQ_RC: tl.constexpr = (RC_IS == 2) or (RS_LEVEL >= 2)  # rollout correction needs a per-row reduction
     ROW_PASS: tl.constexpr = (ROW_LOG_RATIO != 0) or OFF_POLICY or SEQ_RC
 
@@ -153,7 +157,7 @@ def grpo_loss_kernel(
                 rs_row += tl.sum(tl.where(m != 0, RS_STAT(rc_train, rc_rollout) * m, 0.0), axis=1)
             active = m != 0
             tokens += tl.sum(m, axis=1)
-            if (ROW_LOG_RATIO == 1) or (ROW_LOG_RATIO == 4):
+            if (ROW_LOG_RATIO == 1) or (ROW_LOG_RATIO == 4) or (ROW_LOG_RATIO == 5):
                 log_ratio_sum += tl.sum(tl.where(active, (x - o) * m, 0.0), axis=1)
             if ROW_LOG_RATIO == 3:
                 a = tl.load(Advantages + rows64[:, None] * stride_adv_b + tok * stride_adv_t,
@@ -189,7 +193,7 @@ def grpo_loss_kernel(
         seq_rho, seq_drho = importance_ratio(log_ratio_sum, log_ratio_bound)
     else:
         seq_norm = inv_tokens
-        seq_rho, seq_drho = importance_ratio(log_ratio_sum * inv_tokens, log_ratio_bound)
+        seq_rho, seq_drho = sequence_ratio(log_ratio_sum * inv_tokens, log_ratio_bound, seq_log_ratio_max)
     row_value = tl.minimum(tl.maximum(log_ratio_sum + log_is_sum, -18.420680743952367), 20.0)
     off_policy_kl = off_policy_kl_sum * inv_tokens
     # the row's rollout IS weight (sequence level) and whether the row passes sequence-level rejection
@@ -240,6 +244,9 @@ def grpo_loss_kernel(
         active = m != 0
         if SEQ_LEVEL:
             rho = tl.zeros((BLOCK_B, BLOCK_T), dtype=tl.float32) + seq_rho[:, None]
+        elif SEQ_TOKEN:  # GSPO-token: d rho_{i,t} / d logp_t = rho_i (0 where clamped), a token's own
+            rho = tl.zeros((BLOCK_B, BLOCK_T), dtype=tl.float32) + seq_rho[:, None]
+            drho_dx = tl.zeros((BLOCK_B, BLOCK_T), dtype=tl.float32) + seq_drho[:, None]
         else:
             rho, drho_dx = importance_ratio(x - o, log_ratio_bound)
 
@@ -354,6 +361,12 @@ def grpo_loss_kernel(
 BLOCK_B, BLOCK_T, NUM_WARPS, NUM_STAGES = 4, 256, 8, 1
 
 
+def row_log_ratio(level: str, policy) -> int:
+    """The kernel's ROW_LOG_RATIO for an ``importance_sampling_level`` and a ``PolicyTerm``."""
+    imposed = RATIO_LEVELS[level].row_log_ratio
+    return policy.row_log_ratio if imposed is None else imposed
+
+
 def kernel_switches(cfg) -> dict:
     """The kernel's constexpr switches for the options ``cfg`` (the torch row pass follows them too)."""
     policy = cfg.policy
@@ -361,7 +374,7 @@ def kernel_switches(cfg) -> dict:
     return {
         "POLICY": policy.jit,
         "KL": cfg.kl_jit,
-        "ROW_LOG_RATIO": ROW_LOG_RATIO_MEAN if cfg.sequence_level else policy.row_log_ratio,
+        "ROW_LOG_RATIO": row_log_ratio(cfg.importance_sampling_level, policy),
         "FOLDS_IS_RATIO": policy.folds_is_ratio,
         "OFF_POLICY": cfg.off_policy_mask_threshold is not None,
         "TOKEN_VALUE": policy.token_selection is not None,
@@ -429,7 +442,7 @@ def rows_triton(cfg, t):
         num_rows, T,
         row_stride(logp), stride_old, stride_ref, stride_sampling, row_stride(t["mask"]),
         *strides(adv), *stride_ent, *stride_is, stride_token_value,
-        p0, p1, p2, p3, cfg.beta, int(cfg.use_bias_correction_kl), cfg.log_ratio_bound,
+        p0, p1, p2, p3, cfg.beta, int(cfg.use_bias_correction_kl), cfg.log_ratio_bound, cfg.seq_log_ratio_max,
         cfg.is_clip_min, cfg.is_clip_max, int(cfg.rollout_is_mode == "mask"),
         cfg.off_policy_threshold_or_inf, cfg.rs_lower, cfg.rs_upper, int(write_grad_entropy),
         PACKED=packed, BLOCK_B=BLOCK_B, BLOCK_T=BLOCK_T, num_warps=NUM_WARPS, num_stages=NUM_STAGES,

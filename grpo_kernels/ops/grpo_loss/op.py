@@ -60,17 +60,18 @@ def _metrics_vector(cfg, row_stats, has_ref, has_entropy):
 
 
 def _check_values(cfg, tensors) -> None:
-    """What only the values can tell, in one host sync (nothing to sync for integer masks, no
-    tensor counts and no ``cu_seqlens``): a NaN/inf/negative float mask, a negative or NaN rollout
-    IS ratio, a NaN or non-positive tensor count, ``cu_seqlens`` values that do not cut the tokens
-    into sequences. Each would give a NaN, a silently wrong loss or a read out of bounds."""
+    """What only the values can tell, in one host sync (nothing to sync for a bool mask, no rollout
+    IS ratio, no tensor counts and no ``cu_seqlens``): a mask value outside [0, 1] (NaN included), a
+    negative or NaN rollout IS ratio, a NaN or non-positive tensor count, ``cu_seqlens`` values that
+    do not cut the tokens into sequences. Each would give a NaN, a silently wrong (re-weighted) loss
+    or a read out of bounds. One reduction per checked tensor."""
     checks = []
     if tensors["cu_seqlens"] is not None:
         checks += cu_seqlens_value_checks(tensors["cu_seqlens"], tensors["logp"].shape[0])
     mask = tensors["mask"]
-    if mask.dtype.is_floating_point:
-        checks.append(("completion_mask must be finite and >= 0 (0 marks padding)",
-                       ~(torch.isfinite(mask) & (mask >= 0)).all()))
+    if mask.dtype != torch.bool:  # (a NaN fails both comparisons)
+        checks.append(("completion_mask must be in [0, 1] (0 marks padding; a fraction weighs a token)",
+                       ~((mask >= 0) & (mask <= 1)).all()))
     if tensors["is_ratio"] is not None:
         checks.append(("rollout_is_ratio must be >= 0 and not NaN (an importance-sampling ratio)",
                        ~(tensors["is_ratio"] >= 0).all()))

@@ -23,8 +23,10 @@ from grpo_kernels.ops.grpo_loss.table import (
     REJECTION_SAMPLING,
     ROW_LOG_RATIO_GMPO,
     ROW_LOG_RATIO_MEAN,
+    ROW_LOG_RATIO_MEAN_TOKEN,
     ROW_LOG_RATIO_SUM,
     ROW_LOG_RATIO_VESPO,
+    ROW_RATIO_SPREAD,
     RS_SEQ_MAX,
     RS_SEQ_MEAN,
     RS_TOKEN,
@@ -35,6 +37,7 @@ from grpo_kernels.ops.grpo_loss.terms import (
     gmpo_log_ratio,
     importance_ratio,
     rollout_is_weight,
+    sequence_ratio,
     token_loss,
     vespo_log_is,
     vespo_phi,
@@ -247,12 +250,17 @@ def rows_torch(cfg, t):
     inv_tokens = 1.0 / tokens.clamp(min=1.0)
     row_value = torch.zeros_like(tokens)
     seq_norm = inv_tokens
-    if switches["ROW_LOG_RATIO"] in (ROW_LOG_RATIO_MEAN, ROW_LOG_RATIO_SUM):
+    if switches["ROW_LOG_RATIO"] in (ROW_LOG_RATIO_MEAN, ROW_LOG_RATIO_SUM, ROW_LOG_RATIO_MEAN_TOKEN):
+        row_log_ratio = rows.sum(torch.where(active, (x - o) * m, zero))
         if switches["ROW_LOG_RATIO"] == ROW_LOG_RATIO_SUM:
             seq_norm = torch.ones_like(tokens)  # the summed log-ratio (TRL's RLOO)
-        seq_rho, seq_drho = ratio_torch(rows.sum(torch.where(active, (x - o) * m, zero)) * seq_norm,
-                                        cfg.log_ratio_bound)
+            seq_rho, seq_drho = ratio_torch(row_log_ratio, cfg.log_ratio_bound)
+        else:
+            seq_rho, seq_drho = on_torch(sequence_ratio)(row_log_ratio * seq_norm, cfg.log_ratio_bound,
+                                                         cfg.seq_log_ratio_max)
         rho = rows.spread(seq_rho)
+        if switches["ROW_LOG_RATIO"] == ROW_LOG_RATIO_MEAN_TOKEN:  # GSPO-token: a per-token d rho / d logp
+            drho_dx = rows.spread(seq_drho)
     elif switches["ROW_LOG_RATIO"] == ROW_LOG_RATIO_GMPO:
         g, dg = on_torch(gmpo_log_ratio)(x, o, a, *cfg.policy_params()[:2])
         seq_norm = 1.0 / (tokens + 1e-8)
@@ -288,7 +296,7 @@ def rows_torch(cfg, t):
 
     weight = torch.where(active, m, zero)
     grad = torch.where(active, weight * dloss_dx, zero)
-    if switches["ROW_LOG_RATIO"] in (ROW_LOG_RATIO_MEAN, ROW_LOG_RATIO_GMPO, ROW_LOG_RATIO_SUM):
+    if switches["ROW_LOG_RATIO"] in ROW_RATIO_SPREAD:
         row_dloss_drho = rows.sum(torch.where(active, weight * dloss_drho, zero))
         per_token = m * dg if switches["ROW_LOG_RATIO"] == ROW_LOG_RATIO_GMPO else m
         row_coef = torch.where(row_dloss_drho != 0, row_dloss_drho * seq_drho * seq_norm, zero)

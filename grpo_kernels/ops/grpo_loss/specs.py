@@ -5,16 +5,23 @@ tables, so a new loss type, KL estimator or switch is compiled without being lis
 
 from __future__ import annotations
 
-from grpo_kernels.ops.grpo_loss.kernel import BLOCK_B, BLOCK_T, KERNEL_MASK_DTYPES, NUM_STAGES, NUM_WARPS, grpo_loss_kernel
-from grpo_kernels.ops.grpo_loss.options import IMPORTANCE_SAMPLING_LEVELS
+from grpo_kernels.ops.grpo_loss.kernel import (
+    BLOCK_B,
+    BLOCK_T,
+    KERNEL_MASK_DTYPES,
+    NUM_STAGES,
+    NUM_WARPS,
+    grpo_loss_kernel,
+    row_log_ratio,
+)
 from grpo_kernels.ops.grpo_loss.table import (
     DEFAULT_RS_STAT,
     KL_ESTIMATORS,
     LOSS_TYPES_TABLE,
     POLICIES,
+    RATIO_LEVELS,
     REJECTION_SAMPLING,
     ROLLOUT_IS_LEVELS,
-    ROW_LOG_RATIO_MEAN,
     RS_NONE,
     RS_SEQ_MAX,
     RS_TOKEN,
@@ -40,13 +47,13 @@ def _switch_combinations():
     def switches_of(loss_type, level="token", off_policy=False, kl=kl_trl_k3, **correction):
         policy = POLICIES[LOSS_TYPES_TABLE[loss_type].policy]
         return {"POLICY": policy.jit, "KL": kl,
-                "ROW_LOG_RATIO": ROW_LOG_RATIO_MEAN if level == "sequence" else policy.row_log_ratio,
+                "ROW_LOG_RATIO": row_log_ratio(level, policy),
                 "FOLDS_IS_RATIO": policy.folds_is_ratio, "OFF_POLICY": off_policy,
                 "TOKEN_VALUE": policy.token_selection is not None, **off, **correction}
 
     for name, spec in LOSS_TYPES_TABLE.items():
-        for level in IMPORTANCE_SAMPLING_LEVELS:
-            if level == "sequence" and not spec.sequence_level:
+        for level in RATIO_LEVELS:
+            if level != "token" and not spec.sequence_level:
                 continue
             for off_policy in (False, True) if spec.off_policy_mask else (False,):
                 add(switches_of(name, level, off_policy))
@@ -61,7 +68,8 @@ def _switch_combinations():
             add(switches_of("dapo", RC_SOURCE=source, RS_LEVEL=rs_level, RS_STAT=stat))
     for criterion in REJECTION_SAMPLING.values():  # each statistic once (a leaf: per token suffices)
         add(switches_of("dapo", RC_SOURCE=1, RS_LEVEL=RS_TOKEN, RS_STAT=criterion.stat))
-    for name, level in (("grpo", "sequence"), ("rloo", "token"), ("gpg", "token"), ("kl_cov", "token")):
+    for name, level in (("grpo", "sequence"), ("grpo", "sequence_token"), ("rloo", "token"), ("gpg", "token"),
+                        ("kl_cov", "token")):
         spec = LOSS_TYPES_TABLE[name]  # the row reductions and token selection, with what they allow
         add(switches_of(name, level, RC_SOURCE=2, RC_IS=1, RS_LEVEL=RS_TOKEN if "rollout_rs" in spec.rollout_correction
                         else RS_NONE))
@@ -90,7 +98,8 @@ def sm90_compile_specs() -> list[CompileSpec]:
         "stride_token_value")})
     signature.update({name: "fp32" for name in ("p0", "p1", "p2", "p3", "beta")})
     signature["bias_kl"] = "i32"
-    signature.update({name: "fp32" for name in ("log_ratio_bound", "is_clip_min", "is_clip_max")})
+    signature.update({name: "fp32" for name in ("log_ratio_bound", "seq_log_ratio_max", "is_clip_min",
+                                                 "is_clip_max")})
     signature["is_mask_mode"] = "i32"
     signature.update({name: "fp32" for name in ("off_policy_threshold", "rs_lower", "rs_upper")})
     signature["write_grad_entropy"] = "i32"

@@ -44,6 +44,32 @@ ROW_LOG_RATIO_MEAN = 1  # sum_t m l_t / max(sum_t m, 1): the GSPO sequence ratio
 ROW_LOG_RATIO_VESPO = 2  # clamp(sum_t m clamp(l_t, +-20) + sum_t clamp(log is_t, log 1e-8, 20), log 1e-8, 20)
 ROW_LOG_RATIO_GMPO = 3  # sum_t m g_t / (sum_t m + 1e-8), g_t GMPO's sign-clipped l_t (rho is per row)
 ROW_LOG_RATIO_SUM = 4  # sum_t m l_t: TRL's RLOO sequence ratio, the product of the token ratios (rho is per row)
+ROW_LOG_RATIO_MEAN_TOKEN = 5  # the GSPO mean, each token's gradient through its own logp only (GSPO-token)
+# The row reductions whose ratio is the row's and whose gradient is the row's d loss / d rho spread
+# back over its tokens (a third walk); GSPO-token's gradient is per token (no third walk).
+ROW_RATIO_SPREAD = (ROW_LOG_RATIO_MEAN, ROW_LOG_RATIO_GMPO, ROW_LOG_RATIO_SUM)
+
+
+@dataclass(frozen=True)
+class RatioLevel:
+    """One ``importance_sampling_level`` value: the row reduction it imposes on the loss types that
+    allow sequence-level ratios (``None``: the policy term's own), and its formula."""
+
+    row_log_ratio: int | None
+    doc: str
+    peer: str
+
+
+RATIO_LEVELS = {
+    "token": RatioLevel(None, "rho_t = exp(l_t), per token (the loss type's own reduction, if any)", "TRL 1.16"),
+    "sequence": RatioLevel(
+        ROW_LOG_RATIO_MEAN, "GSPO: rho_i = exp(s_i), s_i = sum_t m l_t / max(sum_t m, 1), on every token of the row; "
+        "d rho_i / d logp_t = rho_i m_t / max(n_i, 1)", "TRL 1.16"),
+    "sequence_token": RatioLevel(
+        ROW_LOG_RATIO_MEAN_TOKEN, "GSPO-token: the value of exp(sg(s_i) + logp_t - sg(logp_t)) = rho_i, its gradient "
+        "d rho_{i,t} / d logp_t = rho_i through the token's own log-prob: each token's gradient carries its own "
+        "advantage and clip (the same as 'sequence' when the advantage is one per row)", "verl 0.9.1 (gspo)"),
+}
 
 
 @dataclass(frozen=True)
@@ -245,7 +271,7 @@ class LossType:
     aggregation: str  # key of AGGREGATIONS used when loss_agg_mode is None
     options: tuple = ()  # type-specific options it reads (others of that kind must stay at their default)
     metrics: tuple = ()  # beyond COMMON_METRICS
-    sequence_level: bool = False  # importance_sampling_level="sequence" allowed
+    sequence_level: bool = False  # importance_sampling_level "sequence" / "sequence_token" allowed
     defaults: dict = field(default_factory=dict)  # type-specific defaults overriding OPTIONS
     required: tuple = ()  # options that must be set (not None)
     off_policy_mask: bool = True  # off_policy_mask_threshold allowed
@@ -255,6 +281,7 @@ class LossType:
 
 
 _CLIP_OPTIONS = ("delta", "clip_ratio_c")
+_GLOBAL_TOKENS = ("num_items_in_batch",)  # read by TRL's global token mean (trl:global-token-mean)
 LOSS_TYPES_TABLE = {
     "grpo": LossType("clip", "trl:seq-mean-token-mean", _CLIP_OPTIONS, ("pg_clipfrac_lower",), True,
                      doc="PPO clip; per-sequence token mean, then the mean over sequences"),
@@ -263,17 +290,17 @@ LOSS_TYPES_TABLE = {
     "dr_grpo": LossType("clip", "trl:dr_grpo", _CLIP_OPTIONS + ("max_completion_length",), ("pg_clipfrac_lower",),
                         True, required=("max_completion_length",),
                         doc="PPO clip; sum / (B * max_completion_length) (Dr. GRPO)"),
-    "dapo": LossType("clip", "trl:global-token-mean", _CLIP_OPTIONS, ("pg_clipfrac_lower",), True,
+    "dapo": LossType("clip", "trl:global-token-mean", _CLIP_OPTIONS + _GLOBAL_TOKENS, ("pg_clipfrac_lower",), True,
                      doc="PPO clip; token mean over the whole generation batch (DAPO)"),
     "luspo": LossType("clip", "trl:seq-mean-token-sum", _CLIP_OPTIONS, ("pg_clipfrac_lower",), True,
                       doc="PPO clip; mean over sequences of the token sum (LUSPO)"),
-    "cispo": LossType("cispo", "trl:global-token-mean", ("cispo_ratio_min",),
+    "cispo": LossType("cispo", "trl:global-token-mean", ("cispo_ratio_min",) + _GLOBAL_TOKENS,
                       doc="-stopgrad(clamp(rho, cispo_ratio_min, epsilon_high)) A logp (CISPO); epsilon_high is the cap"),
     "sapo": LossType("sapo", "trl:seq-mean-token-mean", ("sapo_temperature_pos", "sapo_temperature_neg"),
                      doc="soft gate -sigmoid(tau (rho - 1)) 4/tau A (SAPO)"),
     # (VESPO folds a given rollout IS ratio into its sequence weight: no in-loss rollout correction)
     "vespo": LossType("vespo", "trl:global-token-mean",
-                      ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"),
+                      ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg") + _GLOBAL_TOKENS,
                       ("vespo/phi_seq_mean",), rollout_correction=(),
                       doc="-stopgrad(phi(w)) A logp, phi the gamma weight of the summed sequence log-ratio (VESPO)"),
     # (no off-policy mask: verl has none for GMPO, and that variant trips Triton's sm_90 ThreadLocality pass)

@@ -354,6 +354,14 @@ def importance_ratio(log_ratio, bound):
 
 
 @triton.jit
+def sequence_ratio(log_ratio, bound, log_ratio_max):
+    """A row's ratio rho = exp(clamp(min(s, log_ratio_max), -bound, bound)) from its log-ratio s, and
+    d rho / d s (0 above log_ratio_max: verl's gspo clamps s at 10; inf when off)."""
+    rho, drho = importance_ratio(tl.minimum(log_ratio, log_ratio_max), bound)
+    return rho, tl.where(log_ratio <= log_ratio_max, drho, 0.0)
+
+
+@triton.jit
 def token_loss(x, o, r, a, rho, row_value, multiplier, p0, p1, p2, p3, beta, bias_kl,
                POLICY: tl.constexpr, KL: tl.constexpr):
     """L_t = P_t * multiplier + beta * KL_t (* rho when bias-corrected), with its partials.
@@ -364,7 +372,10 @@ def token_loss(x, o, r, a, rho, row_value, multiplier, p0, p1, p2, p3, beta, bia
     kl, dkl_dx = KL(x, r)
     kl_weight = tl.where(bias_kl != 0, rho, 1.0)
     use_kl = beta != 0
-    loss = policy * multiplier + tl.where(use_kl, beta * kl * kl_weight, 0.0)
-    dloss_dx = dpolicy_dx * multiplier + tl.where(use_kl, beta * dkl_dx * kl_weight, 0.0)
-    dloss_drho = dpolicy_drho * multiplier + tl.where(use_kl & (bias_kl != 0), beta * kl, 0.0)
+    # a dropped token (multiplier 0: entropy mask, off-policy mask, a zero IS weight) adds nothing, also
+    # where its policy term overflowed float32 (0 x inf would be NaN)
+    kept = multiplier != 0
+    loss = tl.where(kept, policy * multiplier, 0.0) + tl.where(use_kl, beta * kl * kl_weight, 0.0)
+    dloss_dx = tl.where(kept, dpolicy_dx * multiplier, 0.0) + tl.where(use_kl, beta * dkl_dx * kl_weight, 0.0)
+    dloss_drho = tl.where(kept, dpolicy_drho * multiplier, 0.0) + tl.where(use_kl & (bias_kl != 0), beta * kl, 0.0)
     return loss, dloss_dx, dloss_drho, kl * kl_weight, is_low, is_high, is_lower
