@@ -143,17 +143,21 @@ def test_matches_verl(backend, device, name, options):
 
 def _std_conditioning(name, data):
     """max |x| / std over the groups of at least 2 rows, for each quantity x an estimator divides
-    by its group std (0 for the estimators that divide by none)."""
+    by its group std (0 for the estimators that divide by none). For a row's score, |x| is the sum
+    of its tokens' |rewards|: verl sums them in float32, and a score near 0 made of rewards that
+    cancel carries their rounding, not its own (seed 1624509646: a group of two scores ~1e-5 apart)."""
     if name not in ("grpo", "grpo_vectorized", "grpo_passk", "gdpo"):
         return 0.0
     index = torch.tensor(PASSK_INDEX if name == "grpo_passk" else INDEX)
     columns = data["reward_components"] if name == "gdpo" else data["rewards"].sum(dim=1, keepdim=True)
-    columns = columns.double().cpu()
+    magnitudes = data["reward_components"] if name == "gdpo" else data["rewards"].abs().sum(dim=1, keepdim=True)
+    columns, magnitudes = columns.double().cpu(), magnitudes.double().cpu()
     worst = 0.0
     for group in index.unique():
         rows = columns[index == group]
         if rows.shape[0] > 1:
-            worst = max(worst, float((rows.abs().amax(dim=0) / rows.std(dim=0).clamp(min=1e-12)).max()))
+            scale = magnitudes[index == group].abs().amax(dim=0)
+            worst = max(worst, float((scale / rows.std(dim=0).clamp(min=1e-12)).max()))
     return worst
 
 
