@@ -30,6 +30,22 @@ def value_err(actual, expected):
     return ((actual - expected).abs().max() / (1 + expected.abs().max())).item()
 
 
+def student_logit_bound(kwargs) -> float:
+    """max |student logit| after scale, temperature and soft-cap, in float64 (the size float32 rounds)."""
+    hidden, weight, bias = (kwargs.get(n) for n in STUDENT_TENSORS)
+    logits = hidden.detach().double().reshape(-1, hidden.shape[-1]) @ weight.detach().double().T
+    if bias is not None:
+        logits = logits + bias.detach().double()
+    logits = logits * kwargs.get("student_logit_scale", 1.0)
+    temperature = kwargs.get("temperature", 1.0)
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.detach().double().reshape(-1, 1)
+    logits = logits / temperature
+    if kwargs.get("student_softcap"):
+        logits = logits.clamp(-kwargs["student_softcap"], kwargs["student_softcap"])
+    return logits.abs().max().item() if logits.numel() else 0.0
+
+
 def make_head(lead_shape, dim, vocab, dtype, device, *, bias=False, spread=1.0, requires_grad=False):
     hidden = torch.randn(*lead_shape, dim, device=device).to(dtype)
     weight = (torch.randn(vocab, dim, device=device) * spread / math.sqrt(dim)).to(dtype)
@@ -107,8 +123,15 @@ def check_against_reference(kwargs, *, value_tol=None, grad_tol=None, grad_floor
     checked = [("divergence", out.divergence, want[0]), ("entropy", out.student_entropy, want[1])]
     if kwargs.get("mode", "full") != "full":
         checked += [("student mass", out.student_topk_mass, want[2]), ("teacher mass", out.teacher_topk_mass, want[3])]
+    # The divergence and entropy are differences of log-probs, each z - lse rounded to float32: their
+    # error follows the student's logit size, not their own (a near one-hot row has a divergence of
+    # a few units from logits of ~30; seed 1885840632 of student-topk-rkl-bucket: 2.1e-6 of 1 + |value|).
+    scale = 1 + student_logit_bound(kwargs)
     for name, got, expected in checked:
-        assert value_err(got, expected) < value_tol, f"{name}: {value_err(got, expected)}"
+        err = value_err(got, expected)
+        if name in ("divergence", "entropy"):
+            err = err * (1 + expected.double().abs().max().item()) / max(scale, 1 + expected.double().abs().max().item())
+        assert err < value_tol, f"{name}: {err}"
     for name, got, expected in zip(STUDENT_TENSORS, grads, want_grads):
         if expected is None:
             continue
