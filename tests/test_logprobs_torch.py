@@ -59,8 +59,8 @@ def make_case(num_rows, dim, vocab, num_targets, dtype, *, bias, logit_scale=1.0
 
 
 def run_drivers(hidden, weight, bias, targets, rows, temperature, softcap, grad_logp, grad_ent):
-    logp, lse, entropy = torch_forward(hidden, weight, bias, targets, rows, temperature, grad_ent is not None,
-                                       softcap=softcap)
+    out = torch_forward(hidden, weight, bias, targets, rows, temperature, grad_ent is not None, softcap=softcap)
+    logp, lse, entropy = out.target_logit - out.lse[:, None], out.lse, out.entropy
     grad_hidden = torch.zeros_like(hidden)
     grad_weight = torch.zeros_like(weight)
     grad_bias = torch.zeros(weight.shape[0]) if bias is not None else None
@@ -145,9 +145,9 @@ def test_default_tiles_logprobs_only(dtype):
 def test_single_target_callers_keep_working(small_tiles):
     # Callers of the [N] interface get [M] log-probs, equal to the K = 1 column of [N, 1].
     hidden, weight, bias, targets, rows = make_case(12, 10, 31, 1, torch.float32, bias=True, ignored_rows=3)
-    logp_1d, lse_1d, ent_1d = torch_forward(hidden, weight, bias, targets[:, 0], rows, 1.1, True)
-    logp_2d, lse_2d, ent_2d = torch_forward(hidden, weight, bias, targets, rows, 1.1, True)
-    assert logp_1d.shape == (rows.numel(),)
+    logp_1d, lse_1d, ent_1d = torch_forward(hidden, weight, bias, targets[:, 0], rows, 1.1, True)[:3]
+    logp_2d, lse_2d, ent_2d = torch_forward(hidden, weight, bias, targets, rows, 1.1, True)[:3]
+    assert logp_1d.shape == (rows.numel(),)  # (target logits: the log-probs plus lse)
     assert torch.equal(logp_1d, logp_2d[:, 0]) and torch.equal(lse_1d, lse_2d) and torch.equal(ent_1d, ent_2d)
     grad = torch.randn(rows.numel())
     grads = []

@@ -60,6 +60,8 @@ def check_same_device(**tensors) -> None:
 
 
 def check_positive_finite(name: str, value) -> float:
+    if isinstance(value, (bool, str, bytes)):  # bools are not numbers; strings are never parsed
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     try:
         value = float(value)
     except (TypeError, ValueError):

@@ -69,9 +69,11 @@ from grpo_kernels.ops.logprobs.launch import (
     backward_plan,
     forward_splits,
 )
+from grpo_kernels.ops.logprobs.outputs import OUTPUT_NAMES, TokenStats
 from grpo_kernels.ops.logprobs.specs import sm90_compile_specs
+from grpo_kernels.ops.logprobs.temperature import TEMPERATURE_RANGE
 
-__all__ = ["token_logprobs", "sm90_compile_specs", "GPU_CONFIG", "LaunchConfig", "BackwardPlan", "backward_plan",
+__all__ = ["token_logprobs", "TokenStats", "OUTPUT_NAMES", "TEMPERATURE_RANGE", "sm90_compile_specs", "GPU_CONFIG", "LaunchConfig", "BackwardPlan", "backward_plan",
            "forward_splits", "DEFAULT_WORKSPACE_BYTES"]
 
 
