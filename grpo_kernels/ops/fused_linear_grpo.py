@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from grpo_kernels.ops.grpo_loss import _check_temperature, grpo_loss_prepared, prepare_loss_inputs
+from grpo_kernels.ops.grpo_loss import grpo_loss_prepared, prepare_loss_inputs
 from grpo_kernels.ops.logprobs import token_logprobs
+from grpo_kernels.ops.logprobs.temperature import check_temperature
 from grpo_kernels.ops.utils import INDEX_DTYPES, check_tensor, resolve_backend
 
 _IGNORE_INDEX = -100
@@ -52,7 +53,7 @@ def fused_linear_grpo_loss(
     bias: torch.Tensor | None = None,
     old_logprobs: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     filter_eps: float | None = None,
     exact: bool = True,
     backward: str = "workspace",
@@ -70,7 +71,9 @@ def fused_linear_grpo_loss(
         completion_mask: ``[B, T]``, 0 for padding.
         advantages: ``[B]`` (or ``[B, T]``).
         old_logprobs, ref_logprobs: ``[B, T]`` log-probs of the sampling / reference policy.
-        temperature: the logits are divided by it before the softmax (as TRL does for the policy).
+        temperature: the logits are divided by it before the softmax (as TRL does for the policy):
+            a float, or a ``[B, T]`` tensor (or one that broadcasts to it, e.g. ``[B, 1]``: one per
+            sequence), see ``token_logprobs``.
         filter_eps, exact, backward, workspace_bytes: passed to ``token_logprobs`` (gradient
             filtering, ``None`` is exact; ``backward="workspace"`` (default, no atomics) or
             ``"atomic"``; ``exact=False``: the atomic backward's single pass, d weight accumulated
@@ -92,8 +95,8 @@ def fused_linear_grpo_loss(
         log-prob kernel's forward for the ``entropy`` metric (a few flops per logit, no extra pass);
         its backward only runs when ``entropy_coef != 0``.
     """
-    _check_temperature(temperature)
     check_tensor("hidden", hidden, ndim=3)
+    check_temperature(temperature, hidden.shape[:2], hidden.device)
     check_tensor("lm_head_weight", lm_head_weight, ndim=2)
     check_tensor("completion_ids", completion_ids, dtypes=INDEX_DTYPES, ndim=2)
     if tuple(completion_ids.shape) != tuple(hidden.shape[:2]):

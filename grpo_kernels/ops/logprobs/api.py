@@ -123,7 +123,7 @@ def token_logprobs(
     check_backward_options(backward, workspace_bytes, deterministic)
     if process_group is not None:
         multi_target = isinstance(targets, torch.Tensor) and targets.dim() == hidden.dim()
-        unsupported = [name for name, on in (('return_lse', return_lse), ('softcap', softcap is not None),
+        unsupported = [name for name, on in (('softcap', softcap is not None),
                        ('deterministic', deterministic), ('K targets per row', multi_target),
                        ("backward='atomic'", backward == "atomic"), ('workspace_bytes', workspace_bytes is not None))
                        if on]
@@ -131,8 +131,8 @@ def token_logprobs(
             raise ValueError(f"process_group (vocabulary-parallel head) does not support {', '.join(unsupported)} yet")
         return vocab_parallel_logprobs(
             hidden, weight, targets, process_group, bias=bias, temperature=temperature, ignore_index=ignore_index,
-            return_entropy=return_entropy, filter_eps=filter_eps, exact=exact, backend=backend, outputs=outputs,
-            topk=topk)
+            return_entropy=return_entropy, return_lse=return_lse, filter_eps=filter_eps, exact=exact, backend=backend,
+            outputs=outputs, topk=topk)
     return single_device_logprobs(
         hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index,
         return_entropy=return_entropy, return_lse=return_lse, softcap=softcap, filter_eps=filter_eps, exact=exact,
