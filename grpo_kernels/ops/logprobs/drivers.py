@@ -172,8 +172,8 @@ def triton_backward(hidden, weight, bias, targets, rows, lse, mean_logit, grad_l
     """Writes the gradients of the compacted rows into grad_hidden / grad_weight / grad_bias.
 
     targets [N, K] int32; temperature a float or a [N] tensor (per row); lse, mean_logit (= E_p[z],
-    or None), grad_ent (or None) [M]; grad_logp [M, K]; grad_hidden [N, D] (its ``rows`` only are written), grad_weight [V, D] or None (written),
-    grad_bias [V] float32 or None (added to).
+    or None), grad_ent (or None) [M]; grad_logp [M, K]; grad_hidden [N, D] (its ``rows`` only are
+    written), grad_weight [V, D] or None (written), grad_bias [V] float32 or None (added to).
 
     ``backward="workspace"`` (default): d logits in a bounded buffer, then GEMMs, no atomics (see
     ``workspace``; ``exact`` does not apply: always float32 accumulation). ``"atomic"``: the

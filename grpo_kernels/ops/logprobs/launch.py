@@ -5,8 +5,9 @@ model, so that what is modelled, compiled and launched cannot drift apart.
 Everything here is plain Python on shapes and dtypes (no tensors, no kernels):
 
 - ``GPU_CONFIG[kind][dtype]``: the :class:`LaunchConfig` of each kernel on a GPU. Kinds:
-  ``"fwd"`` (forward), ``"fwd_topk"`` (the forward with a top-k), ``"merge"`` (the merge of the forward's vocabulary splits), ``"dlogits"``
-  (the default backward's d-logits kernel) and ``"bwd_atomic"`` (the atomic backward). The GPU
+  ``"fwd"`` (forward), ``"fwd_topk"`` (the forward with a top-k), ``"merge"`` (the merge of the
+  forward's vocabulary splits), ``"dlogits"`` (the default backward's d-logits kernel) and
+  ``"bwd_atomic"`` (the atomic backward). The GPU
   kit's sweep overrides entries at run time (a plain 5-tuple is accepted too).
 - :func:`forward_splits`: how the forward cuts the vocabulary.
 - :func:`backward_plan`: how the default backward chunks rows and vocabulary ids, and what it

@@ -218,7 +218,6 @@ def torch_forward(hidden, weight, bias, targets, rows, temperature, compute_entr
     block = _block_rows(row_chunk, vocab_chunk)
     slab = torch.empty(row_chunk * vocab_chunk, device=device, dtype=torch.float32)
     scratch = _scratch(block * vocab_chunk, device, compute_entropy or want_sq or want_top1)
-    scratch_sq = _scratch(block * vocab_chunk, device, want_sq and compute_entropy)
 
     def row_state(fill=0.0, needed=True):
         return torch.full((num_rows,), fill, device=device) if needed else None
@@ -262,9 +261,8 @@ def torch_forward(hidden, weight, bias, targets, rows, temperature, compute_entr
                 if compute_entropy or want_sq:
                     e = torch.exp(x, out=_view(scratch, x.shape))
                     torch.sum(e, dim=1, out=tile_sum[b0:b1])
-                    if want_sq:
-                        squares = torch.mul(e, e, out=_view(scratch_sq, x.shape)) if compute_entropy else e.square_()
-                        torch.sum(squares, dim=1, out=tile_sq[b0:b1])
+                    if want_sq:  # sum e^2 row by row (a batched dot: no [b, v] temporary)
+                        tile_sq[b0:b1] = torch.einsum("ij,ij->i", e, e)
                     if compute_entropy:
                         torch.sum(e.mul_(x), dim=1, out=tile_ent[b0:b1])
                 else:
@@ -286,9 +284,9 @@ def torch_forward(hidden, weight, bias, targets, rows, temperature, compute_entr
 
 def _fold_topk(run_keys, block, ids, k, block_rows):
     """The k largest (z, -id) keys of ``block`` [b, v] (z) folded into ``run_keys`` [b, k], in
-    place; keys are formed a few rows at a time (an int64 copy of the whole block would double the
-    scratch)."""
-    step = max(1, block_rows // 8)
+    place; keys are formed a few rows at a time (their int64 temporaries, some 8 float32 copies of
+    those rows, stay below half a block)."""
+    step = max(1, block_rows // 16)
     for s0, s1 in _spans(block.shape[0], step):
         keys = pack_keys(block[s0:s1], ids[None, :])
         tile_top = torch.topk(keys, min(k, keys.shape[1]), dim=1).values
@@ -323,7 +321,9 @@ def torch_backward(hidden, weight, bias, targets, rows, lse, mean_logit, grad_lo
 
     # [M] 1 / T per row (a float temperature broadcast)
     inv_temp = head.inv_temp(0, num_rows)
-    inv_temp = inv_temp[:, 0] if isinstance(inv_temp, torch.Tensor) else torch.full((num_rows,), inv_temp, device=device)
+    if not isinstance(inv_temp, torch.Tensor):
+        inv_temp = torch.full((num_rows, 1), inv_temp, device=device)
+    inv_temp = inv_temp[:, 0]
     # d z_v = sum_k g_k [v == t_k] - p_v (G + g_ent (z_v - E_p[z])), G = sum_k g_k, all / T.
     neg_total = grad_logp.sum(dim=1) * -inv_temp
     entropy = lse - mean_logit if grad_ent is not None else None
