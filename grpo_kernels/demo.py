@@ -14,9 +14,10 @@
 
 Prints a summary and writes to the output directory: ``metrics.jsonl`` (one record per step),
 ``metrics.png`` (reward and KL per step), ``checkpoint-<steps>/`` (the trainer's final,
-resumable checkpoint) with the ``latest`` file naming it, and ``demo.json`` (the summary). A
-directory holding an earlier demo run (its ``demo.json``) is overwritten; any other run in it is
-left alone (the trainer refuses to start there).
+resumable checkpoint) with the ``latest`` file naming it, ``run.json`` (the run's id) and
+``demo.json`` (the summary). A directory holding an earlier demo run (its ``demo.json``) is
+overwritten; a directory holding any other run is left alone: the demo refuses it (one line,
+exit status 2), as it refuses ``--steps`` below 1.
 
 ``--export DIR`` writes ``DIR/model/`` (the tiny Qwen2 with random weights and its tokenizer,
 ``from_pretrained``-loadable) and ``DIR/data.jsonl`` (the 25 addition prompts with their answers)
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import torch
@@ -118,10 +120,45 @@ def export(directory: str, seed: int = 0) -> None:
     print(f"wrote {os.path.join(directory, 'model')}/ and {os.path.join(directory, 'data.jsonl')}")
 
 
+PROG = "python -m grpo_kernels.demo"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """A user error: one line on stderr and exit status 2 (argparse would print the usage first)."""
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def _check_output_dir(parser: argparse.ArgumentParser, directory: str) -> None:
+    """Refuses (one line, exit 2) an --output_dir that is a file, or that holds a run that is not an
+    earlier demo's (no demo.json): the demo overwrites only its own output."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        parser.error(f"--output_dir {directory} is not a directory")
+    if not os.path.isdir(directory) or os.path.isfile(os.path.join(directory, "demo.json")):
+        return
+    from grpo_kernels.train.checkpoint import RUN_FILE, checkpoint_name
+
+    found = sorted(name for name in os.listdir(directory)
+                   if checkpoint_name(name) or name in ("latest", "metrics.jsonl", RUN_FILE))
+    if found:
+        parser.error(f"--output_dir {directory} holds a run that is not the demo's ({', '.join(found)}): pass another "
+                     "--output_dir, or delete that directory")
+
+
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m grpo_kernels.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=STEPS, help="training steps (generation batches)")
+    parser = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=_positive_int, default=STEPS, help="training steps (generation batches), >= 1")
     parser.add_argument("--output_dir", default="runs/demo", help="where the demo's outputs go")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--seed", type=int, default=0)
@@ -131,19 +168,24 @@ def main(argv=None) -> dict:
     if args.export:
         export(args.export, args.seed)
         return {}
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA device (torch.cuda.is_available() is False)")
+    _check_output_dir(parser, args.output_dir)
     threads = torch.get_num_threads()
     if args.device == "cpu" or not torch.cuda.is_available():
         # a 75k-parameter model's matmuls are too small to split: a second thread only adds a
         # barrier per op, which costs several times the work on a busy machine
         torch.set_num_threads(1)
     try:
-        return _train(args)
+        return _train(args, parser)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(args) -> dict:
+def _train(args, parser) -> dict:
     from grpo_kernels.train import GRPOConfig, GRPOTrainer
+    from grpo_kernels.train.checkpoint import CheckpointError
+    from grpo_kernels.train.config import ConfigError
 
     started = time.perf_counter()
     tokenizer = build_tokenizer()
@@ -161,7 +203,10 @@ def _train(args) -> dict:
         save_final_model=False,
         progress_bar=not args.no_progress_bar,
     )
-    trainer = GRPOTrainer(config, model=model, tokenizer=tokenizer, dataset=rows, reward_funcs=[addition_reward])
+    try:
+        trainer = GRPOTrainer(config, model=model, tokenizer=tokenizer, dataset=rows, reward_funcs=[addition_reward])
+    except (ConfigError, CheckpointError) as error:  # e.g. an output_dir that cannot be written to
+        parser.error(str(error))
     accuracy_before = greedy_accuracy(model, tokenizer, rows, trainer.device)
     history = trainer.train()
     accuracy_after = greedy_accuracy(model, tokenizer, rows, trainer.device)
@@ -182,10 +227,12 @@ def _train(args) -> dict:
     }
     with open(os.path.join(args.output_dir, "demo.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
+    steps = "step" if window == 1 else f"{window} steps"
     print(
         f"\nGRPO demo: tiny Qwen2 ({sum(p.numel() for p in model.parameters()) / 1e3:.0f}k params) learning "
-        f"a+b (a, b <= {MAX_OPERAND}) on {summary['device']}, {summary['steps']} steps in {summary['seconds']:.0f} s (after imports)\n"
-        f"  mean reward, first {window} steps: {first:.3f}  ->  last {window} steps: {last:.3f}\n"
+        f"a+b (a, b <= {MAX_OPERAND}) on {summary['device']}, {summary['steps']} step{'s' * (summary['steps'] != 1)} "
+        f"in {summary['seconds']:.0f} s (after imports)\n"
+        f"  mean reward, first {steps}: {first:.3f}  ->  last {steps}: {last:.3f}\n"
         f"  greedy accuracy on all {len(rows)} prompts: {accuracy_before:.2f} -> {accuracy_after:.2f}\n"
         f"  plot: {summary['plot']}   metrics: {os.path.join(args.output_dir, 'metrics.jsonl')}"
     )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import torch
 
 from grpo_kernels.ops.fused_linear_grpo import fused_linear_grpo_loss
+from grpo_kernels.ops.grpo_loss import OPTIONS
 from grpo_kernels.ops.logprobs import token_logprobs
 
 _IGNORE_INDEX = -100
@@ -42,6 +44,12 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         process_group: (not in Liger) vocabulary-parallel head: ``lin_weight``/``bias`` (and
             ``ref_weight``/``ref_bias``) are this rank's vocabulary shard, hidden states the same on
             every rank; see :func:`grpo_kernels.ops.vocab_parallel.vocab_parallel_logprobs`.
+        loss_options: (not in Liger) any other option of :func:`grpo_kernels.grpo_loss`, passed as
+            given: the options of the loss types Liger lacks (e.g. ``adv_tau``, ``kl_tau``,
+            ``ipo_threshold``), verl's aggregations, rollout correction in bypass mode
+            (``rollout_is``, ``rollout_rs``, ... with ``bypass_mode=True``: ``old_per_token_logps``
+            are then the rollout's; Liger's forward has no argument for separate sampling log-probs).
+            Unknown names raise a ``TypeError`` here; values are checked at the first forward.
 
     Differences from Liger 0.8.5, all in favour of TRL 1.16's math: ``luspo`` at token level (or with
     a KL term) aggregates ``sum_t m L / B`` as TRL does (Liger sums unmasked tokens), and with
@@ -70,8 +78,17 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         vespo_lambda_neg: float = 2.0,
         *,
         process_group=None,
+        loss_options: dict | None = None,
     ):
         super().__init__()
+        self.loss_options = dict(loss_options or {})
+        unknown = set(self.loss_options) - set(OPTIONS)
+        if unknown:
+            raise TypeError(f"unknown grpo_loss option(s) in loss_options: {', '.join(sorted(unknown))}")
+        own = set(inspect.signature(type(self).__init__).parameters) | {"num_items_in_batch"}
+        if own & set(self.loss_options):
+            raise TypeError(f"loss_options {', '.join(sorted(own & set(self.loss_options)))}: pass them as the "
+                            "constructor's (or forward's) own arguments")
         if sapo_temperature_pos <= 0:
             raise ValueError(f"sapo_temperature_pos must be positive, got {sapo_temperature_pos}")
         if sapo_temperature_neg <= 0:
@@ -167,7 +184,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             num_items_in_batch=num_items_in_batch,
             rollout_is_ratio=vllm_is_ratio,
             use_bias_correction_kl=self.use_bias_correction_kl,
-            **self._type_specific_options(),
+            **{**self._type_specific_options(), **self.loss_options},
             process_group=self.process_group,
         )
         outputs = []

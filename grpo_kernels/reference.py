@@ -2,11 +2,13 @@
 
 Everything here materializes every intermediate (the full ``[N, V]`` logits included) and
 computes in float64. It is slow and memory hungry on purpose: it is the formula of
-``shared/grpo-semantics.md`` written as directly as possible, so that the tests can compare
+``docs/semantics.md`` written as directly as possible, so that the tests can compare
 the fused kernels against something obviously right. Never call it on a production shape.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -400,7 +402,7 @@ def advantage_estimator_reference(
 
 
 def kl_estimate_reference(logp, ref, estimator=None):
-    """Per-token KL estimate of ``shared/grpo-semantics.md`` in float64 (autograd gives its gradient).
+    """Per-token KL estimate of ``docs/semantics.md`` in float64 (autograd gives its gradient).
 
     ``None``: TRL's unclamped k3. verl's ``kl_penalty`` names otherwise; a ``+`` suffix keeps the
     value and takes k2's gradient (straight-through).
@@ -467,6 +469,16 @@ def grpo_loss_reference(
     clip_cov_lb=1.0,
     clip_cov_ub=5.0,
     generator=None,
+    dro_beta=None,
+    adv_tau=1.0,
+    kl_tau=1e-3,
+    ipo_threshold=0.1,
+    rollout_is=None,
+    rollout_is_batch_normalize=False,
+    rollout_rs=None,
+    rollout_rs_threshold=None,
+    rollout_rs_threshold_lower=None,
+    bypass_mode=False,
     world_size=1,
 ):
     """TRL 1.16 ``GRPOTrainer._compute_loss`` (and verl 0.9.1's variants) in float64, every intermediate materialized.
@@ -475,8 +487,6 @@ def grpo_loss_reference(
     Returns ``(loss, metrics)``: a float64 loss differentiable w.r.t. ``logprobs`` and ``entropy``
     and a dict of float64 metrics (token-weighted means over the mask; NaN when not computable).
     """
-    import math
-
     logp = logprobs.double()
     mask = completion_mask.double()
     B, T = logp.shape
@@ -485,6 +495,17 @@ def grpo_loss_reference(
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
     old = logp.detach() if old_logprobs is None else old_logprobs.detach().double()
     entropy64 = None if entropy is None else entropy.double()
+
+    # rollout correction (verl's rollout_corr_helper): rejected tokens leave the mask from here on; the
+    # computed IS weight takes the place of a given rollout_is_ratio
+    rs_keep = None
+    if rollout_is is not None or rollout_rs is not None:
+        train, rollout = (logp.detach(), old) if bypass_mode else (old, sampling_logprobs.detach().double())
+        rs_keep, computed_is = rollout_correction_reference(
+            train, rollout, mask, rollout_is=rollout_is, rollout_rs=rollout_rs, rs_threshold=rollout_rs_threshold,
+            rs_threshold_lower=rollout_rs_threshold_lower)
+        if computed_is is not None:
+            rollout_is_ratio = computed_is
 
     entropy_mask = None
     if top_entropy_quantile < 1.0:
@@ -505,9 +526,24 @@ def grpo_loss_reference(
             lo = -math.inf if rollout_is_clip_min is None else rollout_is_clip_min
             hi = math.inf if rollout_is_clip_max is None else rollout_is_clip_max
             is_ratio = is_ratio.masked_fill((is_ratio < lo) | (is_ratio > hi), 0.0)
+        if rollout_is_batch_normalize:  # verl: the mean over the masked tokens / the sequences with a token
+            if rollout_is == "token":
+                weights_mean = (is_ratio * mask).sum() / (mask.sum() + 1e-8)
+            else:
+                seq_weights = (is_ratio * mask).sum(-1) / (mask.sum(-1) + 1e-8)
+                seq_mask = (mask.sum(-1) > 0).double()
+                weights_mean = (seq_weights * seq_mask).sum() / seq_mask.sum().clamp(min=1e-8)
+            if weights_mean > 1e-8:
+                is_ratio = is_ratio / weights_mean
+    rejected_fraction = None
+    if rs_keep is not None:
+        rejected_fraction = (mask * (~rs_keep).double()).sum() / mask.sum().clamp(min=1.0)
+        mask = mask * rs_keep.double()
 
     log_ratio = logp - old
-    if importance_sampling_level == "token":
+    if loss_type == "rloo":  # TRL's RLOOTrainer: the summed log-ratio of the completion
+        log_weights = (log_ratio * mask).sum(-1, keepdim=True)
+    elif importance_sampling_level == "token":
         log_weights = log_ratio
     else:
         log_weights = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
@@ -552,6 +588,23 @@ def grpo_loss_reference(
             lam = torch.where(nonneg, vespo_lambda_pos, vespo_lambda_neg).double().clamp(min=1e-4)
             phi_seq = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
         per_token_loss = -phi_seq * adv * logp
+    elif loss_type in ("gpg", "reinforce"):  # verl's compute_policy_loss_gpg / _reinforce
+        per_token_loss = -adv * logp
+    elif loss_type == "dro":  # verl's compute_policy_loss_dro
+        per_token_loss = -(logp * adv - 0.5 * dro_beta * log_ratio.square())
+    elif loss_type == "rloo":  # TRL's RLOOTrainer._compute_loss: PPO clip of the summed sequence ratio
+        coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + eps_high)
+        per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)  # [B, 1]: one loss per completion
+    elif loss_type in ("prime_dppo", "ipo"):  # prime-rl's default_loss_fn / ipo_loss_fn
+        probs_diff = torch.exp(logp.detach()) - torch.exp(old)
+        if loss_type == "prime_dppo":
+            too_high, too_low = probs_diff > eps_high, probs_diff < -epsilon_low
+            is_masked = torch.where(adv > 0, too_high, too_low)
+            prime_flags = {"low": too_low & (adv < 0), "high": too_high & (adv > 0)}
+        else:
+            is_masked = probs_diff.abs() > ipo_threshold
+            prime_flags = {"low": is_masked & (probs_diff < 0), "high": is_masked & (probs_diff > 0)}
+        per_token_loss = -(~is_masked).double() * adv_tau * adv * torch.exp(log_ratio) + kl_tau * log_ratio ** 2
     elif loss_type in VERL_LOSS_TYPES:
         per_token_loss, verl_flags = verl_policy_reference(
             loss_type, logp, old, adv, completion_mask, epsilon_low=epsilon_low, epsilon_high=eps_high,
@@ -574,8 +627,11 @@ def grpo_loss_reference(
     per_token_loss = per_token_loss.expand(B, T)
 
     tokens_per_row = mask.sum(-1)
-    if loss_agg_mode is None and loss_type in ("dppo_tv", "dppo_kl", "kl_cov", "clip_cov"):
-        loss_agg_mode = "token-mean"  # verl's default
+    if loss_agg_mode is None and loss_type in ("dppo_tv", "dppo_kl", "kl_cov", "clip_cov", "gpg", "dro", "prime_dppo",
+                                               "ipo"):
+        loss_agg_mode = "token-mean"  # verl's default (prime-rl: the sum over the global token count)
+    if loss_agg_mode is None and loss_type == "reinforce":
+        loss_agg_mode = "seq-mean-token-sum"  # compute_policy_loss_reinforce's default
     if loss_agg_mode is None and loss_type == "geo_mean":
         # GMPO: the mean over all B rows of -A_i rho_i, A_i = sum_t m A_t / (sum_t m + 1e-8)
         loss = ((per_token_loss * mask).sum(-1) / (tokens_per_row + 1e-8)).mean()
@@ -596,7 +652,7 @@ def grpo_loss_reference(
             loss = ((per_token_loss * mask).sum(-1) / (tokens_per_row + 1e-8)).sum() / sequences * dp_size
         else:
             raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}")
-    elif loss_type in ("grpo", "sapo"):
+    elif loss_type in ("grpo", "sapo", "rloo"):
         loss = ((per_token_loss * mask).sum(-1) / tokens_per_row.clamp(min=1.0)).mean()
     elif loss_type == "bnpo":
         loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
@@ -622,7 +678,7 @@ def grpo_loss_reference(
     nan = torch.tensor(float("nan"), dtype=torch.float64)
     adv_bt = adv.expand(B, T)
     no_flag = torch.zeros(B, T, dtype=torch.bool)
-    if loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+    if loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "rloo"):
         is_low = (coef_1 < 1 - epsilon_low).expand(B, T) & (adv_bt < 0)
         is_high = (coef_1 > 1 + eps_high).expand(B, T) & (adv_bt > 0)
     elif loss_type == "cispo":
@@ -630,6 +686,8 @@ def grpo_loss_reference(
         is_high = (coef_1 > eps_high) & (adv_bt > 0)
     elif verl_flags is not None:
         is_low, is_high = verl_flags["low"], verl_flags["high"]
+    elif loss_type in ("prime_dppo", "ipo"):
+        is_low, is_high = prime_flags["low"].expand(B, T), prime_flags["high"].expand(B, T)
     else:
         is_low = is_high = no_flag
     metrics = {
@@ -647,6 +705,11 @@ def grpo_loss_reference(
         metrics["pg_clipfrac_lower"] = masked_mean(verl_flags["lower"])
     if loss_type in ("kl_cov", "clip_cov"):
         metrics["cov/selected_mean"] = masked_mean(verl_flags["selected"])
+    if rollout_is is not None or rollout_rs is not None:
+        metrics["rollout_is/mean"] = (masked_mean(is_ratio) if is_ratio is not None
+                                      else masked_mean(torch.ones(B, T, dtype=torch.float64)))
+        metrics["rollout_rs/masked_fraction"] = (rejected_fraction if rejected_fraction is not None
+                                                 else torch.zeros((), dtype=torch.float64))
     return loss, metrics
 
 
@@ -760,3 +823,66 @@ def verl_policy_reference(loss_type, logprobs, old_logprobs, advantages, complet
         high = (r.detach() > 1 + eps_high) & (adv > 0)
         return loss * (~selected).double(), {"low": low, "high": high, "selected": selected}
     raise ValueError(f"unknown verl loss type {loss_type!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollout correction (verl 0.9.1's rollout_corr_helper; AReaL's KPop)
+# ---------------------------------------------------------------------------------------------
+
+
+def binary_kl_reference(log_p, log_q, eps=1e-8):
+    """AReaL's compute_binary_kl_divergence in float64: KL(Bernoulli(p) || Bernoulli(q)), p and q
+    clamped into [eps, 1 - eps]."""
+    p = torch.clamp(torch.exp(log_p), eps, 1.0 - eps)
+    q = torch.clamp(torch.exp(log_q), eps, 1.0 - eps)
+    return p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))
+
+
+def rejection_statistic_reference(train, rollout, mask, rollout_rs):
+    """The statistic of rejection criterion ``rollout_rs`` (``{token,seq_sum,seq_mean,seq_max}_{k1,k2,k3,kpop}``)
+    in float64: ``[B, T]`` per token, or ``[B, 1]`` per row (verl's masked_sum / masked_mean / masked
+    max over the mask; a row without tokens gets 0 from the max)."""
+    train, rollout, mask = train.double(), rollout.double(), mask.double()
+    level, stat_name = rollout_rs.rsplit("_", 1)
+    safe = (train - rollout).clamp(-20.0, 20.0)
+    stat = {"k1": lambda: -safe, "k2": lambda: 0.5 * safe ** 2, "k3": lambda: torch.exp(safe) - 1.0 - safe,
+            "kpop": lambda: torch.maximum(binary_kl_reference(train, rollout), binary_kl_reference(rollout, train)),
+            }[stat_name]()
+    valid = mask != 0
+    if level == "seq_sum":
+        return (torch.where(valid, stat, 0.0) * mask).sum(-1, keepdim=True)
+    if level == "seq_mean":
+        return (torch.where(valid, stat, 0.0) * mask).sum(-1, keepdim=True) / (mask.sum(-1, keepdim=True) + 1e-8)
+    if level == "seq_max":
+        stat = stat.masked_fill(~valid, float("-inf")).max(-1, keepdim=True).values
+        return torch.where(stat == float("-inf"), 0.0, stat)
+    return stat
+
+
+def rollout_correction_reference(train, rollout, mask, *, rollout_is=None, rollout_rs=None, rs_threshold=None,
+                                 rs_threshold_lower=None):
+    """verl's compute_rollout_correction_weights / compute_rollout_rejection_mask in float64, one
+    rejection criterion (and AReaL's KPop statistic, ``*_kpop``), before any truncation.
+
+    ``train``/``rollout`` ``[B, T]`` log-probs, ``mask`` ``[B, T]``. Returns ``(keep [B, T] bool or
+    None, raw IS weight [B, T] / [B, 1] or None)``: the weight exp(clamp(l, +-20)) per token or
+    exp(clamp(sum_t m l, +-20)) per sequence, l = train - rollout; a token is kept when the
+    statistic lies in [log(lower), log(upper)] (k1, lower = 1 / upper by default) or <= upper.
+    """
+    train, rollout, mask = train.double(), rollout.double(), mask.double()
+    log_ratio = train - rollout
+    weights = None
+    if rollout_is == "token":
+        weights = torch.exp(log_ratio.clamp(-20.0, 20.0))
+    elif rollout_is == "sequence":
+        weights = torch.exp((log_ratio * mask).sum(-1, keepdim=True).clamp(-20.0, 20.0))
+    keep = None
+    if rollout_rs is not None:
+        stat = rejection_statistic_reference(train, rollout, mask, rollout_rs)
+        if rollout_rs.endswith("_k1"):
+            lower = 1.0 / rs_threshold if rs_threshold_lower is None else rs_threshold_lower
+            keep = (stat >= math.log(lower)) & (stat <= math.log(rs_threshold))
+        else:
+            keep = stat <= rs_threshold
+        keep = keep.expand_as(mask)
+    return keep, weights

@@ -134,8 +134,27 @@ def test_matches_verl(backend, device, name, options):
     want_advantages, want_returns = verl_fn(**verl_kwargs)
     out = estimate_advantages(name, data["rewards"], data["mask"], **our_call(name, data, dict(options)))
     assert out.advantages.dtype == torch.float32 and out.advantages.shape == data["rewards"].shape
-    torch.testing.assert_close(out.advantages.cpu(), want_advantages.float(), rtol=1e-5, atol=2e-6)
-    torch.testing.assert_close(out.returns.cpu(), want_returns.float(), rtol=1e-5, atol=2e-6)
+    # verl works in float32: (x - mean) / std of a group whose values nearly agree loses
+    # ~eps32 * |x| / std to cancellation (ours is float64 inside), so the tolerance grows with it.
+    atol = 2e-6 + 2.0**-22 * _std_conditioning(name, data)
+    torch.testing.assert_close(out.advantages.cpu(), want_advantages.float(), rtol=1e-5, atol=atol)
+    torch.testing.assert_close(out.returns.cpu(), want_returns.float(), rtol=1e-5, atol=atol)
+
+
+def _std_conditioning(name, data):
+    """max |x| / std over the groups of at least 2 rows, for each quantity x an estimator divides
+    by its group std (0 for the estimators that divide by none)."""
+    if name not in ("grpo", "grpo_vectorized", "grpo_passk", "gdpo"):
+        return 0.0
+    index = torch.tensor(PASSK_INDEX if name == "grpo_passk" else INDEX)
+    columns = data["reward_components"] if name == "gdpo" else data["rewards"].sum(dim=1, keepdim=True)
+    columns = columns.double().cpu()
+    worst = 0.0
+    for group in index.unique():
+        rows = columns[index == group]
+        if rows.shape[0] > 1:
+            worst = max(worst, float((rows.abs().amax(dim=0) / rows.std(dim=0).clamp(min=1e-12)).max()))
+    return worst
 
 
 def test_group_size_is_contiguous_index(backend, device):

@@ -1,4 +1,4 @@
-"""grpo_loss and fused_linear_grpo_loss against the float64 reference of shared/grpo-semantics.md.
+"""grpo_loss and fused_linear_grpo_loss against the float64 reference of docs/semantics.md.
 
 Loss, every metric, d loss / d logprobs (and d loss / d entropy) for every loss type x token /
 sequence level x beta x delta, on both backends (the Triton kernel runs under TRITON_INTERPRET=1 on
@@ -13,6 +13,7 @@ import torch
 import grpo_kernels as gk
 from conftest import DEVICE
 from grpo_kernels.ops import grpo_loss as grpo_loss_module
+from grpo_kernels.ops.grpo_loss import op as grpo_loss_op
 from grpo_kernels.reference import grpo_loss_reference, token_logprobs_reference
 
 
@@ -77,7 +78,9 @@ def check(batch, backend, *, ref_options=None, **options):
     want = run_loss(grpo_loss_reference, batch, **flags, **(ref_options or options))
     assert got[0].shape == () and math.isfinite(got[0].item())
     assert_close(got[0], want[0], "loss")
-    assert set(got[1]) == set(want[1]) == set(grpo_loss_module.metric_names(options.get("loss_type", "dapo")))
+    rollout_correction = options.get("rollout_is") is not None or options.get("rollout_rs") is not None
+    assert set(got[1]) == set(want[1]) == set(grpo_loss_module.metric_names(options.get("loss_type", "dapo"),
+                                                                            rollout_correction))
     for name in got[1]:
         assert_close(got[1][name], want[1][name], f"metric {name}")
     assert got[2].dtype == batch["logp"].dtype
@@ -339,7 +342,7 @@ BAD_OPTIONS = [
 
 @pytest.mark.parametrize("options,error,match", BAD_OPTIONS, ids=[m for _, _, m in BAD_OPTIONS])
 def test_bad_options(options, error, match, monkeypatch):
-    monkeypatch.setattr(grpo_loss_module, "_ROW_PASS", None)  # any launch would crash differently
+    monkeypatch.setattr(grpo_loss_op, "ROW_PASS", None)  # any launch would crash differently
     batch = make_batch()
     options = dict(options)
     if options.pop("entropy", False):
@@ -351,7 +354,7 @@ def test_bad_options(options, error, match, monkeypatch):
 
 
 def test_bad_shapes(monkeypatch):
-    monkeypatch.setattr(grpo_loss_module, "_ROW_PASS", None)
+    monkeypatch.setattr(grpo_loss_op, "ROW_PASS", None)
     b = make_batch(4, 7)
     logp, mask, adv = b["logp"], b["mask"], b["adv"]
     cases = [

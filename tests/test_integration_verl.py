@@ -13,7 +13,7 @@ import types
 import pytest
 import torch
 
-import grpo_kernels.ops.grpo_loss as grpo_loss_module
+import grpo_kernels.ops.grpo_loss.api as grpo_loss_api
 from grpo_kernels.integrations.verl import (
     VERL_POLICY_LOSSES,
     FusedLinearForPPO,
@@ -188,25 +188,27 @@ def test_patch_verl_without_verl_raises(monkeypatch):
 # Policy losses against real verl 0.9.1
 # ----------------------------------------------------------------------------------------------
 
-VERL_LOSS_NAMES = ("vanilla", "gspo", "sapo", "cispo", "geo_mean", "dppo_tv", "dppo_kl", "kl_cov", "clip_cov")
+VERL_LOSS_NAMES = ("vanilla", "gspo", "sapo", "cispo", "geo_mean", "dppo_tv", "dppo_kl", "kl_cov", "clip_cov", "gpg",
+                   "dro")  # and bypass_mode (test_bypass_mode_matches_verl)
 
 
 @pytest.fixture(params=["dispatch", "torch"])
 def loss_backend(request, monkeypatch):
     """The default dispatch (Triton: GPU or interpreter) and the plain-PyTorch path."""
     if request.param == "torch":
-        monkeypatch.setattr(grpo_loss_module, "resolve_backend", lambda device, backend="auto": "torch")
+        monkeypatch.setattr(grpo_loss_api, "resolve_backend", lambda device, backend="auto": "torch")
     return request.param
 
 
-def _verl_config(name, global_batch_info=None):
+def _verl_config(name, global_batch_info=None, rollout_correction=None):
     from verl.workers.config import ActorConfig, PolicyLossConfig
 
+    extra = {} if rollout_correction is None else {"rollout_correction": rollout_correction}
     config = ActorConfig(
         strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, clip_ratio=0.2, clip_ratio_low=0.2,
         clip_ratio_high=0.28, clip_ratio_c=3.0, tau_pos=1.0, tau_neg=1.05,
         policy_loss=PolicyLossConfig(loss_mode=name, kl_cov_ratio=0.02, ppo_kl_coef=0.1, clip_cov_ratio=0.02,
-                                     clip_cov_lb=0.05, clip_cov_ub=5.0))
+                                     clip_cov_lb=0.05, clip_cov_ub=5.0, dro_beta=0.3, **extra))
     config.global_batch_info.update(global_batch_info or {})
     return config
 
@@ -283,15 +285,18 @@ def test_gspo_refuses_token_level_is_weights(device):
 
 
 def test_policy_loss_bad_input():
-    with pytest.raises(ValueError, match="unknown verl policy loss 'gpg'"):
-        policy_loss("gpg")
+    with pytest.raises(ValueError, match="unknown verl policy loss 'ppo'"):
+        policy_loss("ppo")
     logp = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="needs the actor config"):
         policy_loss("vanilla")(logp, logp, logp, torch.ones(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="clip_ratio_c"):  # verl asserts clip_ratio_c > 1 for dual clip
         policy_loss("vanilla")(logp, logp, logp, torch.ones(2, 3, dtype=torch.bool), "token-mean",
                                {"clip_ratio": 0.2, "clip_ratio_c": 0.5})
-    assert set(VERL_POLICY_LOSSES) == set(VERL_LOSS_NAMES)
+    assert set(VERL_POLICY_LOSSES) == set(VERL_LOSS_NAMES) | {"bypass_mode"}
+    with pytest.raises(ValueError, match="dro_beta must be a positive value"):
+        policy_loss("dro")(logp, logp, logp, torch.ones(2, 3, dtype=torch.bool), "token-mean",
+                           {"policy_loss": {"dro_beta": None}})
 
 
 def test_policy_loss_reads_a_plain_dict_config():
@@ -323,10 +328,11 @@ def test_patch_verl_registers_policy_losses_and_log_prob_functions(monkeypatch, 
     replaced = patch_verl()
     assert "verl.utils.kernel.linear_cross_entropy.linear_cross_entropy" in replaced
     assert "verl.utils.experimental.torch_functional.FusedLinearForPPO" in replaced
-    for name in VERL_LOSS_NAMES:
+    for name in VERL_LOSS_NAMES + ("bypass_mode",):
         assert f"verl.trainer.ppo.core_algos.POLICY_LOSS_REGISTRY[{name!r}]" in replaced
         assert core_algos.get_policy_loss_fn(name)._grpo_kernels_loss == name
-    assert core_algos.get_policy_loss_fn("gpg") is originals["gpg"]  # modes we do not cover stay verl's
+    # every policy loss verl 0.9.1 registers is ours now
+    assert all(getattr(function, "_grpo_kernels_loss", None) == name for name, function in registry.items())
     assert sys.modules["verl.utils.kernel.linear_cross_entropy"].linear_cross_entropy is linear_cross_entropy
     assert patch_verl() == []  # idempotent
 
@@ -356,3 +362,85 @@ def test_patch_verl_selected_policy_losses(monkeypatch):
     assert not hasattr(core_algos.get_policy_loss_fn("vanilla"), "_grpo_kernels_loss")
     with pytest.raises(ValueError, match="unknown policy loss"):
         patch_verl(policy_losses=["nope"])
+
+
+# ---------------------------------------------------------------------------------------------
+# bypass_mode: rollout correction computed in the loss (verl's compute_policy_loss_bypass_mode)
+# ---------------------------------------------------------------------------------------------
+
+
+def _rollout_correction(**fields):
+    from verl.trainer.config.algorithm import RolloutCorrectionConfig
+
+    return RolloutCorrectionConfig(bypass_mode=True, **fields)
+
+
+BYPASS_CASES = {
+    # verl's presets (RolloutCorrectionConfig.bypass_*) and their variants
+    "pg_seq_tis": dict(loss_type="reinforce", rollout_is="sequence", rollout_is_threshold=2.0),
+    "pg_token_icepop": dict(loss_type="reinforce", rollout_is="token", rollout_is_threshold="0.5_2.0"),
+    "pg_geo_rs_token_tis_bn": dict(loss_type="reinforce", rollout_is="token", rollout_is_threshold=1.5,
+                                   rollout_is_batch_normalize=True, rollout_rs="seq_mean_k1",
+                                   rollout_rs_threshold="0.75_1.25"),
+    "pg_seq_sum_k1": dict(loss_type="reinforce", rollout_is=None, rollout_rs="seq_sum_k1", rollout_rs_threshold=3.0),
+    "ppo_clip": dict(loss_type="ppo_clip", rollout_is=None),
+    "ppo_clip_k3_rs": dict(loss_type="ppo_clip", rollout_is="sequence", rollout_rs="seq_mean_k3",
+                           rollout_rs_threshold=0.05),
+    "ppo_clip_token_k2": dict(loss_type="ppo_clip", rollout_is=None, rollout_rs="token_k2", rollout_rs_threshold=0.02),
+}
+
+
+def _bypass_batch(device):
+    """Rows of 40, 0, 40, 25, 33, 17 tokens whose log-ratios to the rollout sit near a per-row offset
+    (-0.4 .. 0.5), so that each case's row statistics fall on both sides of its thresholds; three
+    tokens of the first row far below the rollout (IcePop's lower bound)."""
+    B, T = 6, 40
+    logp = torch.rand(B, T, device=device).clamp(0.05, 0.95).log()
+    offset = torch.tensor([0.4, 0.0, 0.0, -0.05, -0.2, -0.5], device=device)[:, None]
+    lengths = torch.tensor([40, 0, 40, 25, 33, 17], device=device)
+    mask = torch.arange(T, device=device)[None, :] < lengths[:, None]
+    noise = 0.1 * torch.randn(B, T, device=device) * mask
+    # each row's mean log-ratio is its offset whatever the seed (up to the clamp): the row statistics
+    # stay on their side of every case's thresholds
+    noise -= (noise.sum(dim=1, keepdim=True) / lengths.clamp(min=1)[:, None]) * mask
+    old = (logp + offset + noise).clamp(max=-1e-3)
+    old[0, :3] = (logp[0, :3] + 1.5).clamp(max=-1e-3)
+    advantages = torch.randn(B, 1, device=device).expand(B, T) * mask
+    return logp, old, advantages, mask
+
+
+@needs_verl
+@pytest.mark.parametrize("case", list(BYPASS_CASES))
+def test_bypass_mode_matches_verl(loss_backend, device, case):
+    from verl.trainer.ppo import core_algos
+
+    logp, old, advantages, mask = _bypass_batch(device)  # old: the rollout's log-probs in bypass mode
+    config = _verl_config("bypass_mode", {"dp_size": 2, "batch_num_tokens": int(mask.sum()) + 9},
+                          _rollout_correction(**BYPASS_CASES[case]))
+    verl_logp = logp.detach().cpu().clone().requires_grad_()
+    want_loss, want_metrics = core_algos.get_policy_loss_fn("bypass_mode")(
+        old.cpu(), verl_logp, advantages.cpu(), mask.cpu(), "token-mean", config, None)
+    want_grad, = torch.autograd.grad(want_loss, verl_logp)
+    ours_logp = logp.detach().clone().requires_grad_()
+    loss, metrics = policy_loss("bypass_mode")(old, ours_logp, advantages, mask, "token-mean", config, None)
+    grad, = torch.autograd.grad(loss, ours_logp)
+    torch.testing.assert_close(loss.detach().cpu(), want_loss.detach().float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad.cpu(), want_grad, atol=1e-7, rtol=1e-4)
+    assert set(metrics) <= set(want_metrics) and "actor/ppo_kl" in metrics
+    if BYPASS_CASES[case].get("rollout_rs"):
+        assert 0 < metrics["rollout_corr/rollout_rs_masked_fraction"] < 1  # the case rejects some tokens, not all
+    for key, value in metrics.items():
+        assert value == pytest.approx(want_metrics[key], abs=1e-5), key
+
+
+@needs_verl
+def test_bypass_mode_refuses_what_it_does_not_reproduce(device):
+    logp, old, advantages, mask = _verl_batch(device, B=3, T=5)
+    chained = _verl_config("bypass_mode", rollout_correction=_rollout_correction(
+        loss_type="reinforce", rollout_rs="token_k1,seq_mean_k3", rollout_rs_threshold="1.5,0.1"))
+    with pytest.raises(ValueError, match="one rejection criterion"):
+        policy_loss("bypass_mode")(old, logp, advantages, mask, "token-mean", chained)
+    no_threshold = _verl_config("bypass_mode", rollout_correction=_rollout_correction(
+        loss_type="reinforce", rollout_rs="token_k1"))
+    with pytest.raises(ValueError, match="rollout_rs_threshold must be provided"):
+        policy_loss("bypass_mode")(old, logp, advantages, mask, "token-mean", no_threshold)

@@ -7,6 +7,7 @@ import torch
 
 import grpo_kernels as gk
 from grpo_kernels.ops import grpo_loss as grpo_loss_module
+from grpo_kernels.ops.grpo_loss.op import COUNT_OPTIONS
 from test_grpo_loss import make_batch, make_fused
 
 
@@ -17,7 +18,7 @@ def op_args(batch, backend, **options):
     logp = batch["logp"].clone().requires_grad_()
     entropy = batch["entropy"].clone().requires_grad_()
     counts = [getattr(cfg, n).float() if isinstance(getattr(cfg, n), torch.Tensor) else None
-              for n in grpo_loss_module._COUNT_OPTIONS]
+              for n in COUNT_OPTIONS]
     return (logp, entropy, t["mask"], t["advantages"], t["old"], t["ref"], t["sampling"], t["is_ratio"], *counts,
             None, cfg.as_json(), backend, cfg.entropy_coef != 0)  # None: no Clip-Cov draw seed
 

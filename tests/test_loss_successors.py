@@ -153,7 +153,8 @@ def test_vespo_phi_matches_trl_get_gamma_weights():
     pytest.importorskip("trl")
     from trl.trainer.grpo_trainer import GRPOTrainer
 
-    from grpo_kernels.ops.grpo_loss import _on_torch, _vespo_phi
+    from grpo_kernels.ops.grpo_loss.rows_torch import on_torch
+    from grpo_kernels.ops.grpo_loss.terms import vespo_phi
 
     B, T = 6, 5
     mask = (torch.rand(B, T) > 0.3).float()
@@ -161,7 +162,7 @@ def test_vespo_phi_matches_trl_get_gamma_weights():
     adv = torch.tensor([1.0, -1.0, 0.0, 2.0, -0.5, 0.3])[:, None]
     want = GRPOTrainer.get_gamma_weights(adv, log_ratio, mask, None)
     log_w = (log_ratio.clamp(-20, 20) * mask).sum(-1, keepdim=True).clamp(-18.420680743952367, 20.0)
-    got = _on_torch(_vespo_phi)(log_w, adv, 2.0, 3.0, 3.0, 2.0)
+    got = on_torch(vespo_phi)(log_w, adv, 2.0, 3.0, 3.0, 2.0)
     assert_close(got, want, "phi")
 
 

@@ -35,6 +35,8 @@ BAD_VALUES = [
     ({"clip_ratio_c": 0.5}, r"clip_ratio_c"),
     ({"loss_type": "cispo", "importance_sampling_level": "sequence"}, r"importance_sampling_level='sequence'"),
     ({"top_entropy_quantile": 1.5}, r"top_entropy_quantile must be in \[0, 1\]"),
+    ({"loss_type": "dro"}, r"loss_type='dro' needs dro_beta"),
+    ({"kl_tau": 0.1}, r"kl_tau is only used by loss_type ipo, prime_dppo"),
     ({"resume": True, "overwrite_output_dir": True}, r"resume and overwrite_output_dir contradict"),
     ({"reward_funcs": ["overlong_penalty"], "overlong_buffer": 0}, r"overlong_buffer must be in \(0, max_new_tokens"),
 ]
@@ -106,6 +108,14 @@ def test_help_lists_every_field_with_its_help_and_choices(capsys):
         first_words = " ".join(f.metadata["help"].split()[:3])
         assert first_words in " ".join(text.split()), f.name
     assert "--config FILE.yaml" in text
+    # HfArgumentParser's generated --no_X flags: their help says what they do, not what --X does
+    flat = " ".join(text.split())
+    for name in ("save_final_model", "progress_bar", "resume", "tensorboard"):
+        negative = f"--no_{name}, --no-{name.replace('_', '-')} "
+        if negative in flat:
+            assert flat.split(negative)[1].startswith(f"sets {name} to false (the same as --{name} false)"), flat
+    assert "--no_progress_bar" in flat and "--no_save_final_model" in flat
+    assert "show a tqdm progress bar (default: False)" not in flat
     from grpo_kernels.ops.grpo_loss import LOSS_TYPES
 
     assert "{" + ",".join(LOSS_TYPES) + "}" in text and "{auto,cpu,cuda}" in text

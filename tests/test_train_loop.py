@@ -425,14 +425,29 @@ def test_offline_command_line_example(tmp_path, monkeypatch, capsys):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out / "final")
+    main(["--config", example, "--max_steps", "1", "--prompts_per_step", "2", "--num_generations", "2",
+          "--micro_batch_size", "4", "--output_dir", "runs/one", "--no_save_final_model", "--no_progress_bar"])
+    assert "done: 1 step, reward" in capsys.readouterr().out  # not "1 steps"
     # user errors on the same command line: one line on stderr, exit status 2, no traceback
+    small_tokenizer = demo.build_tokenizer()
+    demo.build_model(small_tokenizer, hidden_size=32).save_pretrained("runs/small")
+    small_tokenizer.save_pretrained("runs/small")
     (tmp_path / "bad.jsonl").write_text('{"prompt": "1+1="}\n{"prompt": "2+2=", }\n')
     for argv, message in [
-        (["--dataset", "bad.jsonl"], "bad.jsonl, line 2: not valid JSON"),
-        (["--max_steps", "2"], "holds another run (checkpoint-1, checkpoint-2, latest, metrics.jsonl)"),
+        (["--dataset", "bad.jsonl", "--output_dir", "runs/fresh"], "bad.jsonl, line 2: not valid JSON"),
+        (["--max_steps", "2"], "holds another run (checkpoint-1, checkpoint-2, latest, metrics.jsonl, run.json)"),
         (["--learning_rat", "1e-3"], "unknown option --learning_rat (did you mean 'learning_rate'?)"),
         (["--beta", "-0.1"], "beta must be >= 0"),
         (["--model", "./no/such/model"], "model ./no/such/model: no such directory"),
+        # a path (its parent exists, or it has two slashes) is no hub repo id
+        (["--model", "runs/tiny/no-model"], "model runs/tiny/no-model: no such directory"),
+        (["--model", "no/such/model"], "model no/such/model: no such directory"),
+        (["--tokenizer", "runs/no-tokenizer"], "tokenizer runs/no-tokenizer: no such directory"),
+        # the data is read before the model loads (runs/tiny is no model: loading it would fail first)
+        (["--model", "runs/tiny", "--dataset", "no/such.jsonl", "--output_dir", "runs/fresh"],
+         "dataset no/such.jsonl: no such file"),
+        (["--model", "runs/small", "--resume"], "checkpoint-2 holds another model than this one (resumed with "
+                                                "another --model?)"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             main(["--config", example, *argv])
@@ -442,7 +457,7 @@ def test_offline_command_line_example(tmp_path, monkeypatch, capsys):
         assert "Traceback" not in err, err
 
 
-def test_demo_smoke(tmp_path, monkeypatch):
+def test_demo_smoke(tmp_path, monkeypatch, capsys):
     """The demo's plumbing on a smaller batch (its full run is measured, not tested: see the README);
     it writes what its docstring lists, and runs again over its own earlier output."""
     from grpo_kernels import demo
@@ -453,8 +468,38 @@ def test_demo_smoke(tmp_path, monkeypatch):
     for _ in range(2):
         summary = demo.main(["--steps", "2", "--output_dir", str(tmp_path), "--no_progress_bar"])
         assert summary["steps"] == 2 and 0.0 <= summary["reward_first"] <= 1.0
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "demo.json", "latest", "metrics.jsonl", "metrics.png"]
+    out = capsys.readouterr().out
+    assert "mean reward, first step: " in out and "last step: " in out and "1 steps" not in out, out
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "demo.json", "latest", "metrics.jsonl", "metrics.png", "run.json"]
     assert (tmp_path / "metrics.png").stat().st_size > 0 and torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--steps", "0"], "argument --steps: must be an integer >= 1, got 0"),
+        (["--steps", "two"], "argument --steps: invalid int value: 'two'"),
+        (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+        (["--output_dir", "{run}"], "--output_dir {run} holds a run that is not the demo's (checkpoint-1, "
+                                    "metrics.jsonl): pass another --output_dir, or delete that directory"),
+        (["--output_dir", "{file}"], "--output_dir {file} is not a directory"),
+    ],
+)
+def test_demo_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    """No traceback, and no flag the demo does not have (the trainer's --resume, --overwrite_output_dir,
+    max_steps)."""
+    from grpo_kernels import demo
+
+    (tmp_path / "run" / "checkpoint-1").mkdir(parents=True)  # a trainer run
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1}\n')
+    (tmp_path / "file").write_text("")
+    paths = dict(run=tmp_path / "run", file=tmp_path / "file")
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main([arg.format(**paths) for arg in argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("python -m grpo_kernels.demo: error: ") and message.format(**paths) in err, err
+    assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint-1", "metrics.jsonl"]
 
 
 def test_end_to_end_benchmark_smoke(tmp_path):

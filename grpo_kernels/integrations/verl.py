@@ -13,7 +13,7 @@ log-probs and entropies back, never the logits:
 This module provides both with the same signatures, computed by :func:`grpo_kernels.token_logprobs`;
 :func:`policy_loss` returns, for each verl policy loss we support (``actor_rollout_ref.actor.
 policy_loss.loss_mode``: ``vanilla``, ``gspo``, ``sapo``, ``cispo``, ``geo_mean``, ``dppo_tv``,
-``dppo_kl``, ``kl_cov``, ``clip_cov``), a function with verl's ``PolicyLossFn`` signature computed
+``dppo_kl``, ``kl_cov``, ``clip_cov``, ``gpg``, ``dro``, ``bypass_mode``), a function with verl's ``PolicyLossFn`` signature computed
 by :func:`grpo_kernels.grpo_loss`; and :func:`patch_verl` swaps all of them into an installed verl
 in one call::
 
@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 
 from grpo_kernels.integrations.verl_advantages import VERL_ADV_ESTIMATORS, adv_estimator, register_adv_estimators
-from grpo_kernels.ops.grpo_loss import grpo_loss
+from grpo_kernels.ops.grpo_loss import REJECTION_SAMPLING, grpo_loss, rollout_correction
 from grpo_kernels.ops.logprobs import token_logprobs
 
 __all__ = ["linear_cross_entropy", "FusedLinearForPPO", "policy_loss", "VERL_POLICY_LOSSES", "patch_verl",
@@ -182,12 +182,13 @@ class VerlPolicyLoss:
     ``sequence_is_weights``: verl folds token IS weights into one geometric mean per sequence.
     """
 
-    loss_type: str
+    loss_type: str  # (``options`` may name another one: bypass_mode's depends on the config)
     options: Callable
     metrics: Callable
     aggregation: str | None = "given"
     sequence_is_weights: bool = False
     sequence_ratio: bool = False  # importance_sampling_level="sequence" (GSPO)
+    ignores_is_weights: bool = False  # the rollout_is_weights argument is not used
 
 
 def _ppo_kl(l, mask, bound=None):
@@ -228,6 +229,82 @@ def _dppo_options(config):
     return {**_clip_range(config), "clip_ratio_c": float(_field(config, "clip_ratio_c", 20.0))}
 
 
+def _dro_options(config):
+    beta = _policy_loss_field(config, "dro_beta", None)
+    if beta is None or beta <= 0:
+        raise ValueError("policy_loss.dro_beta must be a positive value when using DRO (as verl requires)")
+    return {"dro_beta": float(beta)}
+
+
+def _ppo_kl_metrics(out, l, mask, config):
+    """verl's dro / REINFORCE metrics: actor/ppo_kl, the masked mean of old - logp (unclamped)."""
+    return {"actor/ppo_kl": _masked_mean(-l, mask)}
+
+
+def _verl_threshold(name, value) -> tuple:
+    """verl's threshold specification (a number, or a string "upper" / "lower_upper") as
+    ``(lower or None, upper)``: verl's config format is parsed here, never by grpo_loss's options."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(f"{name} must be a number or verl's 'lower_upper' string, got {value!r}")
+    if isinstance(value, str):
+        lower, _, upper = value.strip().rpartition("_")
+        try:
+            return (float(lower) if lower else None), float(upper)
+        except ValueError:
+            raise ValueError(f"{name}: invalid threshold specification {value!r}") from None
+    return None, float(value)
+
+
+def _bypass_options(config):
+    """verl's bypass_mode (``policy_loss.rollout_correction``): REINFORCE with the rollout IS weight
+    and rejection sampling computed from logp vs the rollout log-probs (old_log_prob), or PPO clip
+    (``vanilla``) with rejection sampling only."""
+    correction = _policy_loss_field(config, "rollout_correction", None)
+    if correction is None:
+        raise ValueError("verl's bypass_mode needs policy_loss.rollout_correction (verl raises the same)")
+    kind = _field(correction, "loss_type", "ppo_clip")
+    if kind == "reinforce":
+        options = {"loss_type": "reinforce"}
+        level = _field(correction, "rollout_is", None)
+        upper = _field(correction, "rollout_is_threshold", 2.0)
+        if level is not None and upper is not None:  # (for ppo_clip verl computes the weights for metrics only)
+            lower, upper = _verl_threshold("rollout_is_threshold", upper)
+            options.update(rollout_is=level, rollout_is_mode="truncate" if lower is None else "mask",
+                           rollout_is_clip_min=lower, rollout_is_clip_max=upper,
+                           rollout_is_batch_normalize=bool(_field(correction, "rollout_is_batch_normalize", False)))
+    elif kind == "ppo_clip":
+        options = {"loss_type": "dapo", **_clip_range(config), "clip_ratio_c": float(_field(config, "clip_ratio_c", 3.0))}
+    else:
+        raise ValueError(f"rollout_correction.loss_type must be 'reinforce' or 'ppo_clip', got {kind!r}")
+    criteria = _field(correction, "rollout_rs", None)
+    if criteria is not None:
+        names = list(dict.fromkeys(c.strip() for c in str(criteria).split(",") if c.strip()))
+        specs = [t.strip() for t in str(_field(correction, "rollout_rs_threshold", "")).split(",") if t.strip()]
+        if len(names) != 1 or len(set(specs)) > 1:
+            raise ValueError(f"grpo_kernels' bypass_mode takes one rejection criterion and one threshold, got "
+                             f"rollout_rs={criteria!r}, rollout_rs_threshold={_field(correction, 'rollout_rs_threshold')!r}")
+        if not specs:
+            raise ValueError("rollout_rs_threshold must be provided for rejection sampling (as verl requires)")
+        if names[0] not in REJECTION_SAMPLING:
+            raise ValueError(f"unknown rollout_rs {names[0]!r}; supported: {', '.join(REJECTION_SAMPLING)}")
+        lower, upper = _verl_threshold("rollout_rs_threshold", specs[0])
+        options.update(rollout_rs=names[0], rollout_rs_threshold=upper, rollout_rs_threshold_lower=lower)
+    if "rollout_is" in options or "rollout_rs" in options:
+        options["bypass_mode"] = True
+    return options
+
+
+def _bypass_metrics(out, l, mask, config):
+    correction = _policy_loss_field(config, "rollout_correction", None)
+    if _field(correction, "loss_type", "ppo_clip") == "reinforce":
+        metrics = _ppo_kl_metrics(out, l, mask, config)
+    else:
+        metrics = _clip_metrics("clip_ratio/region_mean", "pg_clipfrac_lower", 20.0)(out, l, mask, config)
+    if "rollout_rs/masked_fraction" in out and _field(correction, "rollout_rs", None) is not None:
+        metrics["rollout_corr/rollout_rs_masked_fraction"] = float(out["rollout_rs/masked_fraction"])
+    return metrics
+
+
 VERL_POLICY_LOSSES = {
     # verl's default: PPO clip with dual clip (clip_ratio_c, default 3) on ratios of log-ratios clamped to +-20
     "vanilla": VerlPolicyLoss(
@@ -251,6 +328,11 @@ VERL_POLICY_LOSSES = {
         "clip_cov", lambda c: {**_clip_range(c), "clip_cov_ratio": float(_policy_loss_field(c, "clip_cov_ratio", 2e-4)),
                                "clip_cov_lb": float(_policy_loss_field(c, "clip_cov_lb", 1.0)),
                                "clip_cov_ub": float(_policy_loss_field(c, "clip_cov_ub", 5.0))}, _clip_cov_metrics),
+    "gpg": VerlPolicyLoss("gpg", lambda c: {}, lambda out, l, mask, config: {}),
+    "dro": VerlPolicyLoss("dro", _dro_options, _ppo_kl_metrics),
+    # REINFORCE (or PPO clip) with rollout correction computed in the loss against old_log_prob, which
+    # is the rollout's in bypass mode; verl's rollout_is_weights argument is ignored, as verl does
+    "bypass_mode": VerlPolicyLoss("reinforce", _bypass_options, _bypass_metrics, ignores_is_weights=True),
 }
 
 
@@ -262,8 +344,11 @@ def policy_loss(name: str, *, backend: str = "auto", generator: torch.Generator 
     metrics)``: ``[B, T]`` tensors (advantages per token, as verl passes them), the loss a
     differentiable 0-d tensor, the metrics verl's ``actor/*`` floats. It reads the fields verl's
     own function reads (``clip_ratio``, ``clip_ratio_low``/``_high``, ``clip_ratio_c``,
-    ``tau_pos``/``tau_neg``, ``policy_loss.kl_cov_ratio``/``ppo_kl_coef``/``clip_cov_*``,
-    ``global_batch_info``) and, like verl's, adds no KL or entropy term (verl's actor adds those).
+    ``tau_pos``/``tau_neg``, ``policy_loss.kl_cov_ratio``/``ppo_kl_coef``/``clip_cov_*``/``dro_beta``,
+    ``policy_loss.rollout_correction`` for ``bypass_mode``, ``global_batch_info``) and, like verl's,
+    adds no KL or entropy term (verl's actor adds those). ``bypass_mode`` returns the metrics of the
+    loss it runs and ``rollout_corr/rollout_rs_masked_fraction``, not verl's other ``rollout_corr/*``
+    diagnostics (ESS, chi-square, perplexities); it takes one rejection criterion (verl chains several).
 
     ``generator``: the random draw of ``clip_cov`` (None: torch's global generator, as verl).
     Differences from verl that remain are documented in ``VERL_POLICY_LOSSES`` and the README.
@@ -277,7 +362,7 @@ def policy_loss(name: str, *, backend: str = "auto", generator: torch.Generator 
         if config is None:
             raise ValueError(f"verl policy loss {name!r} needs the actor config (verl asserts config is not None)")
         mask = response_mask
-        options = dict(spec.options(config), loss_type=spec.loss_type)
+        options = {"loss_type": spec.loss_type, **spec.options(config)}
         if spec.sequence_ratio:
             options["importance_sampling_level"] = "sequence"
         if spec.loss_type == "clip_cov":
@@ -289,7 +374,7 @@ def policy_loss(name: str, *, backend: str = "auto", generator: torch.Generator 
                 value = info.get(key) if isinstance(info, Mapping) else getattr(info, key, None)
                 if value is not None:
                     options[key] = value
-        is_ratio = rollout_is_weights
+        is_ratio = None if spec.ignores_is_weights else rollout_is_weights
         if is_ratio is not None:
             is_ratio = is_ratio.detach()
             if spec.sequence_is_weights:
@@ -305,6 +390,8 @@ def policy_loss(name: str, *, backend: str = "auto", generator: torch.Generator 
         loss, out = grpo_loss(log_prob, mask, advantages, old_logprobs=old_log_prob, rollout_is_ratio=is_ratio,
                               backend=backend, **options)
         with torch.no_grad():
+            if options.get("rollout_rs") is not None:  # verl's metrics see the mask rejection sampling left
+                mask, _ = rollout_correction(log_prob, mask, old_logprobs=old_log_prob, **options)
             metrics = spec.metrics(out, (log_prob.detach() - old_log_prob.detach()).float(), mask, config)
         return loss, metrics
 

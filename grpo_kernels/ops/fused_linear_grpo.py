@@ -82,12 +82,11 @@ def fused_linear_grpo_loss(
         process_group: vocabulary-parallel head, passed to ``token_logprobs`` (``lm_head_weight`` and
             ``bias`` are this rank's shard, ``completion_ids`` global ids, ``hidden`` the same on
             every rank; the loss is then the same on every rank).
-        **options: every option of :func:`grpo_kernels.grpo_loss` (``beta``, ``loss_type``,
-            ``epsilon_low``, ``epsilon_high``, ``delta``, ``importance_sampling_level``,
-            ``max_completion_length``, ``num_items_in_batch``, ``rollout_is_ratio``,
-            ``rollout_is_mode``, ``sapo_temperature_pos/neg``, ``use_bias_correction_kl``,
-            ``entropy_coef``, ``top_entropy_quantile``, ``sampling_logprobs``,
-            ``off_policy_mask_threshold``).
+        **options: every option and extra input of :func:`grpo_kernels.grpo_loss` (``beta``,
+            ``loss_type`` and its own options, ``importance_sampling_level``, the aggregation,
+            ``rollout_is_ratio`` / ``rollout_is_mode``, rollout correction (``rollout_is``,
+            ``rollout_rs``, ``bypass_mode``, ... with ``sampling_logprobs`` in decoupled mode),
+            ``entropy_coef``, ``top_entropy_quantile``, ``off_policy_mask_threshold``, ...).
 
     Returns:
         ``(loss, metrics)`` as :func:`grpo_kernels.grpo_loss`; the loss is differentiable w.r.t.

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
         history = trainer.train()
         if trainer.dist.is_main and history:
             last = history[-1]
-            print(f"done: {len(history)} steps, reward {history[0]['reward']:.3f} -> {last['reward']:.3f}; "
+            print(f"done: {len(history)} step{'s' * (len(history) != 1)}, reward {history[0]['reward']:.3f} -> {last['reward']:.3f}; "
                   f"outputs in {config.output_dir}")
     finally:
         trainer.close()

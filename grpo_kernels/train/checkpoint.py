@@ -6,8 +6,10 @@ A checkpoint is a directory ``output_dir/checkpoint-<step>`` holding:
   own shards under FSDP2; the same code saves a single-device or DDP model),
 - ``trainer_state.pt``: step, LR scheduler, data sampler position, run id (rank 0 writes it),
 - ``rng_rank<r>.pt``: every rank's Python, NumPy, torch CPU and CUDA RNG states,
-- ``manifest.json``, written last: the run id and the size and SHA-256 of every other file, plus
-  the SHA-256 of the manifest's own content. A checkpoint is *complete* when its manifest is.
+- ``manifest.json``, written last: the run id, the step, and the size and SHA-256 of every other
+  file, plus the SHA-256 of the manifest's own content. A checkpoint is *complete* when its
+  manifest is. The step of a checkpoint is the one its manifest records, not its directory's name
+  (a renamed ``checkpoint-2`` is still step 2).
 
 The save goes to ``checkpoint-<step>.tmp``; once every rank is done, rank 0 writes the manifest,
 renames the directory into place (atomic on one file system) and rewrites the ``latest`` file
@@ -18,10 +20,19 @@ Resuming does not trust ``latest``: :func:`find_resumable` verifies the checkpoi
 directory itself, newest step first (``.tmp`` and ``.old`` leftovers of an interrupted save
 included), and takes the first intact one; every one it passes over is reported with the file at
 fault. So a kill at any moment of a save, a truncated file or a flipped byte costs at most the
-checkpoint it hit, never the run, and is never loaded silently.
+checkpoint it hit, never the run, and is never loaded silently. Given the run id of the output
+directory, it also passes over (and names) the checkpoints of any other run.
+
+A checkpoint whose files are intact but do not fit the model (another architecture, another
+``--model``) is not fallen back from: every checkpoint of a run has the same shapes, so the model
+is what is wrong; :func:`load_checkpoint` raises one CheckpointError naming the checkpoint and the
+first mismatching parameter, before anything is loaded.
 
 Pruning only deletes checkpoints of the current run (the run id in their manifest, inherited on
-resume) of steps before the one just written; another run's checkpoints are never touched.
+resume) of steps before the one just written, and only under the name the trainer gave them;
+another run's checkpoints, renamed ones and symbolic links are never touched. A save whose
+directory name is taken by anything else (another run's checkpoint, a renamed one, a link) sets
+that aside as ``checkpoint-<step>.kept[-<n>]`` rather than deleting it.
 """
 
 from __future__ import annotations
@@ -41,6 +52,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -51,6 +63,8 @@ from torch.distributed.checkpoint.state_dict import (
 from grpo_kernels.train.distributed import barrier
 
 MANIFEST = "manifest.json"
+# 1: run id and files (0.2.0); 2: also the step (the directory's name is not trusted for it)
+MANIFEST_FORMATS = (1, 2)
 # checkpoint-<step>, or the .tmp / .old directory of an interrupted save of that step
 _NAME = re.compile(r"^checkpoint-(\d+)(\.tmp|\.old)?$")
 # the order in which directories of one step are tried: a staged save that completed (its manifest
@@ -91,7 +105,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(output_dir: str, step: int, *, model, optimizer, trainer_state: dict, rank: int,
-                    run_id: str, keep: int | None = 2) -> str:
+                    run_id: str, keep: int | None = 2, log=print) -> str:
     """Writes ``output_dir/checkpoint-<step>`` (collective: every rank calls it); returns its path.
 
     ``keep``: checkpoints of run ``run_id`` to keep, this one included (None: all)."""
@@ -114,9 +128,14 @@ def save_checkpoint(output_dir: str, step: int, *, model, optimizer, trainer_sta
         _fault_point("state_saved")
     barrier()
     if rank == 0:
-        write_manifest(staging, run_id)
+        write_manifest(staging, run_id, step)
         _fault_point("manifest_written")
         aside = final + ".old"
+        if os.path.lexists(final) and not _replaceable(final, step, run_id):
+            kept = _free_name(final + ".kept")
+            os.rename(final, kept)
+            log(f"checkpoint: {final} is not this run's checkpoint of step {step} (another run's, a renamed one "
+                f"or a link): set aside as {kept}, not deleted")
         if os.path.isdir(final):  # never delete the only good copy before the new one is in place
             shutil.rmtree(aside, ignore_errors=True)
             os.replace(final, aside)
@@ -132,14 +151,14 @@ def save_checkpoint(output_dir: str, step: int, *, model, optimizer, trainer_sta
     return final
 
 
-def write_manifest(directory: str, run_id: str) -> None:
-    """``directory/manifest.json``: size and SHA-256 of every file below ``directory``."""
+def write_manifest(directory: str, run_id: str, step: int) -> None:
+    """``directory/manifest.json``: run id, step, size and SHA-256 of every file below ``directory``."""
     files = {}
     for path in sorted(_files_below(directory)):
         relative = os.path.relpath(path, directory)
         if relative != MANIFEST:
             files[relative] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
-    body = {"format": 1, "run_id": run_id, "files": files}
+    body = {"format": 2, "run_id": run_id, "step": int(step), "files": files}
     manifest = dict(body, manifest_sha256=hashlib.sha256(_canonical(body)).hexdigest())
     _write_atomically(os.path.join(directory, MANIFEST), json.dumps(manifest, indent=1))
 
@@ -151,6 +170,11 @@ def write_manifest(directory: str, run_id: str) -> None:
 class Candidate:
     path: str
     step: int
+
+
+def checkpoint_name(name: str) -> bool:
+    """Whether ``name`` is a checkpoint directory's name (``checkpoint-<step>[.tmp|.old]``)."""
+    return _NAME.match(name) is not None
 
 
 def checkpoint_dirs(output_dir: str) -> list[Candidate]:
@@ -174,13 +198,19 @@ def read_manifest(path: str) -> dict:
     try:
         with open(manifest_path, encoding="utf-8") as f:
             manifest = json.load(f)
-        body = {key: manifest[key] for key in ("format", "run_id", "files")}
+        body = {key: value for key, value in manifest.items() if key != "manifest_sha256"}
         intact = hashlib.sha256(_canonical(body)).hexdigest() == manifest["manifest_sha256"]
         entries = [(name, int(entry["size"]), str(entry["sha256"])) for name, entry in body["files"].items()]
+        known = body["format"] in MANIFEST_FORMATS and isinstance(body["run_id"], str)
+        if body["format"] == 2:
+            known = known and type(body["step"]) is int
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
-        intact = False
+        intact = known = False
     if not intact:
         raise CheckpointError(f"{manifest_path}: corrupt (unreadable or its checksum does not match)")
+    if not known:
+        raise CheckpointError(f"{manifest_path}: format {body.get('format')!r} is not one this grpo-kernels reads "
+                              f"({', '.join(map(str, MANIFEST_FORMATS))}): written by a newer release?")
     return manifest
 
 
@@ -201,16 +231,49 @@ def verify_checkpoint(path: str) -> dict:
     return manifest
 
 
-def find_resumable(output_dir: str, log=print) -> tuple[str | None, list[str]]:
+def manifest_step(path: str, manifest: dict) -> int:
+    """The step of checkpoint ``path``: its manifest's (format 2), else its verified trainer state's
+    (format 1, written by 0.2.0), else its directory's name."""
+    if "step" in manifest:
+        return manifest["step"]
+    state_file, entry = os.path.join(path, "trainer_state.pt"), manifest["files"].get("trainer_state.pt")
+    try:
+        if entry is not None and _sha256(state_file) == entry["sha256"]:
+            step = torch.load(state_file, weights_only=False).get("step")
+            if type(step) is int:
+                return step
+    except Exception:  # noqa: BLE001 - unreadable: verify_checkpoint names the file when it is tried
+        pass
+    return int(_NAME.match(os.path.basename(path)).group(1))
+
+
+def find_resumable(output_dir: str, log=print, run_id: str | None = None) -> tuple[str | None, list[str]]:
     """The newest intact checkpoint of ``output_dir`` (None if there is no checkpoint directory at
-    all) and the problems of the newer ones it passed over.
+    all) and the problems of the newer ones it passed over. "Newest" is by the step each manifest
+    records; a checkpoint whose manifest cannot be read is tried at the step of its name. With
+    ``run_id`` (the output directory's run), another run's checkpoints are passed over too.
 
     Raises CheckpointError when there are checkpoint directories but none is intact: resuming
     from scratch would silently throw the run away."""
     problems = []
-    candidates = checkpoint_dirs(output_dir)
-    for candidate in candidates:
+    candidates = []
+    for candidate in checkpoint_dirs(output_dir):
+        suffix = _SUFFIX_ORDER[_NAME.match(os.path.basename(candidate.path)).group(2)]
         try:
+            manifest = read_manifest(candidate.path)
+            step = manifest_step(candidate.path, manifest)
+        except CheckpointError as error:
+            manifest, step = error, candidate.step
+        # newest step first; of one step, the directory named after it before a renamed one
+        candidates.append((-step, suffix, step != candidate.step, candidate, manifest))
+    candidates.sort(key=lambda item: item[:3])
+    for minus_step, _, renamed, candidate, manifest in candidates:
+        try:
+            if isinstance(manifest, CheckpointError):
+                raise manifest
+            if run_id is not None and manifest["run_id"] != run_id:
+                raise CheckpointError(f"{candidate.path}: written by run {manifest['run_id']}, not this output_dir's "
+                                      f"run {run_id} (its {RUN_FILE})")
             verify_checkpoint(candidate.path)
         except CheckpointError as error:
             problems.append(str(error))
@@ -219,11 +282,16 @@ def find_resumable(output_dir: str, log=print) -> tuple[str | None, list[str]]:
             log(f"resume: skipping a checkpoint: {problem}")
         if problems:
             log(f"resume: falling back to {candidate.path}, the newest intact checkpoint")
+        if renamed:
+            log(f"resume: {candidate.path} holds step {-minus_step} (its manifest), not {candidate.step} as its "
+                "name says: resuming at its manifest's step")
         return candidate.path, problems
     if candidates:
+        adopt = (f" (another run's checkpoint is resumed only where no {RUN_FILE} names a different run)"
+                 if run_id else "")
         raise CheckpointError(
-            f"no intact checkpoint in {output_dir} to resume from: " + "; ".join(problems)
-            + ". Delete them or start afresh with --overwrite_output_dir"
+            f"no intact checkpoint {'of run ' + run_id + ' ' if run_id else ''}in {output_dir} to resume from: "
+            + "; ".join(problems) + f". Delete them or start afresh with --overwrite_output_dir{adopt}"
         )
     return None, problems
 
@@ -244,6 +312,7 @@ def load_checkpoint(path: str, *, model, optimizer, rank: int) -> dict:
     if not os.path.isfile(rng_file):
         raise CheckpointError(f"{path} has no RNG state for rank {rank}: resume with the world size it was saved with")
     state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    _check_same_model(path, state["model"])
     try:
         with _single_process_is_fine():
             dcp.load(state, checkpoint_id=os.path.join(path, "model"))
@@ -251,9 +320,50 @@ def load_checkpoint(path: str, *, model, optimizer, rank: int) -> dict:
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
         set_rng_state(torch.load(rng_file, weights_only=False))
         return torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
-    except Exception as error:  # verified files that still do not load: another model, a torch mismatch
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path} does not load into this model and optimizer: {first_line}") from error
+    # verified files that still do not load: another optimizer, a torch mismatch. dcp's
+    # CheckpointException derives from BaseException, not Exception.
+    except (Exception, CheckpointException) as error:
+        raise CheckpointError(f"{path} does not load into this model and optimizer: {_first_line(error)}") from error
+
+
+def _check_same_model(path: str, model_state: dict) -> None:
+    """CheckpointError naming ``path`` and the first difference when the checkpoint's model entries
+    (names and shapes, read from dcp's metadata) are not this model's."""
+    try:
+        metadata = dcp.FileSystemReader(os.path.join(path, "model")).read_metadata().state_dict_metadata
+    except (Exception, CheckpointException) as error:
+        raise CheckpointError(f"{path}: its model metadata does not load: {_first_line(error)}") from error
+    saved = {key.removeprefix("model."): list(entry.size) for key, entry in metadata.items()
+             if key.startswith("model.") and hasattr(entry, "size")}
+    ours = {key: list(value.shape) for key, value in model_state.items() if isinstance(value, torch.Tensor)}
+    differ = [f"{key}: {saved[key]} in the checkpoint, {ours[key]} here" for key in ours
+              if key in saved and saved[key] != ours[key]]
+    missing, unexpected = sorted(ours.keys() - saved.keys()), sorted(saved.keys() - ours.keys())
+    if not (differ or missing or unexpected):
+        return
+    parts = []
+    if differ:
+        parts.append(f"{len(differ)} parameters differ in shape, e.g. {differ[0]}")
+    if missing:
+        parts.append(f"{len(missing)} parameters of this model are not in it ({_some(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} of its are not in this model ({_some(unexpected)})")
+    raise CheckpointError(f"{path} holds another model than this one (resumed with another --model?): "
+                          + "; ".join(parts))
+
+
+def _some(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
+
+
+def _first_line(error: BaseException) -> str:
+    """One line for an error; a CheckpointException's is its first rank's exception (its own str is a
+    multi-line traceback per rank)."""
+    if isinstance(error, CheckpointException) and error.failures:
+        inner = next(iter(error.failures.values()))
+        error = inner[0] if isinstance(inner, tuple) else inner
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
 def run_id_of(path: str) -> str | None:
@@ -261,6 +371,33 @@ def run_id_of(path: str) -> str | None:
         return read_manifest(path)["run_id"]
     except CheckpointError:
         return None
+
+
+# --- the output directory's run ---------------------------------------------------------------------
+
+# output_dir/run.json: the id of the run the directory belongs to, written when a run starts (or is
+# first resumed there); resume passes over checkpoints of any other run.
+RUN_FILE = "run.json"
+
+
+def read_run_file(output_dir: str) -> str | None:
+    """The run id recorded in ``output_dir/run.json`` (None: no such file); CheckpointError if unreadable."""
+    path = os.path.join(output_dir, RUN_FILE)
+    if not os.path.lexists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            run_id = json.load(f)["run_id"]
+        if isinstance(run_id, str) and run_id:
+            return run_id
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        pass
+    raise CheckpointError(f"{path}: unreadable (expected {{\"run_id\": \"...\"}}, the trainer writes it): "
+                          "restore it, or delete it to resume from the newest intact checkpoint of any run")
+
+
+def write_run_file(output_dir: str, run_id: str) -> None:
+    _write_atomically(os.path.join(output_dir, RUN_FILE), json.dumps({"run_id": run_id}) + "\n")
 
 
 # --- helpers ----------------------------------------------------------------------------------------
@@ -319,12 +456,38 @@ def _write_atomically(path: str, text: str) -> None:
 
 def _prune(output_dir: str, keep: int | None, current: int, run_id: str) -> None:
     """Keeps checkpoint-<current> and the newest ``keep - 1`` of run ``run_id``'s earlier checkpoints;
-    deletes nothing of another run (or whose run cannot be told) and nothing of later steps."""
+    deletes nothing of another run (or whose run cannot be told), nothing of later steps, nothing
+    renamed (its manifest's step is not its name's) and no symbolic link."""
     if keep is None:
         return
     ours = [
         c for c in checkpoint_dirs(output_dir)
-        if c.step < current and _NAME.match(os.path.basename(c.path)).group(2) is None and run_id_of(c.path) == run_id
+        if c.step < current and _NAME.match(os.path.basename(c.path)).group(2) is None
+        and not os.path.islink(c.path) and _is_checkpoint_of(c.path, c.step, run_id)
     ]
     for candidate in ours[keep - 1:]:  # newest first
         shutil.rmtree(candidate.path, ignore_errors=True)
+
+
+def _is_checkpoint_of(path: str, step: int, run_id: str) -> bool:
+    try:
+        manifest = read_manifest(path)
+        return manifest["run_id"] == run_id and manifest_step(path, manifest) == step
+    except CheckpointError:
+        return False
+
+
+def _replaceable(path: str, step: int, run_id: str) -> bool:
+    """Whether a save of ``step`` may replace ``path``: only this run's checkpoint of that step (by
+    its readable manifest; damaged data files included, since resume skipped it anyway)."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        return False
+    return _is_checkpoint_of(path, step, run_id)
+
+
+def _free_name(base: str) -> str:
+    name, n = base, 1
+    while os.path.lexists(name):
+        n += 1
+        name = f"{base}-{n}"
+    return name

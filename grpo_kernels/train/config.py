@@ -50,7 +50,7 @@ LOSS_OPTION_FIELDS = ("loss_type", "beta", "epsilon_low", "epsilon_high", "delta
                       "top_entropy_quantile")
 OPTIONAL_LOSS_OPTION_FIELDS = ("kl_estimator", "clip_ratio_c", "loss_agg_mode", "vespo_k_pos", "vespo_lambda_pos",
                                "vespo_k_neg", "vespo_lambda_neg", "kl_cov_ratio", "ppo_kl_coef", "clip_cov_ratio",
-                               "clip_cov_lb", "clip_cov_ub")
+                               "clip_cov_lb", "clip_cov_ub", "dro_beta", "adv_tau", "kl_tau", "ipo_threshold")
 
 
 @dataclass
@@ -136,6 +136,13 @@ class GRPOConfig:
                                        "loss default")
     clip_cov_ub: float | None = option(None, "Clip-Cov: upper covariance bound of the candidates; null: the "
                                        "loss default")
+    dro_beta: float | None = option(None, "DRO (loss_type dro, required there): weight of the quadratic "
+                                    "log-ratio penalty (> 0)")
+    adv_tau: float | None = option(None, "prime-rl (prime_dppo, ipo): scale of the advantage; null: the loss default")
+    kl_tau: float | None = option(None, "prime-rl (prime_dppo, ipo): weight of the squared log-ratio; null: the "
+                                  "loss default")
+    ipo_threshold: float | None = option(None, "ipo: |p - p_old| beyond which a token leaves the policy term; null: "
+                                         "the loss default")
     top_entropy_quantile: float = option(1.0, "train only on the tokens above this entropy quantile, in [0, 1]; "
                                          "1 = all tokens")
 
@@ -361,7 +368,10 @@ class _Parser:
             name = action.dest
             if name in _FIELD_TYPES and type(None) in typing.get_args(_FIELD_TYPES[name]) and action.type is not None:
                 action.type = _nullable(action.type)
-            if action.default is not argparse.SUPPRESS and action.help and action.dest != "help":
+            if action.option_strings and action.option_strings[0] == f"--no_{name}" and name in _FIELD_TYPES:
+                # HfArgumentParser gives its generated --no_X flag the help of --X
+                action.help = f"sets {name} to false (the same as --{name} false)"
+            elif action.default is not argparse.SUPPRESS and action.help and action.dest != "help":
                 action.help += " (default: %(default)s)"
 
     def parse(self, argv: list[str]) -> GRPOConfig:

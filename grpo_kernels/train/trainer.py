@@ -24,6 +24,7 @@ import math
 import os
 import random
 import shutil
+import tempfile
 import time
 import uuid
 import warnings
@@ -39,12 +40,16 @@ from tqdm.auto import tqdm
 import grpo_kernels as gk
 from grpo_kernels.ops.grpo_loss import LOSS_TYPES_TABLE
 from grpo_kernels.train.checkpoint import (
+    RUN_FILE,
     CheckpointError,
     agree_on,
     checkpoint_dirs,
+    checkpoint_name,
     find_resumable,
     load_checkpoint,
+    read_run_file,
     save_checkpoint,
+    write_run_file,
 )
 from grpo_kernels.train.config import ConfigError, GRPOConfig
 from grpo_kernels.train.data import PromptSampler, load_rows
@@ -97,6 +102,57 @@ def set_parameter_dtypes(model: torch.nn.Module, compute_dtype: torch.dtype) -> 
         parameter.data = parameter.data.to(torch.float32 if parameter.requires_grad else compute_dtype)
 
 
+def _check_local_path(name: str, value: str) -> None:
+    """FileNotFoundError for a ``model``/``tokenizer`` that is meant as a local directory but is none.
+
+    Meant as local: it starts with ``/``, ``./``, ``../`` or ``~``, has two or more ``/`` (a hub
+    repo id has at most one) or a backslash, or its parent directory exists here."""
+    expanded = os.path.expanduser(value)
+    parent = os.path.dirname(expanded.rstrip("/"))
+    local = (value.startswith(("/", "./", "../", "~")) or value in (".", "..") or value.count("/") >= 2
+             or "\\" in value or (parent != "" and os.path.isdir(parent)))
+    if local and not os.path.isdir(expanded):
+        raise FileNotFoundError(f"{name} {value}: no such directory" + (" (a file)" if os.path.exists(expanded) else ""))
+
+
+def _check_writable(directory: str) -> None:
+    """ConfigError unless ``directory`` exists (it is created) and a file can be created in it."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".grpo-kernels-write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise ConfigError(f"output_dir {directory} is not a directory") from None
+        raise ConfigError(f"output_dir {directory} is not writable ({reason}): choose another --output_dir") from None
+
+
+def _remove_all_or_nothing(directory: str, names: list[str]) -> list[tuple[str, str]]:
+    """Deletes the entries ``names`` of ``directory``, all or none; returns the symbolic links among
+    them as (name, target). Each is first renamed into a fresh hidden directory of ``directory``
+    (a rename moves a link, never follows it); if one cannot be moved, the ones already moved go
+    back and a ConfigError says so. Only then is that directory deleted."""
+    trash = tempfile.mkdtemp(dir=directory, prefix=".grpo-kernels-overwritten-")
+    links, moved = [], []
+    try:
+        for name in names:
+            path = os.path.join(directory, name)
+            if os.path.islink(path):
+                links.append((name, os.readlink(path)))
+            os.rename(path, os.path.join(trash, name))
+            moved.append(name)
+    except OSError as error:
+        for name in reversed(moved):
+            os.rename(os.path.join(trash, name), os.path.join(directory, name))
+        os.rmdir(trash)
+        raise ConfigError(f"overwrite_output_dir: cannot remove {os.path.join(directory, name)} "
+                          f"({error.strerror or error}): nothing was deleted") from None
+    shutil.rmtree(trash)  # rmtree removes links inside the tree without following them
+    return links
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -118,12 +174,31 @@ class GRPOTrainer:
             raise ConfigError("device='cuda' but torch sees no CUDA device (torch.cuda.is_available() is False)")
         if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ImportError("tensorboard=true needs the tensorboard package: pip install tensorboard")
-        if model is None and cfg.model.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(cfg.model)):
-            raise FileNotFoundError(f"model {cfg.model}: no such directory")
+        if model is None:
+            _check_local_path("model", cfg.model)
+        if tokenizer is None and cfg.tokenizer:
+            _check_local_path("tokenizer", cfg.tokenizer)
         self.dist = init_distributed(cfg.mode, cfg.device)
         self.device, self.rank, self.world_size = self.dist.device, self.dist.rank, self.dist.world_size
         if cfg.prompts_per_step % self.world_size:
             raise ValueError(f"prompts_per_step={cfg.prompts_per_step} is not divisible by world size {self.world_size}")
+        # --- the output directory and the data, checked before any model loads -------------------
+        self.metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+        plan = self._check_output_dir()  # nothing deleted yet: that waits until everything has loaded
+        self.rows = load_rows(cfg.dataset if dataset is None else dataset, cfg.prompt_column, cfg.dataset_split,
+                              cfg.dataset_config)
+        self.sampler = PromptSampler(len(self.rows), cfg.seed)
+        if reward_funcs is None:
+            check_answer_column(cfg, self.rows)
+        self.reward_funcs = build_reward_funcs(cfg) if reward_funcs is None else list(reward_funcs)
+        if cfg.reward_weights is not None and len(cfg.reward_weights) != len(self.reward_funcs):
+            raise ValueError(f"{len(cfg.reward_weights)} reward_weights for {len(self.reward_funcs)} reward functions")
+        self.reward_names = (
+            [name.rpartition(":")[2] for name in cfg.reward_funcs]  # the names the config used
+            if reward_funcs is None
+            else [getattr(f, "__name__", f"reward_{k}") for k, f in enumerate(self.reward_funcs)]
+        )
+        self.reward_weights = torch.tensor(cfg.reward_weights or [1.0] * len(self.reward_funcs), device=self.device)
         seed_everything(cfg.seed)  # the same initial weights on every rank
 
         # --- model, tokenizer, reference ---------------------------------------------------------
@@ -186,46 +261,27 @@ class GRPOTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.loss_options = cfg.loss_options()  # validated with the config
 
-        # --- data and rewards --------------------------------------------------------------------
-        self.rows = load_rows(cfg.dataset if dataset is None else dataset, cfg.prompt_column, cfg.dataset_split,
-                              cfg.dataset_config)
-        self.sampler = PromptSampler(len(self.rows), cfg.seed)
-        if reward_funcs is None:
-            check_answer_column(cfg, self.rows)
-        self.reward_funcs = build_reward_funcs(cfg) if reward_funcs is None else list(reward_funcs)
-        if cfg.reward_weights is not None and len(cfg.reward_weights) != len(self.reward_funcs):
-            raise ValueError(f"{len(cfg.reward_weights)} reward_weights for {len(self.reward_funcs)} reward functions")
-        self.reward_names = (
-            [name.rpartition(":")[2] for name in cfg.reward_funcs]  # the names the config used
-            if reward_funcs is None
-            else [getattr(f, "__name__", f"reward_{k}") for k, f in enumerate(self.reward_funcs)]
-        )
-        self.reward_weights = torch.tensor(cfg.reward_weights or [1.0] * len(self.reward_funcs), device=self.device)
-
         # --- bookkeeping -------------------------------------------------------------------------
         self.step, self.history = 0, []
-        self.metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-        checkpoint = self._claim_output_dir()
-        if checkpoint is not None:
-            self._resume(checkpoint)
+        self._on_main(self._claim_output_dir, plan)  # overwrite_output_dir deletes only now
+        if plan["resume_from"] is not None:
+            self._resume(plan["resume_from"])
         else:
-            # a fresh run: its own id, so that pruning never touches another run's checkpoints
-            self.run_id = agree_on(uuid.uuid4().hex)
+            # a fresh run: its own id (or the directory's, resuming with no checkpoint left), so that
+            # pruning never touches another run's checkpoints
+            self.run_id = plan["run_id"] or agree_on(uuid.uuid4().hex)
             seed_everything(cfg.seed + 1 + self.rank)  # each rank samples its own completions
+        # output_dir/run.json names the directory's run; written with the run's first record or
+        # checkpoint (a trainer that is built but never steps leaves nothing behind)
+        self._run_file_written = plan["run_id"] == self.run_id
         self.tensorboard = self._tensorboard() if cfg.tensorboard and self.dist.is_main else None
 
-    def _claim_output_dir(self) -> str | None:
-        """The checkpoint to resume from (None: start afresh), decided on rank 0 for every rank.
-
-        A fresh run refuses an output_dir that holds another run's checkpoints or metrics unless
-        ``overwrite_output_dir`` (which deletes them); ``resume`` takes the newest intact checkpoint
-        and refuses when there are checkpoints but none is intact."""
-        cfg = self.config
+    def _on_main(self, function, *args):
+        """``function(*args)`` on rank 0; its result, or its user error, on every rank."""
         verdict = None
         if self.dist.is_main:
-            os.makedirs(cfg.output_dir, exist_ok=True)
             try:
-                verdict = ("ok", self._inspect_output_dir())
+                verdict = ("ok", function(*args))
             except (CheckpointError, ConfigError) as error:
                 verdict = (type(error).__name__, str(error))
         kind, value = agree_on(verdict)
@@ -233,30 +289,58 @@ class GRPOTrainer:
             raise (CheckpointError if kind == "CheckpointError" else ConfigError)(value)
         return value
 
-    def _inspect_output_dir(self) -> str | None:
+    def _check_output_dir(self) -> dict:
+        """What to do with ``output_dir``, decided on rank 0 before any model loads, with no side
+        effect but creating the directory: ``resume_from`` (a checkpoint or None), ``run_id`` (the
+        directory's run, from its run.json) and ``delete`` (what overwrite_output_dir will delete).
+
+        Refuses an output_dir that cannot be written to, trainer files (``latest``, ``metrics.jsonl``,
+        ``run.json``, ``checkpoint-*``) of the wrong kind, and, for a fresh run, an output_dir that
+        holds another run unless ``overwrite_output_dir``. ``resume`` takes the newest intact
+        checkpoint of the directory's run and refuses when there are checkpoints but none is intact."""
+        return self._on_main(self._inspect_output_dir)
+
+    def _inspect_output_dir(self) -> dict:
         cfg = self.config
-        found = checkpoint_dirs(cfg.output_dir)
+        directory = cfg.output_dir
+        _check_writable(directory)
+        for name in sorted(os.listdir(directory)):
+            path = os.path.join(directory, name)
+            if name in ("latest", "metrics.jsonl", RUN_FILE):
+                if os.path.islink(path) or not os.path.isfile(path):
+                    kind = "a symbolic link" if os.path.islink(path) else "a directory" if os.path.isdir(path) else "no regular file"
+                    raise ConfigError(f"{path} is {kind}, not the trainer's `{name}` file: move it away (the trainer "
+                                      "writes that file and never deletes what it did not write)")
+            elif checkpoint_name(name) and not os.path.isdir(path):
+                raise ConfigError(f"{path} is no checkpoint directory (a file or a dangling link): move it away")
+        plan = {"resume_from": None, "run_id": read_run_file(directory), "delete": [], "drop_metrics": False}
         if cfg.resume:
-            path, _ = find_resumable(cfg.output_dir)
-            if path is None:
-                print(f"resume: no checkpoint in {cfg.output_dir}, starting from scratch")
-                if os.path.exists(self.metrics_path):  # every record is past the last checkpoint (none)
-                    print(f"resume: {self.metrics_path} holds only steps no checkpoint kept, dropped")
-                    os.remove(self.metrics_path)
-            return path
-        previous = [os.path.basename(c.path) for c in found]
-        previous += [name for name in ("latest", "metrics.jsonl") if os.path.exists(os.path.join(cfg.output_dir, name))]
+            plan["resume_from"], _ = find_resumable(directory, run_id=plan["run_id"])
+            if plan["resume_from"] is None:
+                print(f"resume: no checkpoint in {directory}, starting from scratch")
+                plan["drop_metrics"] = os.path.exists(self.metrics_path)
+            return plan
+        previous = [os.path.basename(c.path) for c in checkpoint_dirs(directory)]
+        previous += [name for name in ("latest", "metrics.jsonl", RUN_FILE) if os.path.lexists(os.path.join(directory, name))]
         if previous and not cfg.overwrite_output_dir:
             raise ConfigError(
-                f"output_dir {cfg.output_dir} holds another run ({', '.join(sorted(previous))}): continue it with "
+                f"output_dir {directory} holds another run ({', '.join(sorted(previous))}): continue it with "
                 "--resume, or delete it and start afresh with --overwrite_output_dir"
             )
-        for name in previous:
-            path = os.path.join(cfg.output_dir, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        if previous:
-            print(f"overwrite_output_dir: deleted {', '.join(sorted(previous))} from {cfg.output_dir}")
-        return None
+        plan["delete"], plan["run_id"] = sorted(previous), None
+        return plan
+
+    def _claim_output_dir(self, plan: dict) -> None:
+        """Carries out the plan of :meth:`_check_output_dir` (rank 0), once everything has loaded."""
+        directory = self.config.output_dir
+        if plan["drop_metrics"]:  # every record is past the last checkpoint (none)
+            print(f"resume: {self.metrics_path} holds only steps no checkpoint kept, dropped")
+            os.remove(self.metrics_path)
+        if plan["delete"]:
+            links = _remove_all_or_nothing(directory, plan["delete"])
+            notes = [f"{name} (a symbolic link: removed the link, not its target {target})" for name, target in links]
+            kept = [name for name in plan["delete"] if name not in dict(links)]
+            print(f"overwrite_output_dir: deleted {', '.join(kept + notes)} from {directory}")
 
     # =============================================================================================
     # The loop
@@ -536,10 +620,16 @@ class GRPOTrainer:
     # Logging, checkpoints, saving
     # =============================================================================================
 
+    def _write_run_file(self) -> None:
+        if self.dist.is_main and not self._run_file_written:
+            write_run_file(self.config.output_dir, self.run_id)
+            self._run_file_written = True
+
     def log(self, metrics: dict) -> None:
         self.history.append(metrics)
         if not self.dist.is_main:
             return
+        self._write_run_file()
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(metrics) + "\n")
         if self.tensorboard is not None:
@@ -559,6 +649,7 @@ class GRPOTrainer:
             "sampler": self.sampler.state_dict(),
             "world_size": self.world_size,
         }
+        self._write_run_file()
         return save_checkpoint(
             self.config.output_dir, self.step, model=self.policy, optimizer=self.optimizer,
             trainer_state=trainer_state, rank=self.rank, run_id=self.run_id, keep=self.config.keep_checkpoints,
