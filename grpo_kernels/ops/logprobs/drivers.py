@@ -70,7 +70,7 @@ def triton_forward(hidden, weight, bias, targets, rows, temperature, compute_ent
             hidden, weight, bias if bias is not None else hidden, kernel_targets, chunk_rows, inv_temp,
             part_max, part_sum, part_ent, part_sq, part_z, part_before, part_top, target_logit[sl],
             count, vocab, dim, num_targets, hidden.stride(0), weight.stride(0), kernel_targets.stride(0),
-            float(softcap or 1.0), vocab_per_split, splits,
+            float(softcap or 1.0), vocab_per_split, splits, topk,
             BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, GROUP_N=launch.FORWARD_GROUP_ROWS,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, COMPUTE_ENTROPY=switches.entropy,
             LOG_SUM_SQ=on, MEAN_LOGITS=on, TOP1=on, TOPK=slots,

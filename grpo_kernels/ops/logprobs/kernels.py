@@ -59,8 +59,10 @@ def _logit_tile(
     return acc
 
 
-# int64 key of "no candidate" in a top-k list (see topk.py): below every real key.
+# int64 keys (see topk.py) of "no candidate" (below every real key) and of a slot beyond k (above
+# every real key, so never the list's minimum: never evicted).
 _EMPTY_KEY = tl.constexpr(-9223372036854775808)
+_UNUSED_SLOT = tl.constexpr(9223372036854775807)
 
 
 @triton.jit
@@ -73,26 +75,32 @@ def _topk_keys(z, ids):
 
 
 @triton.jit
-def _merge_topk(run_top, keys, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, TOPK: tl.constexpr):
-    """The TOPK largest of the running [BLOCK_N, TOPK] keys and a tile's [BLOCK_N, BLOCK_V] keys
-    (bitonic top-k, ``tl.topk``). Keys are distinct, so the set is exact whatever the order."""
-    if TOPK < BLOCK_V:
-        candidates = tl.topk(keys, TOPK, dim=1)
-    elif TOPK == BLOCK_V:
-        candidates = keys
-    else:
-        # (the interpreter's 16-id tiles only: GPU tiles are >= 64 ids) widen to TOPK slots
-        cols = tl.arange(0, TOPK)
-        wide = tl.gather(keys, tl.broadcast_to((cols % BLOCK_V)[None, :], (BLOCK_N, TOPK)), 1)
-        candidates = tl.where(cols[None, :] < BLOCK_V, wide, _EMPTY_KEY)
-    return tl.topk(tl.reshape(tl.join(run_top, candidates), (BLOCK_N, 2 * TOPK)), TOPK, dim=1)
+def _merge_topk(run_top, keys, TOPK: tl.constexpr):
+    """The running top-k keys ``run_top`` [BLOCK_N, TOPK] (slots beyond k hold _UNUSED_SLOT)
+    updated with a tile's keys [BLOCK_N, BLOCK_V] (_EMPTY_KEY where there is no id).
+
+    Insertion by threshold: while some row has a tile key above its list's minimum (its k-th
+    largest so far), the largest such key replaces that minimum. Only reductions over the tile, no
+    sorting network (tl.topk's shuffles of [BLOCK_N, 2 TOPK] int64 spilled registers at 64 slots),
+    and after the first tiles of a split few keys pass the threshold. Keys are distinct within a
+    row, so the result is the exact top-k whatever the order of insertion."""
+    threshold = tl.min(run_top, axis=1)
+    best = tl.max(tl.where(keys > threshold[:, None], keys, _EMPTY_KEY), axis=1)
+    while tl.max(best, axis=0) > _EMPTY_KEY:
+        # the list's keys are distinct (empty slots too, see _logprobs_fwd_kernel): one minimum
+        insert = (best > _EMPTY_KEY)[:, None] & (run_top == threshold[:, None])
+        run_top = tl.where(insert, best[:, None], run_top)
+        keys = tl.where(keys == best[:, None], _EMPTY_KEY, keys)
+        threshold = tl.min(run_top, axis=1)
+        best = tl.max(tl.where(keys > threshold[:, None], keys, _EMPTY_KEY), axis=1)
+    return run_top
 
 
 @triton.jit
 def _logprobs_fwd_kernel(
     Hidden, Weight, Bias, Targets, RowIdx, InvTemp,
     PartMax, PartSum, PartEnt, PartSq, PartZsum, PartBefore, PartTopk, TargetLogit,
-    M, V, D, K, stride_h, stride_w, stride_t, softcap, vocab_per_split, num_splits,
+    M, V, D, K, stride_h, stride_w, stride_t, softcap, vocab_per_split, num_splits, topk,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr,
     LOG_SUM_SQ: tl.constexpr, MEAN_LOGITS: tl.constexpr, TOP1: tl.constexpr, TOPK: tl.constexpr,
@@ -107,8 +115,9 @@ def _logprobs_fwd_kernel(
 
     Optional partial states, each behind its constexpr switch (no cost when off): LOG_SUM_SQ
     sum exp(2 (z - max)) (PartSq); MEAN_LOGITS sum z (PartZsum); TOP1 the largest z of the ids
-    below the row's first target (PartBefore); TOPK > 0 (a power of 2) the split's TOPK largest
-    (z, -id) keys (PartTopk [M, splits, TOPK] int64, see _topk_keys)."""
+    below the row's first target (PartBefore); TOPK > 0 (a power of 2 >= topk) the split's topk
+    largest (z, -id) keys, unordered (PartTopk [M, splits, TOPK] int64, _EMPTY_KEY in the slots
+    beyond topk; see _topk_keys, _merge_topk)."""
     pid_n, pid_s = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_N), num_splits, GROUP_N)
     offs_m = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = offs_m < M
@@ -128,7 +137,11 @@ def _logprobs_fwd_kernel(
         # (K = 0, statistics only: no target, nothing below it)
         first_target = tl.load(t_ptrs, mask=row_ok & (K > 0), other=-1)
     if TOPK > 0:
-        run_top = tl.full((BLOCK_N, TOPK), _EMPTY_KEY, dtype=tl.int64)
+        # distinct placeholders: empty slots EMPTY + j (below every real key), slots beyond k
+        # UNUSED - j (above every key: never the minimum, never evicted)
+        slot_ids = tl.arange(0, TOPK)
+        placeholders = tl.where(slot_ids < topk, _EMPTY_KEY + slot_ids.to(tl.int64), _UNUSED_SLOT - slot_ids.to(tl.int64))
+        run_top = tl.zeros((BLOCK_N, TOPK), dtype=tl.int64) + placeholders[None, :]
 
     v_begin = pid_s * vocab_per_split
     v_end = tl.minimum(v_begin + vocab_per_split, V)
@@ -147,9 +160,6 @@ def _logprobs_fwd_kernel(
         if TOP1:
             below = offs_v[None, :] < first_target[:, None]
             run_before = tl.maximum(run_before, tl.max(tl.where(below, z, float("-inf")), axis=1))
-        if TOPK > 0:
-            keys = tl.where(v_ok[None, :], _topk_keys(z, offs_v[None, :]), _EMPTY_KEY)
-            run_top = _merge_topk(run_top, keys, BLOCK_N, BLOCK_V, TOPK)
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
         rescale = tl.exp(run_max - new_max)
         z_shift = tl.where(v_ok[None, :], z - new_max[:, None], 0.0)
@@ -170,6 +180,10 @@ def _logprobs_fwd_kernel(
             if tl.sum(hit.to(tl.int32), axis=0) > 0:
                 gathered = tl.sum(tl.where(offs_v[None, :] == target[:, None], z, 0.0), axis=1)
                 tl.store(TargetLogit + offs_m.to(tl.int64) * K + k, gathered, mask=hit)
+        if TOPK > 0:
+            # last: the int64 keys replace z (dead from here), rather than living beside it
+            keys = tl.where(v_ok[None, :], _topk_keys(z, offs_v[None, :]), _EMPTY_KEY)
+            run_top = _merge_topk(run_top, keys, TOPK)
 
     out = offs_m * num_splits + pid_s
     tl.store(PartMax + out, run_max, mask=row_ok)
@@ -183,8 +197,8 @@ def _logprobs_fwd_kernel(
     if TOP1:
         tl.store(PartBefore + out, run_before, mask=row_ok)
     if TOPK > 0:
-        slots = out.to(tl.int64)[:, None] * TOPK + tl.arange(0, TOPK)[None, :]
-        tl.store(PartTopk + slots, run_top, mask=row_ok[:, None])
+        slots = out.to(tl.int64)[:, None] * TOPK + slot_ids[None, :]
+        tl.store(PartTopk + slots, tl.where(slot_ids[None, :] < topk, run_top, _EMPTY_KEY), mask=row_ok[:, None])
 
 
 @triton.jit

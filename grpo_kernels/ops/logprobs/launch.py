@@ -40,12 +40,14 @@ GPU_CONFIG: dict[str, dict[torch.dtype, LaunchConfig]] = {
         torch.float16: LaunchConfig(128, 128, 64, 8, 3),
         torch.float32: LaunchConfig(64, 64, 32, 4, 3),
     },
-    # The forward with top-k (``topk=k``): a [BLOCK_N, TOPK] int64 list per row block besides the
-    # tile; BLOCK_V and BLOCK_D as "fwd" (the same splits, the same dot reduction order).
+    # The forward with a top-k (``topk=k``): besides the tile, an int64 [BLOCK_N, TOPK] list and
+    # the tile's int64 keys while they are inserted. Smaller tiles than "fwd": at fwd's, ptxas
+    # spilled (bf16 128 x 128: 200-300 bytes; 64 x 128: 8) where these spill nothing, aligned or
+    # not (sm90_check; see docs/semantics.md). BLOCK_D as "fwd" (the dot's reduction order).
     "fwd_topk": {
-        torch.bfloat16: LaunchConfig(128, 128, 64, 8, 3),
-        torch.float16: LaunchConfig(128, 128, 64, 8, 3),
-        torch.float32: LaunchConfig(64, 64, 32, 4, 3),
+        torch.bfloat16: LaunchConfig(64, 64, 64, 8, 3),
+        torch.float16: LaunchConfig(64, 64, 64, 8, 3),
+        torch.float32: LaunchConfig(32, 64, 32, 8, 3),
     },
     # The merge of the forward's split partials: BLOCK_N rows per program (BLOCK_V, BLOCK_D unused).
     "merge": {
@@ -82,9 +84,9 @@ FORWARD_GROUP_ROWS = 16
 # programs, 8 row blocks per group (8 x 16 tiles in flight: hidden and weight tiles both reused).
 BACKWARD_GROUP_ROWS = 8
 
-# The forward's top-k list widths: k is rounded up to the next one (a power of 2, as the bitonic
-# top-k needs, and <= every BLOCK_V of "fwd_topk"). Two widths bound the compiled variants; the
-# cost of a list grows slowly with its width (log^2 of it per tile).
+# The forward's top-k list widths (constexpr TOPK): a list of TOPK slots holds any k <= TOPK
+# (k itself is a runtime argument; slots beyond it are never filled). Two widths bound the
+# compiled variants: a 64-slot list costs registers and a longer minimum per insertion.
 TOPK_SLOTS = (8, 64)
 
 
