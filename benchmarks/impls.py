@@ -16,7 +16,7 @@ sides, temperature 1, old log-probs given.
 from __future__ import annotations
 
 import importlib.metadata
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -166,6 +166,7 @@ class Impl:
     logprobs_diff: Callable[[Inputs], torch.Tensor] | None = None
     skip_reason: str | None = None  # set when the implementation cannot run here
     version: str = ""
+    skip_ops: dict = field(default_factory=dict)  # "loss" -> why this implementation cannot run it here
 
     def logprobs(self, inp: Inputs) -> torch.Tensor:
         """The no-grad log-prob pass (old / reference log-probs)."""
@@ -337,7 +338,9 @@ def _cce_impl(options, device) -> Impl:
                 loss, logprobs_of, version=_version("cut-cross-entropy"))
 
 
-# Our variants (the stage-1 kit measures each): name -> (token_logprobs' backward options, what it is).
+# Our variants (the stage-1 kit measures each): name -> (keyword arguments of token_logprobs and
+# fused_linear_grpo_loss, what it is). ``backward`` (issue #18: "workspace", the default, or
+# "atomic") reaches a function only when its signature has it (see ``ours_keywords``).
 OURS_VARIANTS = {
     "ours": ({}, "default: workspace backward (d logits, then cuBLAS GEMMs; no atomics), float32 accumulation, "
                  "4 matmuls"),
@@ -350,28 +353,78 @@ OURS_VARIANTS = {
 }
 
 
+def _accepts(fn, keyword: str) -> bool:
+    import inspect
+
+    return keyword in inspect.signature(fn).parameters
+
+
+def default_backward() -> str:
+    """token_logprobs' default backward: its ``backward`` keyword's default, or "atomic" before
+    issue #18 added the keyword (the one backward then)."""
+    import inspect
+
+    import grpo_kernels as gk
+
+    parameter = inspect.signature(gk.token_logprobs).parameters.get("backward")
+    return parameter.default if parameter is not None else "atomic"
+
+
+def variant_backward(name: str) -> tuple[str, bool]:
+    """(backward, exact) that variant ``name`` runs."""
+    kwargs = OURS_VARIANTS[name][0]
+    return kwargs.get("backward", default_backward()), kwargs.get("exact", True)
+
+
+def ours_keywords(name: str, fn) -> tuple[dict | None, str | None]:
+    """The keywords variant ``name`` passes to ``fn`` (``token_logprobs`` or
+    ``fused_linear_grpo_loss``), or (None, why) when ``fn`` cannot run it. A function without a
+    ``backward`` keyword (all of them before issue #18) runs token_logprobs' default backward:
+    asking for that one drops the keyword, asking for another cannot run."""
+    kwargs = dict(OURS_VARIANTS[name][0])
+    wanted = kwargs.get("backward")
+    if wanted is None or _accepts(fn, "backward"):
+        return kwargs, None
+    runs = default_backward()
+    if wanted != runs:
+        return None, f"{fn.__name__} has no backward= keyword: it runs the default backward ({runs!r}), not {wanted!r}"
+    del kwargs["backward"]
+    if not kwargs:
+        return None, (f"same as 'ours': {fn.__name__} has no backward= keyword, and its default backward is "
+                      f"{runs!r} (issue #18 not merged)")
+    return kwargs, None
+
+
 def _ours_impl(options, device, name="ours") -> Impl:
     import grpo_kernels as gk
 
-    backward_options, what = OURS_VARIANTS[name]
+    what = OURS_VARIANTS[name][1]
     # On CPU (the smoke) the PyTorch path: the Triton interpreter would take seconds per call;
     # tests/ exercise the kernels themselves.
     backend = "auto" if device.type == "cuda" else "torch"
+    logprob_kwargs, logprob_skip = ours_keywords(name, gk.token_logprobs)
+    loss_kwargs, loss_skip = ours_keywords(name, gk.fused_linear_grpo_loss)
+    if logprob_kwargs is None:
+        return Impl(name, "", skip_reason=logprob_skip)
 
     def loss(inp):
         return gk.fused_linear_grpo_loss(inp.hidden, inp.lm_head_weight, inp.completion_ids, inp.completion_mask,
                                          inp.advantages, old_logprobs=inp.old_logprobs,
-                                         ref_logprobs=inp.ref_logprobs, backend=backend, **backward_options,
+                                         ref_logprobs=inp.ref_logprobs, backend=backend, **loss_kwargs,
                                          **options)[0]
 
     def logprobs(inp):
         return gk.token_logprobs(inp.hidden, inp.lm_head_weight, inp.targets, temperature=options["temperature"],
-                                 ignore_index=IGNORE_INDEX, backend=backend, **backward_options)
+                                 ignore_index=IGNORE_INDEX, backend=backend, **logprob_kwargs)
 
     description = f"grpo_kernels.fused_linear_grpo_loss; log-probs: grpo_kernels.token_logprobs; {what}"
     if backend == "torch":
         description += " (PyTorch backend on CPU)"
-    return Impl(name, description, loss, logprobs, version=_version("grpo-kernels") or gk.__version__)
+    impl = Impl(name, description, loss if loss_kwargs is not None else None, logprobs,
+                version=_version("grpo-kernels") or gk.__version__)
+    if loss_kwargs is None:
+        impl.skip_ops["loss"] = loss_skip
+    return impl
 
 
 IMPL_NAMES = ("torch", "trl", "trl_fused", "liger", "cce", "ours")

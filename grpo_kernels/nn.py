@@ -10,6 +10,7 @@ import torch
 from grpo_kernels.ops.fused_linear_grpo import fused_linear_grpo_loss
 from grpo_kernels.ops.grpo_loss import OPTIONS
 from grpo_kernels.ops.logprobs import token_logprobs
+from grpo_kernels.ops.packing import packed_shape
 
 _IGNORE_INDEX = -100
 
@@ -134,6 +135,8 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         ref_bias=None,
         vllm_is_ratio=None,
         num_items_in_batch=None,
+        *,
+        cu_seqlens=None,
     ):
         """Args (Liger's names): ``_input`` ``[B, T, H]`` (or ``[B*T, H]``) hidden states,
         ``lin_weight`` ``[V, H]``, ``selected_token_ids`` / ``attention_mask`` ``[B, T]``,
@@ -141,10 +144,18 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         ``[B, T]``, ``ref_input`` / ``ref_weight`` / ``ref_bias`` (reference model's hidden states and
         head, used when ``use_ref_model`` and no ``ref_per_token_logps``), ``vllm_is_ratio`` ``[B, T]``,
         ``[B, 1]`` or ``[B]`` (applied as given), ``num_items_in_batch`` (dapo/cispo normalizer).
+        ``cu_seqlens`` (not in Liger; keyword only): packed sequences, int32/int64 ``[S + 1]`` (see
+        :func:`grpo_kernels.grpo_loss`): ``_input`` / ``ref_input`` ``[N, H]`` or ``[1, N, H]``, the
+        token tensors ``[N]`` or ``[1, N]``, ``advantages`` ``[S]``; the padded layout's results.
 
         Returns ``(loss, metrics)`` with ``metrics = (kl, clip_ratio)`` when ``beta != 0`` else
         ``(clip_ratio,)``.
         """
+        if cu_seqlens is not None:  # packed: read as one row of N tokens ([1, N], hidden [1, N, H])
+            num_tokens = packed_shape("attention_mask", attention_mask.shape)
+            attention_mask = attention_mask.reshape(1, num_tokens)
+            if isinstance(selected_token_ids, torch.Tensor) and selected_token_ids.numel() == num_tokens:
+                selected_token_ids = selected_token_ids.reshape(1, num_tokens)
         if attention_mask.dim() != 2:
             raise ValueError(f"attention_mask must be [B, T], got shape {tuple(attention_mask.shape)}")
         batch, seq_len = attention_mask.shape
@@ -186,6 +197,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             use_bias_correction_kl=self.use_bias_correction_kl,
             **{**self._type_specific_options(), **self.loss_options},
             process_group=self.process_group,
+            cu_seqlens=cu_seqlens,
         )
         outputs = []
         if self.beta != 0.0:

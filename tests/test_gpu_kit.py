@@ -164,3 +164,59 @@ def test_feature_checks_run_once_the_keyword_exists(monkeypatch, check):
     monkeypatch.setattr(grpo_kernels, "token_logprobs", _float64_token_logprobs)
     record = smoke.run_case(check, 0, dry_run=True)["record"]
     assert record["status"] == "ok", record
+
+
+def test_measured_over_modelled_paths_and_devices(monkeypatch):
+    from benchmarks import impls
+    from benchmarks.kit import modelled
+
+    assert modelled.gpu_key("NVIDIA H100 80GB HBM3") == "h100" and modelled.gpu_key("NVIDIA H200") == "h200"
+    assert modelled.gpu_key("NVIDIA H100 PCIe") is None and modelled.gpu_key("cpu (2 cores)") is None
+    assert modelled.model_path("ours", "logprobs_fwd") == "no-grad pass = forward"
+    monkeypatch.setattr(impls, "default_backward", lambda: "workspace")
+    assert modelled.model_path("ours", "loss_fwd_bwd") == "fwd+bwd, workspace"
+    assert modelled.model_path("ours_atomic", "logprobs_fwd_bwd") == "fwd+bwd, atomic, exact=True"
+    assert modelled.model_path("ours_fast", "logprobs_fwd_bwd") == "fwd+bwd, atomic, exact=False"
+    ms, path = modelled.modelled_ms("ours", "logprobs_fwd_bwd", 8192, 4096, 151936, torch.bfloat16,
+                                    "NVIDIA H100 80GB HBM3")
+    assert path == "fwd+bwd, workspace" and 55 < ms < 70  # about the 4-GEMM floor at 70% of peak
+    assert modelled.modelled_ms("ours", "logprobs_fwd", 16, 48, 311, torch.float32, "cpu")[0] is None
+
+
+def test_backward_keyword_only_where_the_function_takes_it(monkeypatch):
+    from benchmarks import impls
+
+    def without(hidden, weight, targets, *, exact=True):
+        pass
+
+    def with_backward(hidden, weight, targets, *, exact=True, backward="workspace"):
+        pass
+
+    monkeypatch.setattr(impls, "default_backward", lambda: "atomic")  # before issue #18
+    assert impls.ours_keywords("ours_fast", without) == ({"exact": False}, None)
+    kwargs, why = impls.ours_keywords("ours_atomic", without)
+    assert kwargs is None and why.startswith("same as 'ours'")
+    monkeypatch.setattr(impls, "default_backward", lambda: "workspace")  # a loss without the keyword
+    kwargs, why = impls.ours_keywords("ours_fast", without)
+    assert kwargs is None and "runs the default backward ('workspace')" in why
+    assert impls.ours_keywords("ours_atomic", with_backward) == ({"backward": "atomic"}, None)
+
+
+def _record(impl, backward, ms, n=16384, mode="random", op="logprobs_fwd_bwd", exact=True):
+    return {"impl": impl, "backward": backward, "exact": exact, "ms_median": ms, "peak_mb": 500.0, "status": "ok",
+            "N": n, "mode": mode, "op": op}
+
+
+def test_recommendation_names_the_faster_backward():
+    from benchmarks.kit import modelled
+
+    faster_workspace = [_record("ours", "workspace", 120.0), _record("ours_atomic", "atomic", 150.0),
+                        _record("ours_fast", "atomic", 100.0, exact=False)]  # not a default candidate
+    line = modelled.recommendation(faster_workspace)
+    assert "keep backward='workspace' as the default" in line and "1 of 1" in line and "25.0%" in line
+    faster_atomic = [_record("ours", "workspace", 150.0), _record("ours_atomic", "atomic", 120.0),
+                     _record("ours", "workspace", 80.0, mode="realistic"),
+                     _record("ours_atomic", "atomic", 70.0, mode="realistic")]
+    assert "consider backward='atomic' as the default" in modelled.recommendation(faster_atomic)
+    # before issue #18 both run the atomic backward: nothing to compare
+    assert modelled.recommendation([_record("ours", "atomic", 150.0)]).startswith("Recommendation: none")

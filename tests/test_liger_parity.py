@@ -80,9 +80,12 @@ def test_same_signatures():
     for name in ("__init__", "forward"):
         ours = dict(inspect.signature(getattr(FusedLinearGRPOLoss, name)).parameters)
         theirs = inspect.signature(getattr(LigerFusedLinearGRPOLoss, name)).parameters
-        if name == "__init__":  # ours adds keyword-only arguments after Liger's: vocab-parallel heads, other options
+        # ours adds keyword-only arguments after Liger's: vocab-parallel heads, other options, packing
+        if name == "__init__":
             assert ours.pop("process_group").kind is inspect.Parameter.KEYWORD_ONLY
             assert ours.pop("loss_options").kind is inspect.Parameter.KEYWORD_ONLY
+        else:  # packed sequences, keyword only after Liger's arguments
+            assert ours.pop("cu_seqlens").kind is inspect.Parameter.KEYWORD_ONLY
         assert list(ours) == list(theirs), name
         assert [p.default for p in ours.values()] == [p.default for p in theirs.values()], name
 

@@ -9,6 +9,7 @@ import grpo_kernels as gk
 from grpo_kernels.ops import grpo_loss as grpo_loss_module
 from grpo_kernels.ops.grpo_loss.op import COUNT_OPTIONS
 from test_grpo_loss import make_batch, make_fused
+from test_packed_loss import make_packed
 
 
 def op_args(batch, backend, **options):
@@ -20,16 +21,41 @@ def op_args(batch, backend, **options):
     counts = [getattr(cfg, n).float() if isinstance(getattr(cfg, n), torch.Tensor) else None
               for n in COUNT_OPTIONS]
     return (logp, entropy, t["mask"], t["advantages"], t["old"], t["ref"], t["sampling"], t["is_ratio"], *counts,
-            None, cfg.as_json(), backend, cfg.entropy_coef != 0)  # None: no Clip-Cov draw seed
+            None, t["cu_seqlens"], cfg.as_json(), backend, cfg.entropy_coef != 0)  # None: no Clip-Cov draw seed
 
 
-@pytest.mark.parametrize("backend,options", [
-    ("torch", dict(loss_type="dapo", beta=0.04, entropy_coef=0.01, num_items_in_batch=torch.tensor(20.0))),
-    ("triton", dict(loss_type="vespo", top_entropy_quantile=0.5)),
-], ids=["torch-grpo", "triton-vespo"])
-def test_opcheck(backend, options):
-    torch.library.opcheck(torch.ops.grpo_kernels.grpo_loss.default, op_args(make_batch(), backend, **options),
+@pytest.mark.parametrize("backend,options,packed", [
+    ("torch", dict(loss_type="dapo", beta=0.04, entropy_coef=0.01, num_items_in_batch=torch.tensor(20.0)), False),
+    ("triton", dict(loss_type="vespo", top_entropy_quantile=0.5), False),
+    ("torch", dict(loss_type="grpo", importance_sampling_level="sequence", entropy_coef=0.01), True),
+    ("triton", dict(loss_type="rloo", rollout_rs="seq_max_k2", rollout_rs_threshold=0.1, bypass_mode=True), True),
+], ids=["torch-dapo", "triton-vespo", "torch-gspo-packed", "triton-rloo-packed"])
+def test_opcheck(backend, options, packed):
+    if packed:
+        batch = make_packed()
+        options["cu_seqlens"] = batch["cu"]
+    else:
+        batch = make_batch()
+    torch.library.opcheck(torch.ops.grpo_kernels.grpo_loss.default, op_args(batch, backend, **options),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_compile_fullgraph_packed():
+    batch = make_packed()
+
+    def step(logp):
+        return gk.grpo_loss(logp[None], batch["mask"], batch["adv"], old_logprobs=batch["old"],
+                            cu_seqlens=batch["cu"], loss_type="grpo", importance_sampling_level="sequence",
+                            backend="torch")[0]
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        logp = batch["logp"].clone().requires_grad_()
+        loss = fn(logp)
+        loss.backward()
+        results.append((loss.detach(), logp.grad))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want)
 
 
 def test_compile_fullgraph_matches_eager():

@@ -10,11 +10,16 @@ work), in two input modes (``benchmarks.logits``: random and realistic logits), 
 - ``loss_fwd_bwd``: hidden states -> GRPO loss (dapo, beta 0.04, Liger's defaults), forward + backward;
 - ``loss_fwd``: the same loss under ``torch.no_grad()``;
 
-and every implementation (ours: the default and the atomic backward, its ``exact=False``, with
-and without ``filter_eps``; Cut Cross-Entropy; Liger's ``LigerFusedLinearGRPOLoss`` and fused
-linear cross-entropy; TRL 1.16's ``ChunkedLogProbFunction``; materialized logits), it records median / p20 / p80 time, peak memory
-above the inputs, and ``x_floor``: the time over the floor measured in the same run, 4 bf16
-``[N, D] x [D, V]`` matmuls for forward + backward, 1 for forward only. An OOM is a result.
+and every implementation (ours: the defaults, i.e. the workspace backward of issue #18,
+``backward="atomic"`` with ``exact=True`` and ``False``, with and without ``filter_eps``; Cut
+Cross-Entropy; Liger's ``LigerFusedLinearGRPOLoss`` and fused linear cross-entropy; TRL 1.16's
+``ChunkedLogProbFunction``; materialized logits), it records median / p20 / p80 time, peak memory above the inputs, and
+``x_floor``: the time over the floor measured in the same run, 4 bf16 ``[N, D] x [D, V]`` matmuls
+for forward + backward, 1 for forward only. An OOM is a result. For our variants it also records
+``x_model``, measured over the modelled lower bound of the path they run
+(``benchmarks.kit.modelled``), and ``peers.md`` says which backward was faster. ``backward=`` is
+passed only where the function accepts it (an older token_logprobs has one backward, the atomic
+one: ``ours_atomic`` is then recorded as the same as ``ours``).
 
 The work is a priority list (N = 16k first, both modes, the log-prob op and the loss before the
 forward-only passes, then N = 8k); every finished item rewrites ``peers.json`` / ``peers.md`` /
@@ -31,6 +36,7 @@ import torch
 
 from benchmarks import impls as impls_module
 from benchmarks import logits as logit_modes
+from benchmarks.kit import modelled
 from benchmarks.kit.common import Deadline, device_info, md_table, stage_device, write_json, write_text
 from benchmarks.measure import Measurement, matmul_step, measure, release_memory
 from benchmarks.shapes import Shape
@@ -54,8 +60,9 @@ def work_list(shapes) -> list[dict]:
     """Every (shape, mode, op, impl), most valuable first."""
     items = []
     for b, t in shapes:
-        for tier_ops, impls in ((("logprobs_fwd_bwd", "loss_fwd_bwd"), ("ours", "ours_atomic", "ours_fast", "cce", "trl_fused",
-                                                                         "liger", "torch", "ours_fast_filtered",
+        for tier_ops, impls in ((("logprobs_fwd_bwd", "loss_fwd_bwd"), ("ours", "ours_atomic", "ours_fast", "cce",
+                                                                         "trl_fused", "liger", "torch",
+                                                                         "ours_fast_filtered",
                                                                          "ours_filtered")),
                                 (("logprobs_fwd", "loss_fwd"), ("ours", "cce", "trl_fused", "liger", "torch"))):
             for mode in logit_modes.MODES:
@@ -112,6 +119,8 @@ def _fmt(record, ours):
         text += f", x{record['x_floor']:.2f} floor"
     if record.get("peak_mb") is not None:
         text += f", {record['peak_mb']:.0f} MiB"
+    if record.get("x_model"):
+        text += f", x{record['x_model']:.2f} model"
     if ours and ours is not record and ours.get("status") == "ok" and ours.get("ms_median"):
         text += f" ({record['ms_median'] / ours['ms_median']:.2f}x ours)"
     return text
@@ -124,8 +133,11 @@ def write_results(out_dir: Path, meta, records, floors, stats, plots=True):
              f"{meta['dtype']}, every completion full length. Command: `{meta['command']}`.", "",
              "Each cell: median time (CUDA events, `triton.testing.do_bench`, 2 input sets rotated), `xR floor`: "
              "time over the floor measured in the same run (4 bf16 [N, D] x [D, V] matmuls for forward + "
-             "backward, 1 for forward only), peak memory allocated above the inputs, and the time relative to "
-             "`ours` (exact, default). OOM: out of memory. p20/p80, runs and value checks are in peers.json.", "",
+             "backward, 1 for forward only), peak memory allocated above the inputs, for our variants `xM model`: "
+             "measured over the lower bound of `grpo_kernels.ops.perf_model` for the path the variant runs (H100 SXM "
+             "and H200 only), and the time relative to `ours` (the defaults). OOM: out of memory. p20/p80, runs, "
+             "value checks and the model's path are in peers.json.", "",
+             modelled.recommendation(records), "",
              "| impl | version | what runs |", "|---|---|---|"]
     for name, info in meta["impls"].items():
         lines.append(f"| {name} | {info['version']} | {info['skipped'] or info['description']} |")
@@ -247,8 +259,11 @@ def main(argv=None) -> int:
                 print(f"[peers] {label}: matmul {m.ms_median} ms", flush=True)
         impl = impls[item["impl"]]
         record = dict(item, N=item["B"] * item["T"], D=dim, V=vocab)
-        if impl.skip_reason:
-            record["status"] = f"skipped: {impl.skip_reason}"
+        if item["impl"] in OURS:
+            record["backward"], record["exact"] = impls_module.variant_backward(item["impl"])
+        op_skip = impl.skip_ops.get("loss") if item["op"].startswith("loss") else None
+        if impl.skip_reason or op_skip:
+            record["status"] = f"skipped: {impl.skip_reason or op_skip}"
         else:
             m = measure(_step(impl, item["op"], inputs), ROTATIONS, device, min_runs=args.min_runs, cpu_runs=cpu_runs)
             record.update(status=m.status, ms_median=m.ms_median, ms_p20=m.ms_p20, ms_p80=m.ms_p80, runs=m.runs,
@@ -256,6 +271,12 @@ def main(argv=None) -> int:
             floor = floors.get(label, {}).get("ms_median")
             if m.status == "ok" and floor:
                 record["x_floor"] = m.ms_median / (OPS[item["op"]][0] * floor)
+            if m.status == "ok" and item["impl"] in OURS:
+                model_ms, record["model_path"] = modelled.modelled_ms(item["impl"], item["op"], record["N"], dim, vocab,
+                                                                      dtype, meta["device"])
+                if model_ms:
+                    record["model_ms"] = model_ms
+                    record["x_model"] = m.ms_median / model_ms
             if m.status == "ok":
                 try:
                     record["check_abs_err"] = _value_check(impl, item["op"], inputs[0])
@@ -263,7 +284,9 @@ def main(argv=None) -> int:
                     record["check_abs_err"] = f"failed: {type(exc).__name__}"
                 release_memory(device, collect=True)
         records[index] = record
-        print(f"[peers] {label} {item['op']} {item['impl']}: {record['status']} {record.get('ms_median')}", flush=True)
+        print(f"[peers] {label} {item['op']} {item['impl']}: {record['status']} {record.get('ms_median')}"
+              + (f" (model {record['model_ms']:.1f} ms: measured / modelled {record['x_model']:.2f}, "
+                 f"{record['model_path']})" if record.get("model_ms") else ""), flush=True)
         write_results(args.results_dir, meta, records, floors, stats, plots=False)
     write_results(args.results_dir, meta, records, floors, stats, plots=not args.no_plots)
     done = sum(r["status"] != "not reached" for r in records)

@@ -44,6 +44,12 @@ def _load(path: Path):
         return None
 
 
+def _recommendation(records) -> str:
+    from benchmarks.kit import modelled  # imports no torch
+
+    return modelled.recommendation(records)
+
+
 def headlines(results: Path) -> list[str]:
     """A few lines worth reading first, from whatever stage files exist."""
     lines = []
@@ -67,6 +73,7 @@ def headlines(results: Path) -> list[str]:
                              if r["N"] == n_max and r["mode"] == mode and r["op"] == op and r.get("peak_mb") is not None]
                     if cells:
                         lines.append(f"- stage 1, N={n_max} {mode} {op}: " + "; ".join(cells))
+        lines.append(f"- stage 1: {_recommendation(peers['records'])}")
     sweep = _load(results / "sweep.json")
     if sweep:
         for w in sweep.get("winners", []):
@@ -103,6 +110,10 @@ def main(argv=None) -> int:
             f"{summary['date']}; budget {args.budget_s} s, stage caps sum to {summary['caps_sum_s']} s; "
             f"{summary['seconds_so_far']} s used. Command: `{args.command}`.", "",
             md_table(["stage", "what", "cap s", "took s", "status", "files"], rows), ""]
+    peers = _load(args.results / "peers.json")
+    if peers:
+        summary["recommendation"] = _recommendation(peers["records"])
+        write_json(args.results / "session.json", summary)
     heads = headlines(args.results)
     if heads:
         text += ["## Headlines", "", *heads, ""]

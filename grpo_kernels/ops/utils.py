@@ -8,6 +8,7 @@ illegal memory access on the GPU.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 
@@ -60,12 +61,12 @@ def check_same_device(**tensors) -> None:
 
 
 def check_positive_finite(name: str, value) -> float:
-    if isinstance(value, (bool, str, bytes)):  # bools are not numbers; strings are never parsed
+    """``value`` as a float: a real number (``int``, ``float``, a numpy scalar; not a ``bool``, a
+    string or a tensor, which are never converted), finite and > 0; else a ``TypeError`` or
+    ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
+    value = float(value)
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be finite and > 0, got {value}")
     return value
@@ -94,9 +95,10 @@ class CompileSpec:
 
     ``signature`` maps every kernel argument to its Triton type (``"*bf16"``, ``"*fp32"``,
     ``"i32"``, ``"fp32"``, or ``"constexpr"``); ``constexprs`` gives the value of each constexpr
-    argument. ``tests/test_compile_sm90.py`` compiles each spec for H100 and checks spills and
-    shared memory, and that the PTX holds no atomic instruction (``atom.*``/``red.*``) unless
-    ``float_atomics`` marks a kernel that adds floats with atomics (the atomic backward only).
+    argument. ``grpo_kernels.ops.sm90_check`` compiles each spec for H100 and gates on spills,
+    shared memory, wgmma for tensor-core dots, and floating-point atomics: a spec whose PTX holds
+    an ``atom``/``red`` on a float type fails unless ``float_atomics=True`` (only the atomic
+    backward of the log-prob op is marked so; integer atomics such as locks are always allowed).
     """
 
     name: str
@@ -109,3 +111,16 @@ class CompileSpec:
 
 
 TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def check_bool(name: str, value) -> bool:
+    """``value`` itself when it is a ``bool`` (or a numpy bool); else a ``TypeError`` naming ``name``.
+
+    Strings, numbers and tensors are never converted: ``bool("no")`` is True, so a flag passed as
+    text would silently mean its opposite.
+    """
+    if isinstance(value, bool):
+        return value
+    if type(value).__name__ == "bool_" and type(value).__module__ == "numpy":
+        return bool(value)
+    raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} {value!r}")

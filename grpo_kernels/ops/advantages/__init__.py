@@ -3,6 +3,7 @@
 One concept per module:
 
 - ``layout.py``: which rows form each group (``group_size`` or verl's ``index``), as segments;
+- ``tokens.py``: which tokens form each row: padded ``[B, T]`` or packed ``[N]`` with ``cu_seqlens``;
 - ``kernels.py``: the Triton kernels (group statistics and advantages; per-group row sums) and
   their sm_90 compile specs;
 - ``torch_path.py``: their PyTorch twins (CPU without the interpreter);

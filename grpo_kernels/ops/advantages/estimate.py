@@ -15,6 +15,8 @@ import torch
 
 from grpo_kernels.ops.advantages.estimators import ESTIMATORS, INPUTS, OPTIONS, EstimatorBatch
 from grpo_kernels.ops.advantages.group import REWARD_DTYPES, group_layout, reward_weights_tensor
+from grpo_kernels.ops.advantages.tokens import PackedTokens, PaddedTokens
+from grpo_kernels.ops.packing import as_tokens, check_cu_seqlens, cu_seqlens_value_checks, packed_shape, raise_failed
 from grpo_kernels.ops.utils import check_same_device, check_tensor, resolve_backend
 
 MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64) + REWARD_DTYPES
@@ -46,9 +48,12 @@ def validate_estimator_options(estimator: str, **options) -> dict:
             for name in spec.options}
 
 
-def _float_input(name, tensor, shape, device):
+def _float_input(name, tensor, shape, device, packed=False):
+    """A float input of ``shape`` as float64; ``packed``: a token tensor ``[N]`` or ``[1, N]`` (``shape`` ``(N,)``)."""
     check_tensor(name, tensor, dtypes=REWARD_DTYPES)
-    if tuple(tensor.shape) != tuple(shape):
+    if packed:
+        tensor = as_tokens(name, tensor, shape[0])
+    elif tuple(tensor.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {list(shape)}, got {list(tensor.shape)}")
     if tensor.device != device:
         raise ValueError(f"{name} is on {tensor.device} but token_level_rewards is on {device}")
@@ -68,6 +73,7 @@ def estimate_advantages(
     rollout_is_ratio: torch.Tensor | None = None,
     reward_components: torch.Tensor | None = None,
     reward_weights=None,
+    cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
     **options,
 ) -> TokenAdvantages:
@@ -85,26 +91,43 @@ def estimate_advantages(
             neither for ``reinforce_plus_plus`` and ``remax``.
         reward_baselines, old_logprobs, sum_pi_squared, rollout_is_ratio, reward_components,
         reward_weights: the estimator's inputs (``INPUTS``); one it does not read raises.
+        cu_seqlens: packed sequences, int32/int64 ``[S + 1]`` (flash-attn's / verl's cumulative
+            lengths, ``ops/packing.py``): the token tensors (``token_level_rewards``,
+            ``response_mask``, ``old_logprobs``, ``sum_pi_squared``, ``rollout_is_ratio``) are
+            ``[N]`` or ``[1, N]``, the per-row ones (``index``, ``reward_baselines``,
+            ``reward_components``) ``[S]`` / ``[S, K]``, ``group_size`` counts sequences. The
+            results are those of the padded ``[S, T]`` layout with zeros where there is no token,
+            computed without it; its values are checked in the one host sync of the value checks.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``: where the group reductions run.
         **options: ``epsilon``, ``norm_adv_by_std_in_grpo``, ``gamma``, ``f_norm``,
             ``handle_zero_tail`` (``OPTIONS``), those the estimator reads.
 
     Returns:
-        :class:`TokenAdvantages` ``(advantages, returns)``, ``[B, T]`` each, float32 (float64 for
+        :class:`TokenAdvantages` ``(advantages, returns)``, each of the shape of
+        ``token_level_rewards`` (``[B, T]``; packed ``[N]`` or ``[1, N]``), float32 (float64 for
         float64 rewards), not differentiable. Meta tensors give the shapes.
     """
     values = validate_estimator_options(estimator, **options)
     spec = ESTIMATORS[estimator]
-    check_tensor("token_level_rewards", token_level_rewards, dtypes=REWARD_DTYPES, ndim=2)
-    check_tensor("response_mask", response_mask, dtypes=MASK_DTYPES, ndim=2)
-    if response_mask.shape != token_level_rewards.shape:
+    packed = cu_seqlens is not None
+    check_tensor("token_level_rewards", token_level_rewards, dtypes=REWARD_DTYPES, ndim=None if packed else 2)
+    check_tensor("response_mask", response_mask, dtypes=MASK_DTYPES, ndim=None if packed else 2)
+    if packed:
+        num_tokens = packed_shape("token_level_rewards", token_level_rewards.shape)
+        as_tokens("response_mask", response_mask, num_tokens)
+    elif response_mask.shape != token_level_rewards.shape:
         raise ValueError(f"response_mask must have the shape of token_level_rewards {list(token_level_rewards.shape)}, "
                          f"got {list(response_mask.shape)}")
     check_same_device(token_level_rewards=token_level_rewards, response_mask=response_mask)
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     device = token_level_rewards.device
-    batch_size, horizon = token_level_rewards.shape
+    out_shape = tuple(token_level_rewards.shape)
+    if packed:
+        cu_seqlens = check_cu_seqlens(cu_seqlens, device)
+        batch_size, horizon = cu_seqlens.shape[0] - 1, num_tokens  # rows: sequences; token shape: (N,)
+    else:
+        batch_size, horizon = token_level_rewards.shape
     given = {"reward_baselines": reward_baselines, "old_logprobs": old_logprobs, "sum_pi_squared": sum_pi_squared,
              "rollout_is_ratio": rollout_is_ratio, "reward_components": reward_components,
              "reward_weights": reward_weights}
@@ -116,10 +139,12 @@ def estimate_advantages(
         if name not in given:
             raise ValueError(f"estimator {estimator!r} needs {name} ({INPUTS[name][1]})")
     inputs = {}
+    token_shape = (horizon,) if packed else (batch_size, horizon)
     for name in ("reward_baselines", "old_logprobs", "sum_pi_squared", "rollout_is_ratio"):
         if name in given:
-            shape = (batch_size,) if name == "reward_baselines" else (batch_size, horizon)
-            inputs[name] = _float_input(name, given[name], shape, device)
+            per_token = name != "reward_baselines"
+            inputs[name] = _float_input(name, given[name], token_shape if per_token else (batch_size,), device,
+                                        packed=packed and per_token)
     if "reward_components" in given:
         components = given["reward_components"]
         check_tensor("reward_components", components, dtypes=REWARD_DTYPES, ndim=2)
@@ -144,34 +169,37 @@ def estimate_advantages(
             raise ValueError(f"estimator {estimator!r} has no groups: pass neither index nor group_size")
         layout = None
     out_dtype = torch.float64 if token_level_rewards.dtype == torch.float64 else torch.float32
-    if device.type == "meta" or batch_size == 0:
-        empty = torch.zeros(batch_size, horizon, dtype=out_dtype, device=device)
+    if device.type == "meta" or batch_size == 0 or (packed and horizon == 0):  # (no token: nothing to estimate)
+        if packed and device.type != "meta":
+            raise_failed(cu_seqlens_value_checks(cu_seqlens, horizon))
+        empty = torch.zeros(out_shape, dtype=out_dtype, device=device)
         return TokenAdvantages(empty, empty.clone())
     resolve_backend(device, backend)
 
-    rewards = token_level_rewards.detach().double()
-    mask = response_mask.detach().double()
-    _check_values(rewards, mask, inputs)
-    batch = EstimatorBatch(rewards, mask, layout, backend, inputs)
+    rewards = token_level_rewards.detach().double().reshape(token_shape)
+    mask = response_mask.detach().double().reshape(token_shape)
+    _check_values(rewards, mask, inputs, cu_seqlens)
+    tokens = PackedTokens(cu_seqlens, horizon) if packed else PaddedTokens(token_shape, device)
+    batch = EstimatorBatch(rewards, mask, tokens, layout, backend, inputs)
     advantages, returns = spec.compute(batch, **values)
-    return TokenAdvantages(advantages.to(out_dtype), returns.to(out_dtype))
+    return TokenAdvantages(advantages.to(out_dtype).reshape(out_shape), returns.to(out_dtype).reshape(out_shape))
 
 
-def _check_values(rewards, mask, inputs) -> None:
+def _check_values(rewards, mask, inputs, cu_seqlens=None) -> None:
     """One host sync: rewards and inputs finite (old_logprobs may be -inf: probability 0), the
-    mask finite and >= 0."""
-    checks = {"token_level_rewards": torch.isfinite(rewards).all(),
-              "response_mask": (torch.isfinite(mask) & (mask >= 0)).all()}
+    mask finite and >= 0, ``cu_seqlens`` (when given) cutting the tokens into sequences."""
+    what = {"response_mask": "finite and >= 0", "old_logprobs": "not NaN or +inf"}
+    failed = {"token_level_rewards": ~torch.isfinite(rewards).all(),
+              "response_mask": ~(torch.isfinite(mask) & (mask >= 0)).all()}
     for name, tensor in inputs.items():
         if name == "old_logprobs":
-            checks[name] = (~torch.isnan(tensor) & (tensor != math.inf)).all()
+            failed[name] = ~(~torch.isnan(tensor) & (tensor != math.inf)).all()
         elif name != "reward_weights":
-            checks[name] = torch.isfinite(tensor).all()
-    ok = torch.stack(list(checks.values())).tolist()
-    bad = [name for name, fine in zip(checks, ok) if not fine]
-    if bad:
-        what = {"response_mask": "finite and >= 0", "old_logprobs": "not NaN or +inf"}
-        raise ValueError("; ".join(f"{name} must be {what.get(name, 'finite')}" for name in bad))
+            failed[name] = ~torch.isfinite(tensor).all()
+    checks = [(f"{name} must be {what.get(name, 'finite')}", flag) for name, flag in failed.items()]
+    if cu_seqlens is not None:
+        checks += cu_seqlens_value_checks(cu_seqlens, rewards.shape[0])
+    raise_failed(checks)
 
 
 # ---------------------------------------------------------------------------------------------

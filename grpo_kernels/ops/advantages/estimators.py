@@ -3,7 +3,8 @@
 Every estimator of verl's ``ADV_ESTIMATOR_REGISTRY`` but ``gae`` (a critic's values, not a
 group statistic), with verl's semantics (``verl/trainer/ppo/core_algos.py``,
 ``compute_*_advantage``): token-level rewards and a response mask ``[B, T]`` in, ``(advantages,
-returns)`` ``[B, T]`` out, groups given by verl's ``index`` (a group id per row) or by
+returns)`` ``[B, T]`` out (or packed ``[N]`` with ``cu_seqlens``: every per-row operation goes
+through ``batch.tokens``, ``tokens.py``), groups given by verl's ``index`` (a group id per row) or by
 ``group_size`` (contiguous groups). Adding an estimator is one entry of ``ESTIMATORS`` and one
 small function below; the argument checks of ``estimate.py`` (``estimate_advantages``,
 ``validate_estimator_options``) and the table in docs/semantics.md are derived from the table.
@@ -34,24 +35,28 @@ import torch
 
 from grpo_kernels.ops.advantages.group import group_statistics, segment_sum
 from grpo_kernels.ops.advantages.layout import GroupLayout
+from grpo_kernels.ops.advantages.tokens import PackedTokens, PaddedTokens
 
 WHITEN_EPS = 1e-8  # verl_F.masked_whiten: (v - mean) * rsqrt(var + 1e-8), means over sum(mask) + 1e-8
 
 
 @dataclass
 class EstimatorBatch:
-    """What an estimator function reads: float64 ``rewards`` and ``mask`` ``[B, T]``, the groups
-    (None for estimators without groups), the backend of the group reductions, and the extra
-    inputs its table entry declares (float64 tensors; ``reward_weights`` a float64 ``[K]``)."""
+    """What an estimator function reads: float64 ``rewards`` and ``mask`` token tensors (``[B, T]``,
+    or packed ``[N]``), their rows (``tokens``: ``tokens.PaddedTokens`` / ``PackedTokens``), the
+    groups of the rows (None for estimators without groups), the backend of the group reductions,
+    and the extra inputs its table entry declares (float64 tensors, token tensors in the layout of
+    the rewards; ``reward_weights`` a float64 ``[K]``)."""
 
     rewards: torch.Tensor
     mask: torch.Tensor
+    tokens: PaddedTokens | PackedTokens
     layout: GroupLayout | None
     backend: str
     inputs: dict = field(default_factory=dict)
 
     def scores(self) -> torch.Tensor:
-        return self.rewards.sum(dim=-1)
+        return self.tokens.sum(self.rewards)
 
     def group_stats(self, values: torch.Tensor):
         """(count, mean, std) of each row's group, ``[B]`` float64 each (std 0 below two rows)."""
@@ -72,7 +77,7 @@ class EstimatorBatch:
 def _outcome(batch: EstimatorBatch, per_row: torch.Tensor):
     """verl's outcome estimators: the row's scalar on every token (``a.unsqueeze(-1) * mask``),
     returns = advantages."""
-    advantages = per_row[:, None] * batch.mask
+    advantages = batch.tokens.spread(per_row) * batch.mask
     return advantages, advantages
 
 
@@ -91,20 +96,27 @@ def _masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return centered * torch.rsqrt(variance + WHITEN_EPS)
 
 
-def _reward_to_go(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _reward_to_go(tokens, rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """G_t = sum_{t' >= t} r_t' m_t' (verl: ``(r * m).flip(-1).cumsum(-1).flip(-1)``)."""
-    return (rewards * mask).flip(-1).cumsum(-1).flip(-1)
+    return tokens.reverse_cumsum(rewards * mask)
 
 
-def _discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+def _discounted_returns(tokens, rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
     """REINFORCE++'s returns: running_t = r_t m_t + running_{t+1} (1 - m_t (1 - gamma)) (a masked
     token passes the running return on undiscounted) and returns_t = m_t (r_t + gamma running_{t+1}),
     verl's loop. gamma = 1 is a reverse cumulative sum."""
     if gamma == 1.0:
-        running = _reward_to_go(rewards, mask)
-        following = torch.cat([running[:, 1:], torch.zeros_like(running[:, :1])], dim=1)
-        return mask * (rewards + following)
+        return mask * (rewards + tokens.following(_reward_to_go(tokens, rewards, mask)))
     returns = torch.zeros_like(rewards)
+    if tokens.packed:  # step k: each row's k-th token from its end, for the rows that long
+        running = rewards.new_zeros(tokens.num_rows)
+        for k in range(tokens.horizon):
+            alive = tokens.lengths > k
+            at = tokens.cu_seqlens[1:][alive] - 1 - k
+            step = rewards[at] + gamma * running[alive]
+            returns[at] = step * mask[at]
+            running[alive] = step * mask[at] + running[alive] * (1.0 - mask[at])
+        return returns
     running = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
         step = rewards[:, t] + gamma * running
@@ -149,7 +161,7 @@ def reinforce_plus_plus_baseline(batch):
     scores = batch.scores()
     count, mean, _ = batch.group_stats(scores)
     centered = scores - torch.where(count > 1, mean, 0.0)
-    advantages = _masked_whiten(centered[:, None] * batch.mask, batch.mask) * batch.mask
+    advantages = _masked_whiten(batch.tokens.spread(centered) * batch.mask, batch.mask) * batch.mask
     return advantages, advantages
 
 
@@ -162,7 +174,7 @@ def gpg(batch, *, f_norm):
 
 def opo(batch):
     scores = batch.scores()
-    lengths = batch.mask.sum(dim=-1)
+    lengths = batch.tokens.sum(batch.mask)
     sums = batch.group_sums(torch.stack([lengths * scores, lengths], dim=1))  # [num_groups, 2]
     baseline = torch.where(sums[:, 1] > 0, sums[:, 0] / sums[:, 1].clamp(min=1e-300), 0.0)
     rows = batch.layout.group_of_row
@@ -196,18 +208,18 @@ def gdpo(batch, *, epsilon, norm_adv_by_std_in_grpo):
         weights = torch.ones(components.shape[1], dtype=torch.float64, device=components.device)
     combined = sum(weights[k] * _grpo_scores(batch, components[:, k].contiguous(), epsilon, norm_adv_by_std_in_grpo)
                    for k in range(components.shape[1]))
-    advantages = _masked_whiten(combined[:, None] * batch.mask, batch.mask) * batch.mask
+    advantages = _masked_whiten(batch.tokens.spread(combined) * batch.mask, batch.mask) * batch.mask
     return advantages, advantages
 
 
 def reinforce_plus_plus(batch, *, gamma):
-    returns = _discounted_returns(batch.rewards, batch.mask, gamma)
+    returns = _discounted_returns(batch.tokens, batch.rewards, batch.mask, gamma)
     return _masked_whiten(returns, batch.mask) * batch.mask, returns
 
 
 def remax(batch):
-    returns = _reward_to_go(batch.rewards, batch.mask)
-    return returns - batch.inputs["reward_baselines"][:, None] * batch.mask, returns
+    returns = _reward_to_go(batch.tokens, batch.rewards, batch.mask)
+    return returns - batch.tokens.spread(batch.inputs["reward_baselines"]) * batch.mask, returns
 
 
 def _path_weights(batch):
@@ -216,17 +228,18 @@ def _path_weights(batch):
     ratio = batch.inputs.get("rollout_is_ratio")
     if ratio is not None:
         weight = weight * ratio * ratio
-    return (weight * batch.mask).cumsum(dim=-1)
+    return batch.tokens.cumsum(weight * batch.mask)
 
 
 def _token_baseline(batch, returns, path_weight, mask, lengths, members, handle_zero_tail, epsilon):
     """B_t = sum_g G_t W_t m_t / (sum_g W_t m_t + epsilon) over each group, for the rows of
     groups with at least two ``members``; with ``handle_zero_tail``, 0 past the second-longest
-    member for the group's unique longest member. Returns the per-row baseline ``[B, T]``."""
-    layout, horizon = batch.layout, returns.shape[1]
+    member for the group's unique longest member. Returns the per-token baseline."""
+    layout, tokens = batch.layout, batch.tokens
+    horizon = tokens.horizon
     weighted = path_weight * mask
-    sums = batch.group_sums(torch.cat([returns * weighted, weighted], dim=1))
-    baseline = sums[:, :horizon] / (sums[:, horizon:] + epsilon)  # [num_groups, T]
+    sums = tokens.group_position_sums([returns * weighted, weighted], layout, batch.backend)
+    baseline = sums[..., 0] / (sums[..., 1] + epsilon)  # [num_groups, horizon]
     dense_lengths, valid = layout.to_dense(torch.where(members, lengths, -math.inf), -math.inf)
     num_members = (valid & (dense_lengths > -math.inf)).sum(dim=1)
     rows = layout.group_of_row
@@ -238,13 +251,12 @@ def _token_baseline(batch, returns, path_weight, mask, lengths, members, handle_
         second = torch.where(is_longest, -math.inf, dense_lengths).amax(dim=1)
         tail = layout.from_dense(is_longest & unique[:, None])
         start_zero = torch.where(tail, second.clamp(min=0.0).floor().to(start_zero.dtype)[rows], start_zero)
-    positions = torch.arange(horizon, device=returns.device)
-    return torch.where(positions[None, :] < start_zero[:, None], baseline[rows], 0.0)
+    return torch.where(tokens.positions() < tokens.spread(start_zero), tokens.at_positions(baseline, rows), 0.0)
 
 
 def optimal_token_baseline(batch, *, handle_zero_tail, epsilon):
-    returns = _reward_to_go(batch.rewards, batch.mask)
-    lengths = batch.mask.sum(dim=-1)
+    returns = _reward_to_go(batch.tokens, batch.rewards, batch.mask)
+    lengths = batch.tokens.sum(batch.mask)
     members = torch.ones_like(lengths, dtype=torch.bool)  # every row counts, empty ones too
     baseline = _token_baseline(batch, returns, _path_weights(batch), batch.mask, lengths, members,
                                handle_zero_tail, epsilon)
@@ -255,23 +267,25 @@ def tir_optimal_token_baseline(batch, *, handle_zero_tail, epsilon):
     # Multi-turn: each row's response tokens (mask != 0) are packed to the left, so that step t
     # is every trajectory's t-th response token whatever tool output came before it; rows with
     # no response token leave their group. Then the baseline above, and back in place.
-    returns = _reward_to_go(batch.rewards, batch.mask)
+    tokens = batch.tokens
+    returns = _reward_to_go(tokens, batch.rewards, batch.mask)
     present = batch.mask != 0
-    lengths = present.sum(dim=-1)
-    row, column = present.nonzero(as_tuple=True)
-    slot = present.cumsum(dim=-1)[row, column] - 1
+    lengths = tokens.sum(present.to(returns.dtype))
+    source = present.reshape(-1).nonzero().squeeze(1)  # flat index of each response token
+    slot = tokens.cumsum(present.to(returns.dtype)).reshape(-1)[source].long() - 1
+    target = tokens.row_start(source) + slot  # its place once its row is packed to the left
 
     def packed(values):
-        out = torch.zeros_like(values)
-        out[row, slot] = values[row, column]
+        out = values.new_zeros(values.shape)  # (contiguous: written through its flat view)
+        out.view(-1)[target] = values.reshape(-1)[source]
         return out
 
-    packed_mask = (torch.arange(returns.shape[1], device=returns.device)[None, :] < lengths[:, None]).double()
+    packed_mask = (tokens.positions() < tokens.spread(lengths)).to(returns.dtype)
     packed_returns = packed(returns)
-    baseline = _token_baseline(batch, packed_returns, packed(_path_weights(batch)), packed_mask,
-                               lengths.double(), lengths > 0, handle_zero_tail, epsilon)
-    advantages = torch.zeros_like(returns)
-    advantages[row, column] = (packed_returns - baseline)[row, slot]
+    baseline = _token_baseline(batch, packed_returns, packed(_path_weights(batch)), packed_mask, lengths,
+                               lengths > 0, handle_zero_tail, epsilon)
+    advantages = returns.new_zeros(returns.shape)
+    advantages.view(-1)[source] = (packed_returns - baseline).reshape(-1)[target]
     return advantages * batch.mask, returns
 
 

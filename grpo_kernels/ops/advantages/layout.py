@@ -11,8 +11,9 @@ the way ``cu_seqlens`` describes packed sequences: group ``g`` holds rows
   stable sort), so that "the first of a group" means the same thing in both layouts.
 
 The kernels take ``offsets`` (and, where they read ``[B, C]`` token tensors, ``order``); the
-PyTorch path pads the groups into a dense ``[num_groups, max_group_size, ...]`` view. A later
-packed-sequence input (``cu_seqlens``) is one more constructor of the same object.
+PyTorch path pads the groups into a dense ``[num_groups, max_group_size, ...]`` view. Packed token
+tensors (``cu_seqlens``) are the rows' concern (``tokens.py``); their per-(group, position) sums
+run on a layout of the tokens built by :meth:`GroupLayout.from_index` from that key.
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ type, aggregated by its normalizer (``docs/semantics.md`` states every formula):
     loss  = aggregation(L) - entropy_coef * (mean entropy over the effective mask)
 
 ``P_t`` is the loss type's policy term, ``multiplier_t`` the entropy mask x rollout IS ratio x
-off-policy mask, ``KL_t`` the chosen KL estimator.
+off-policy mask, ``KL_t`` the chosen KL estimator. With ``cu_seqlens`` the rows are packed
+sequences of ``[N]`` token tensors: the padded layout's results without its padding
+(docs/semantics.md, "Packed sequences"; the row passes address them, ``api.LossLayout`` checks them).
 
 One module per concept:
 

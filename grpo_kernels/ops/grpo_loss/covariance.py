@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import torch
 
+from grpo_kernels.ops.grpo_loss.rows_torch import Rows
+
 
 def covariance_selection(cfg, logp, t, draw_seed=None) -> torch.Tensor:
-    """KL-Cov / Clip-Cov's tokens ``[B, T]`` float32 (1 = selected), over the micro-batch's masked tokens.
+    """KL-Cov / Clip-Cov's tokens float32 (1 = selected) in the token layout (``[B, T]``, or packed
+    ``[N]``), over the micro-batch's masked tokens, taken in row-major order (packed: token order,
+    the same order: a packed batch selects what its padded layout selects).
 
     cov_t = (A_t - mean A) (logp_t - mean logp) over the masked tokens (Clip-Cov: verl's masked_mean,
     sum / (n + 1e-8)). KL-Cov: the top max(1, floor(kl_cov_ratio * n)) by cov. Clip-Cov: of the masked
@@ -20,20 +24,20 @@ def covariance_selection(cfg, logp, t, draw_seed=None) -> torch.Tensor:
     in verl.
     """
     x = logp.detach()
-    B, T = x.shape
+    shape = x.shape
     m = t["mask"].to(torch.float32)
     valid = m != 0
-    a = t["advantages"].expand(B, T)
-    selected = torch.zeros(B * T, device=x.device, dtype=torch.float32)
+    a = Rows(shape, t.get("cu_seqlens")).tokens(t["advantages"])
+    selected = torch.zeros(x.numel(), device=x.device, dtype=torch.float32)
     n = int(valid.sum())
     if n == 0:
-        return selected.view(B, T)
+        return selected.view(shape)
     if cfg.policy.token_selection == "kl_cov":
         a_valid, x_valid = a[valid], x[valid]
         cov = (a_valid - a_valid.mean()) * (x_valid - x_valid.mean())
         top = torch.topk(cov, max(1, int(n * cfg.kl_cov_ratio)), largest=True).indices
         selected[torch.nonzero(valid.reshape(-1)).squeeze(1)[top]] = 1.0
-        return selected.view(B, T)
+        return selected.view(shape)
     count = m.sum()
     cov = (a - (a * m).sum() / (count + 1e-8)) * (x - (x * m).sum() / (count + 1e-8))
     ratio = torch.exp(x - (t["old"] if t["old"] is not None else x))
@@ -43,4 +47,4 @@ def covariance_selection(cfg, logp, t, draw_seed=None) -> torch.Tensor:
         generator = None if draw_seed is None else torch.Generator().manual_seed(int(draw_seed))
         order = torch.randperm(len(candidates), generator=generator).to(x.device)
         selected[candidates[order[: min(max(int(cfg.clip_cov_ratio * float(count)), 1), len(candidates))], 0]] = 1.0
-    return selected.view(B, T)
+    return selected.view(shape)

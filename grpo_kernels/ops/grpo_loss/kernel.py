@@ -1,6 +1,9 @@
 """The Triton kernel of the row pass and its launch.
 
-One program owns ``BLOCK_B`` rows and walks along T in ``[BLOCK_B, BLOCK_T]`` tiles. An optional
+One program owns ``BLOCK_B`` rows and walks along T in ``[BLOCK_B, BLOCK_T]`` tiles. A row is a
+padded row, or, with ``cu_seqlens``, a packed sequence: the same walk over a segment of the token
+dimension (``token_tile``), up to the longest sequence of the program, so that a packed batch
+costs at most what its padded layout costs and reads no padding. An optional
 first walk reduces per-row quantities on chip (token count, the GSPO mean log-ratio, VESPO's
 summed log-ratio, GMPO's clipped mean, the off-policy KL); the main walk reads every input once
 and writes d loss / d logp (before the batch-wide normalizer), the weights of d loss / d entropy
@@ -23,16 +26,51 @@ from grpo_kernels.ops.grpo_loss.table import (
     ROW_LOG_RATIO_MEAN,
     RS_NONE,
 )
-from grpo_kernels.ops.grpo_loss.terms import gmpo_log_ratio, importance_ratio, rollout_is_weight, token_loss, vespo_phi
+from grpo_kernels.ops.grpo_loss.terms import (
+    gmpo_log_ratio,
+    importance_ratio,
+    rollout_is_weight,
+    token_loss,
+    vespo_log_is,
+    vespo_phi,
+)
 
 # Mask dtypes the kernel reads directly (anything else is cast to float32 first).
 KERNEL_MASK_DTYPES = {torch.float32: "fp32", torch.bool: "i1", torch.int32: "i32", torch.int64: "i64"}
 
 
 @triton.jit
+def token_tile(t0, offs_t, row_ok, seq_start, seq_len, T, PACKED: tl.constexpr):
+    """Positions ``t0 + offs_t`` of each row: ``(tok, ok)``, ``tok`` the offset added to an input's
+    row base (``row_base``, or ``row * stride_b`` for inputs that may be per row) and ``ok`` the
+    in-bounds mask ``[BLOCK_B, BLOCK_T]``. Padded: the column, ``ok`` below T; packed: the
+    sequence's first token + the position (int32, as the columns; a packed input's token stride is
+    1, its row stride 0), ``ok`` below the sequence's length."""
+    cols = t0 + offs_t
+    if PACKED:
+        tok = seq_start[:, None] + cols[None, :]
+        ok = row_ok[:, None] & (cols[None, :] < seq_len[:, None])
+    else:
+        tok = cols[None, :]
+        ok = row_ok[:, None] & (cols < T)[None, :]
+    return tok, ok
+
+
+@triton.jit
+def row_base(rows64, stride, PACKED: tl.constexpr):
+    """A token tensor's offset of each row, ``[BLOCK_B, 1]``: row * stride (padded); 0 (packed: its
+    rows are addressed by their tokens' positions, ``token_tile``)."""
+    if PACKED:
+        base = tl.zeros_like(rows64)[:, None]
+    else:
+        base = rows64[:, None] * stride
+    return base
+
+
+@triton.jit
 def grpo_loss_kernel(
     Logp, OldLogp, RefLogp, SamplingLogp, Advantages, Mask, Entropy, RolloutRatio, EntropyThreshold,
-    TokenValue, IsScale, GradLogp, GradEntropy, RowStats,
+    TokenValue, IsScale, GradLogp, GradEntropy, RowStats, CuSeqlens,
     B, T,
     stride_logp, stride_old, stride_ref, stride_sampling, stride_mask,
     stride_adv_b, stride_adv_t, stride_ent_b, stride_ent_t, stride_is_b, stride_is_t, stride_token_value,
@@ -40,9 +78,15 @@ def grpo_loss_kernel(
     is_clip_min, is_clip_max, is_mask_mode, off_policy_threshold, rs_lower, rs_upper, write_grad_entropy,
     POLICY: tl.constexpr, KL: tl.constexpr, ROW_LOG_RATIO: tl.constexpr, FOLDS_IS_RATIO: tl.constexpr,
     OFF_POLICY: tl.constexpr, TOKEN_VALUE: tl.constexpr, RC_SOURCE: tl.constexpr, RC_IS: tl.constexpr,
-    RS_LEVEL: tl.constexpr, RS_STAT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
+    RS_LEVEL: tl.constexpr, RS_STAT: tl.constexpr, PACKED: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     """Rows ``[pid * BLOCK_B, pid * BLOCK_B + BLOCK_B)``: per-token loss, its gradient, row sums.
+
+    A row is a padded row of ``T`` positions, or (``PACKED``) a sequence of the packed token
+    dimension: tokens ``CuSeqlens[row]:CuSeqlens[row + 1]`` of the ``[N]`` token tensors, addressed
+    by their positions (``token_tile``, ``row_base``); per-row inputs (strides ``(stride_b, 0)``)
+    are read by row in both layouts.
 
     Absent optional inputs arrive as aliases that make their term vanish: old/ref/sampling point at
     Logp (log-ratio 0, KL 0), entropy at a zero scalar with strides 0, the rollout ratio at a one.
@@ -61,6 +105,16 @@ def grpo_loss_kernel(
     row_ok = rows < B
     rows64 = rows.to(tl.int64)
     offs_t = tl.arange(0, BLOCK_T)
+    if PACKED:  # this program's sequences, walked up to the longest of them (int32 positions: N < 2**31)
+        seq_start = tl.load(CuSeqlens + rows64, mask=row_ok, other=0).to(tl.int32)
+        seq_len = tl.load(CuSeqlens + rows64 + 1, mask=row_ok, other=0).to(tl.int32) - seq_start
+        walk = tl.max(seq_len, axis=0)
+        grad_stride = 0
+    else:
+        seq_start = rows64  # (unused)
+        seq_len = rows64
+        walk = T
+        grad_stride = T
     SEQ_LEVEL: tl.constexpr = (ROW_LOG_RATIO == 1) or (ROW_LOG_RATIO == 3) or (ROW_LOG_RATIO == 4)  # a ratio per row
     SEQ_RC: tl.constexpr = (RC_IS == 2) or (RS_LEVEL >= 2)  # rollout correction needs a per-row reduction
     ROW_PASS: tl.constexpr = (ROW_LOG_RATIO != 0) or OFF_POLICY or SEQ_RC
@@ -76,15 +130,14 @@ def grpo_loss_kernel(
         rs_row = tl.zeros((BLOCK_B,), dtype=tl.float32)
     if ROW_PASS:
         # Per-row reductions needed before any token's loss.
-        for t0 in range(0, T, BLOCK_T):
-            cols = t0 + offs_t
-            ok = row_ok[:, None] & (cols < T)[None, :]
-            m = tl.load(Mask + rows64[:, None] * stride_mask + cols[None, :], mask=ok, other=0).to(tl.float32)
-            x = tl.load(Logp + rows64[:, None] * stride_logp + cols[None, :], mask=ok, other=0.0)
+        for t0 in range(0, walk, BLOCK_T):
+            tok, ok = token_tile(t0, offs_t, row_ok, seq_start, seq_len, T, PACKED)
+            m = tl.load(Mask + row_base(rows64, stride_mask, PACKED) + tok, mask=ok, other=0).to(tl.float32)
+            x = tl.load(Logp + row_base(rows64, stride_logp, PACKED) + tok, mask=ok, other=0.0)
             if (ROW_LOG_RATIO != 0) or (RC_SOURCE != 0):
-                o = tl.load(OldLogp + rows64[:, None] * stride_old + cols[None, :], mask=ok, other=0.0)
+                o = tl.load(OldLogp + row_base(rows64, stride_old, PACKED) + tok, mask=ok, other=0.0)
             if RC_SOURCE == 1:
-                s = tl.load(SamplingLogp + rows64[:, None] * stride_sampling + cols[None, :], mask=ok, other=0.0)
+                s = tl.load(SamplingLogp + row_base(rows64, stride_sampling, PACKED) + tok, mask=ok, other=0.0)
                 rc_train, rc_rollout = o, s
             if RC_SOURCE == 2:
                 rc_train, rc_rollout = x, o
@@ -103,25 +156,29 @@ def grpo_loss_kernel(
             if (ROW_LOG_RATIO == 1) or (ROW_LOG_RATIO == 4):
                 log_ratio_sum += tl.sum(tl.where(active, (x - o) * m, 0.0), axis=1)
             if ROW_LOG_RATIO == 3:
-                a = tl.load(Advantages + rows64[:, None] * stride_adv_b + cols[None, :] * stride_adv_t,
+                a = tl.load(Advantages + rows64[:, None] * stride_adv_b + tok * stride_adv_t,
                             mask=ok, other=0.0)
                 g, _ = gmpo_log_ratio(x, o, a, p0, p1)
                 log_ratio_sum += tl.sum(tl.where(active, g * m, 0.0), axis=1)
             if ROW_LOG_RATIO == 2:
                 clamped = tl.minimum(tl.maximum(x - o, -20.0), 20.0)
                 log_ratio_sum += tl.sum(tl.where(active, clamped * m, 0.0), axis=1)
-                # TRL sums the IS log-ratio over every position (padding included)
-                is_ratio = tl.load(RolloutRatio + rows64[:, None] * stride_is_b + cols[None, :] * stride_is_t,
+                # TRL sums a per-token IS log-ratio over every position (padding included); a per-row
+                # one (stride_is_t == 0) enters once, below
+                is_ratio = tl.load(RolloutRatio + rows64[:, None] * stride_is_b + tok * stride_is_t,
                                    mask=ok, other=1.0)
-                is_ratio = rollout_is_weight(is_ratio, is_clip_min, is_clip_max, is_mask_mode)
-                log_is = tl.minimum(tl.maximum(tl.log(is_ratio), -18.420680743952367), 20.0)
-                log_is_sum += tl.sum(tl.where(ok, log_is, 0.0), axis=1)
+                log_is = vespo_log_is(is_ratio, is_clip_min, is_clip_max, is_mask_mode)
+                log_is_sum += tl.sum(tl.where(ok & (stride_is_t != 0), log_is, 0.0), axis=1)
             if OFF_POLICY:
-                s_off = tl.load(SamplingLogp + rows64[:, None] * stride_sampling + cols[None, :], mask=ok,
+                s_off = tl.load(SamplingLogp + row_base(rows64, stride_sampling, PACKED) + tok, mask=ok,
                                 other=0.0)
                 kl = s_off - x
                 kl = tl.where(kl != kl, 0.0, kl)  # tokens the rollout engine could not score: no evidence
                 off_policy_kl_sum += tl.sum(tl.where(active, kl * m, 0.0), axis=1)
+    if ROW_LOG_RATIO == 2:
+        row_is_ratio = tl.load(RolloutRatio + rows64 * stride_is_b, mask=row_ok, other=1.0)
+        log_is_sum += tl.where(stride_is_t == 0, vespo_log_is(row_is_ratio, is_clip_min, is_clip_max, is_mask_mode),
+                               0.0)
     inv_tokens = 1.0 / tl.maximum(tokens, 1.0)
     if ROW_LOG_RATIO == 3:
         seq_norm = 1.0 / (tokens + 1e-8)  # verl's GMPO divides by sum_t m + 1e-8, without a clamp
@@ -159,17 +216,16 @@ def grpo_loss_kernel(
     acc_dloss_drho = tl.zeros((BLOCK_B,), dtype=tl.float32)
     acc_is_weight = tl.zeros((BLOCK_B,), dtype=tl.float32)
     acc_rejected = tl.zeros((BLOCK_B,), dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        cols = t0 + offs_t
-        ok = row_ok[:, None] & (cols < T)[None, :]
-        m = tl.load(Mask + rows64[:, None] * stride_mask + cols[None, :], mask=ok, other=0).to(tl.float32)
-        x = tl.load(Logp + rows64[:, None] * stride_logp + cols[None, :], mask=ok, other=0.0)
-        o = tl.load(OldLogp + rows64[:, None] * stride_old + cols[None, :], mask=ok, other=0.0)
-        r = tl.load(RefLogp + rows64[:, None] * stride_ref + cols[None, :], mask=ok, other=0.0)
-        a = tl.load(Advantages + rows64[:, None] * stride_adv_b + cols[None, :] * stride_adv_t, mask=ok, other=0.0)
-        ent = tl.load(Entropy + rows64[:, None] * stride_ent_b + cols[None, :] * stride_ent_t, mask=ok, other=0.0)
+    for t0 in range(0, walk, BLOCK_T):
+        tok, ok = token_tile(t0, offs_t, row_ok, seq_start, seq_len, T, PACKED)
+        m = tl.load(Mask + row_base(rows64, stride_mask, PACKED) + tok, mask=ok, other=0).to(tl.float32)
+        x = tl.load(Logp + row_base(rows64, stride_logp, PACKED) + tok, mask=ok, other=0.0)
+        o = tl.load(OldLogp + row_base(rows64, stride_old, PACKED) + tok, mask=ok, other=0.0)
+        r = tl.load(RefLogp + row_base(rows64, stride_ref, PACKED) + tok, mask=ok, other=0.0)
+        a = tl.load(Advantages + rows64[:, None] * stride_adv_b + tok * stride_adv_t, mask=ok, other=0.0)
+        ent = tl.load(Entropy + rows64[:, None] * stride_ent_b + tok * stride_ent_t, mask=ok, other=0.0)
         if RC_SOURCE == 1:
-            s = tl.load(SamplingLogp + rows64[:, None] * stride_sampling + cols[None, :], mask=ok, other=0.0)
+            s = tl.load(SamplingLogp + row_base(rows64, stride_sampling, PACKED) + tok, mask=ok, other=0.0)
             rc_train, rc_rollout = o, s
         if RC_SOURCE == 2:
             rc_train, rc_rollout = x, o
@@ -197,7 +253,7 @@ def grpo_loss_kernel(
             elif RC_IS == 2:
                 is_ratio = tl.zeros((BLOCK_B, BLOCK_T), dtype=tl.float32) + rc_seq_weight[:, None]
             else:
-                is_ratio = tl.load(RolloutRatio + rows64[:, None] * stride_is_b + cols[None, :] * stride_is_t,
+                is_ratio = tl.load(RolloutRatio + rows64[:, None] * stride_is_b + tok * stride_is_t,
                                    mask=ok, other=1.0)
             is_weight = rollout_is_weight(is_ratio, is_clip_min, is_clip_max, is_mask_mode) * is_scale
             multiplier = tl.where(entropy_mask, is_weight, 0.0)
@@ -206,7 +262,7 @@ def grpo_loss_kernel(
             multiplier = tl.where(keep, multiplier, 0.0)
 
         if TOKEN_VALUE:
-            aux = tl.load(TokenValue + rows64[:, None] * stride_token_value + cols[None, :], mask=ok, other=0.0)
+            aux = tl.load(TokenValue + row_base(rows64, stride_token_value, PACKED) + tok, mask=ok, other=0.0)
         else:
             aux = tl.zeros((BLOCK_B, BLOCK_T), dtype=tl.float32) + row_value[:, None]
         loss_t, dloss_dx, dloss_drho, kl, is_low, is_high, is_lower = token_loss(
@@ -219,7 +275,7 @@ def grpo_loss_kernel(
             acc_dloss_drho += tl.sum(tl.where(active, weight * dloss_drho, 0.0), axis=1)
         else:  # (a term that does not depend on rho adds nothing, even where d rho overflows to inf)
             grad += tl.where(active & (dloss_drho != 0), weight * dloss_drho * drho_dx, 0.0)
-        tl.store(GradLogp + rows64[:, None] * T + cols[None, :], grad, mask=ok)
+        tl.store(GradLogp + row_base(rows64, grad_stride, PACKED) + tok, grad, mask=ok)
 
         masked = tl.where(active, m, 0.0)
         acc_kl += tl.sum(tl.where(active, kl * m, 0.0), axis=1)
@@ -235,35 +291,34 @@ def grpo_loss_kernel(
         acc_eff_tokens += tl.sum(effective, axis=1)
         acc_eff_entropy += tl.sum(tl.where(entropy_mask, ent * m, 0.0), axis=1)
         if write_grad_entropy != 0:
-            tl.store(GradEntropy + rows64[:, None] * T + cols[None, :], effective, mask=ok)
+            tl.store(GradEntropy + row_base(rows64, grad_stride, PACKED) + tok, effective, mask=ok)
 
     if SEQ_LEVEL:
         # d rho_i / d logp_t = rho_i' * m_t / max(n_i, 1) (GMPO: rho_i m_t g'_t / (n_i + 1e-8); RLOO's sum:
         # rho_i m_t): add the row's d loss / d rho to its tokens.
         row_coef = tl.where(acc_dloss_drho != 0, acc_dloss_drho * seq_drho * seq_norm, 0.0)
         tl.debug_barrier()
-        for t0 in range(0, T, BLOCK_T):
-            cols = t0 + offs_t
-            ok = row_ok[:, None] & (cols < T)[None, :]
-            m = tl.load(Mask + rows64[:, None] * stride_mask + cols[None, :], mask=ok, other=0).to(tl.float32)
+        for t0 in range(0, walk, BLOCK_T):
+            tok, ok = token_tile(t0, offs_t, row_ok, seq_start, seq_len, T, PACKED)
+            m = tl.load(Mask + row_base(rows64, stride_mask, PACKED) + tok, mask=ok, other=0).to(tl.float32)
             if RS_LEVEL == 1:
-                o = tl.load(OldLogp + rows64[:, None] * stride_old + cols[None, :], mask=ok, other=0.0)
+                o = tl.load(OldLogp + row_base(rows64, stride_old, PACKED) + tok, mask=ok, other=0.0)
                 if RC_SOURCE == 1:
-                    s = tl.load(SamplingLogp + rows64[:, None] * stride_sampling + cols[None, :], mask=ok,
+                    s = tl.load(SamplingLogp + row_base(rows64, stride_sampling, PACKED) + tok, mask=ok,
                                 other=0.0)
                     rs_stat = RS_STAT(o, s)
                 else:
-                    x = tl.load(Logp + rows64[:, None] * stride_logp + cols[None, :], mask=ok, other=0.0)
+                    x = tl.load(Logp + row_base(rows64, stride_logp, PACKED) + tok, mask=ok, other=0.0)
                     rs_stat = RS_STAT(x, o)
                 m = tl.where((rs_stat >= rs_lower) & (rs_stat <= rs_upper), m, 0.0)
             if RS_LEVEL >= 2:  # (a rejected row's d loss / d rho is 0, its d rho may be inf)
                 m = tl.where(row_kept[:, None], m, 0.0)
-            g_ptrs = GradLogp + rows64[:, None] * T + cols[None, :]
+            g_ptrs = GradLogp + row_base(rows64, grad_stride, PACKED) + tok
             grad = tl.load(g_ptrs, mask=ok, other=0.0)
             if ROW_LOG_RATIO == 3:
-                x = tl.load(Logp + rows64[:, None] * stride_logp + cols[None, :], mask=ok, other=0.0)
-                o = tl.load(OldLogp + rows64[:, None] * stride_old + cols[None, :], mask=ok, other=0.0)
-                a = tl.load(Advantages + rows64[:, None] * stride_adv_b + cols[None, :] * stride_adv_t,
+                x = tl.load(Logp + row_base(rows64, stride_logp, PACKED) + tok, mask=ok, other=0.0)
+                o = tl.load(OldLogp + row_base(rows64, stride_old, PACKED) + tok, mask=ok, other=0.0)
+                a = tl.load(Advantages + rows64[:, None] * stride_adv_b + tok * stride_adv_t,
                             mask=ok, other=0.0)
                 _, dg = gmpo_log_ratio(x, o, a, p0, p1)
                 grad += tl.where(m != 0, m * dg * row_coef[:, None], 0.0)
@@ -318,48 +373,66 @@ def kernel_switches(cfg) -> dict:
 
 
 def rows_triton(cfg, t):
-    """The row pass on the kernel: options ``cfg`` and the prepared ``[B, T]`` inputs ``t`` ->
-    ``(row_stats [B, NUM_STATS] fp32, d loss / d logp [B, T] fp32 before the batch-wide
-    normalizer, the effective-mask weights of d loss / d entropy [B, T] fp32 or None)``."""
+    """The row pass on the kernel: options ``cfg`` and the prepared inputs ``t`` -> ``(row_stats
+    [R, NUM_STATS] fp32, d loss / d logp fp32 before the batch-wide normalizer, the effective-mask
+    weights of d loss / d entropy fp32 or None)``, the per-token outputs in the token layout.
+
+    Padded: token tensors ``[B, T]``, R = B rows. Packed (``t["cu_seqlens"]``, int64 ``[S + 1]``):
+    token tensors ``[N]``, R = S sequences, per-sequence inputs ``[S, 1]``; no host sync (each
+    program finds the length of its longest sequence on chip).
+    """
     logp = t["logp"]
-    B, T = logp.shape
+    cu_seqlens = t.get("cu_seqlens")
+    packed = cu_seqlens is not None
+    num_rows = cu_seqlens.shape[0] - 1 if packed else logp.shape[0]
+    T = 0 if packed else logp.shape[1]
     device = logp.device
-    grad_logp = torch.empty((B, T), device=device, dtype=torch.float32)
+    grad_logp = torch.empty(logp.shape, device=device, dtype=torch.float32)
     write_grad_entropy = t["entropy_grad"]
-    grad_entropy = torch.empty((B, T), device=device, dtype=torch.float32) if write_grad_entropy else grad_logp
-    row_stats = torch.empty((B, NUM_STATS), device=device, dtype=torch.float32)
+    grad_entropy = torch.empty(logp.shape, device=device, dtype=torch.float32) if write_grad_entropy else grad_logp
+    row_stats = torch.empty((num_rows, NUM_STATS), device=device, dtype=torch.float32)
+
+    def row_stride(tensor):  # a token tensor's row stride (packed: 0, its rows are segments)
+        return 0 if packed else tensor.stride(0)
+
+    def strides(tensor):  # (row, token) strides of a per-row ([R, 1] packed, zero-strided padded) or token input
+        if not packed:
+            return tensor.stride(0), tensor.stride(1)
+        return (tensor.stride(0), 0) if tensor.dim() == 2 else (0, tensor.stride(0))
 
     def alias(name):
         tensor = t[name]
-        return (logp, logp.stride(0)) if tensor is None else (tensor, tensor.stride(0))
+        return (logp, row_stride(logp)) if tensor is None else (tensor, row_stride(tensor))
 
     old, stride_old = alias("old")
     ref, stride_ref = alias("ref")
     sampling, stride_sampling = (
-        (t["sampling"], t["sampling"].stride(0)) if t["sampling"] is not None else (old, stride_old))
+        (t["sampling"], row_stride(t["sampling"])) if t["sampling"] is not None else (old, stride_old))
     adv = t["advantages"]
     if t["entropy"] is not None:
-        entropy, stride_ent = t["entropy"].detach(), t["entropy"].stride()
+        entropy, stride_ent = t["entropy"].detach(), strides(t["entropy"])
     else:
         entropy, stride_ent = torch.zeros(1, device=device, dtype=torch.float32), (0, 0)
     if t["is_ratio"] is not None:
-        is_ratio, stride_is = t["is_ratio"], t["is_ratio"].stride()
+        is_ratio, stride_is = t["is_ratio"], strides(t["is_ratio"])
     else:
         is_ratio, stride_is = torch.ones(1, device=device, dtype=torch.float32), (0, 0)
     token_value = t.get("token_value")
-    token_value, stride_token_value = (token_value, token_value.stride(0)) if token_value is not None else (logp, 0)
+    token_value, stride_token_value = (
+        (token_value, row_stride(token_value)) if token_value is not None else (logp, 0))
     p0, p1, p2, p3 = cfg.policy_params()
-    grid = (triton.cdiv(B, BLOCK_B),)
+    grid = (triton.cdiv(num_rows, BLOCK_B),)
     grpo_loss_kernel[grid](
         logp.detach(), old, ref.detach(), sampling.detach(), adv, t["mask"], entropy, is_ratio,
         t["entropy_threshold"], token_value, t["is_scale"], grad_logp, grad_entropy, row_stats,
-        B, T,
-        logp.stride(0), stride_old, stride_ref, stride_sampling, t["mask"].stride(0),
-        adv.stride(0), adv.stride(1), stride_ent[0], stride_ent[1], stride_is[0], stride_is[1], stride_token_value,
+        cu_seqlens if packed else row_stats,  # (padded: never read)
+        num_rows, T,
+        row_stride(logp), stride_old, stride_ref, stride_sampling, row_stride(t["mask"]),
+        *strides(adv), *stride_ent, *stride_is, stride_token_value,
         p0, p1, p2, p3, cfg.beta, int(cfg.use_bias_correction_kl), cfg.log_ratio_bound,
         cfg.is_clip_min, cfg.is_clip_max, int(cfg.rollout_is_mode == "mask"),
         cfg.off_policy_threshold_or_inf, cfg.rs_lower, cfg.rs_upper, int(write_grad_entropy),
-        BLOCK_B=BLOCK_B, BLOCK_T=BLOCK_T, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        PACKED=packed, BLOCK_B=BLOCK_B, BLOCK_T=BLOCK_T, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         **kernel_switches(cfg),
     )
     return row_stats, grad_logp, (grad_entropy if write_grad_entropy else None)

@@ -18,7 +18,7 @@ import torch
 from grpo_kernels.ops.grpo_loss.covariance import covariance_selection
 from grpo_kernels.ops.grpo_loss.kernel import rows_triton
 from grpo_kernels.ops.grpo_loss.options import validate_loss_options
-from grpo_kernels.ops.grpo_loss.rows_torch import rollout_is_batch_scale, rows_torch
+from grpo_kernels.ops.grpo_loss.rows_torch import Rows, rollout_is_batch_scale, rows_torch
 from grpo_kernels.ops.grpo_loss.table import (
     METRIC_NAMES,
     S_EFF_ENTROPY,
@@ -35,6 +35,7 @@ from grpo_kernels.ops.grpo_loss.table import (
     S_REJECTED,
     S_TOKENS,
 )
+from grpo_kernels.ops.packing import cu_seqlens_value_checks, raise_failed
 
 ROW_PASS = {"triton": rows_triton, "torch": rows_torch}
 
@@ -59,10 +60,13 @@ def _metrics_vector(cfg, row_stats, has_ref, has_entropy):
 
 
 def _check_values(cfg, tensors) -> None:
-    """What only the values can tell, in one host sync (nothing to sync for integer masks and no
-    tensor counts): a NaN/inf/negative float mask, a negative or NaN rollout IS ratio, a NaN or
-    non-positive tensor count. Each would give a NaN or silently wrong loss."""
+    """What only the values can tell, in one host sync (nothing to sync for integer masks, no
+    tensor counts and no ``cu_seqlens``): a NaN/inf/negative float mask, a negative or NaN rollout
+    IS ratio, a NaN or non-positive tensor count, ``cu_seqlens`` values that do not cut the tokens
+    into sequences. Each would give a NaN, a silently wrong loss or a read out of bounds."""
     checks = []
+    if tensors["cu_seqlens"] is not None:
+        checks += cu_seqlens_value_checks(tensors["cu_seqlens"], tensors["logp"].shape[0])
     mask = tensors["mask"]
     if mask.dtype.is_floating_point:
         checks.append(("completion_mask must be finite and >= 0 (0 marks padding)",
@@ -75,19 +79,14 @@ def _check_values(cfg, tensors) -> None:
         if isinstance(value, torch.Tensor):
             checks.append((f"{name} must be finite and > 0 (a count)",
                            ~(torch.isfinite(value.float()) & (value > 0)).all()))
-    if not checks:
-        return
-    failed = torch.stack([flag for _, flag in checks]).tolist()
-    for (message, _), bad in zip(checks, failed):
-        if bad:
-            raise ValueError(message)
+    raise_failed(checks)
 
 
 def _row_scale(cfg, row_stats) -> torch.Tensor:
-    """[B, 1] float32 per-row weight of the aggregation: 1 (token sums), 1 / max(n_i, 1) (TRL's
+    """[B] float32 per-row weight of the aggregation: 1 (token sums), 1 / max(n_i, 1) (TRL's
     per-sequence mean) or 1 / (n_i + 1e-8) (verl's). Applied to the kernel's row sums and, in the
     backward, to its gradient rows (both are linear in it), so the kernel needs no variant for it."""
-    tokens = row_stats[:, S_TOKENS:S_TOKENS + 1]
+    tokens = row_stats[:, S_TOKENS]
     if cfg.aggregation.row_norm == 1:
         return 1.0 / tokens.clamp(min=1.0)
     if cfg.aggregation.row_norm == 2:
@@ -129,8 +128,8 @@ def _options_from_json(options_json: str) -> dict:
     return {name: ast.literal_eval(value) for name, value in pairs}
 
 
-def _loss_forward(logp, entropy, mask, advantages, old, ref, sampling, is_ratio, counts, draw_seed, options_json,
-                  backend, entropy_grad):
+def _loss_forward(logp, entropy, mask, advantages, old, ref, sampling, is_ratio, counts, draw_seed, cu_seqlens,
+                  options_json, backend, entropy_grad):
     """The loss, its metrics and its gradients w.r.t. logp and entropy (already scaled), eagerly.
 
     Everything data-dependent (value checks, the entropy quantile, host syncs) happens here, inside
@@ -140,7 +139,7 @@ def _loss_forward(logp, entropy, mask, advantages, old, ref, sampling, is_ratio,
     options.update({name: count for name, count in zip(COUNT_OPTIONS, counts) if count is not None})
     cfg = validate_loss_options(**options)
     tensors = dict(mask=mask, advantages=advantages, old=old, ref=ref, sampling=sampling, is_ratio=is_ratio,
-                   logp=logp, entropy=entropy, entropy_grad=entropy_grad)
+                   logp=logp, entropy=entropy, entropy_grad=entropy_grad, cu_seqlens=cu_seqlens)
     _check_values(cfg, tensors)
     if cfg.policy.token_selection is not None:
         tensors["token_value"] = covariance_selection(cfg, logp, tensors, draw_seed)
@@ -150,16 +149,17 @@ def _loss_forward(logp, entropy, mask, advantages, old, ref, sampling, is_ratio,
     else:
         tensors["entropy_threshold"] = torch.full((1,), float("-inf"), device=logp.device, dtype=torch.float32)
     row_stats, grad_logp, grad_entropy = ROW_PASS[backend](cfg, tensors)
-    B, T = logp.shape
+    B = row_stats.shape[0]  # rows, or packed sequences
+    T = logp.shape[1] if cu_seqlens is None else None  # (packed: no padded length; see prepare_loss_inputs)
     policy_scale = cfg.aggregation.scale(cfg, row_stats, B, T)
-    row_scale = _row_scale(cfg, row_stats)  # [B, 1]: the per-row token mean, if any
+    row_scale = _row_scale(cfg, row_stats)  # [B]: the per-row token mean, if any
     stats = row_stats.sum(0)
-    loss = (row_stats[:, S_LOSS] * row_scale[:, 0]).sum() * policy_scale
+    loss = (row_stats[:, S_LOSS] * row_scale).sum() * policy_scale
     if cfg.entropy_coef != 0:
         entropy_scale = -cfg.entropy_coef / stats[S_EFF_TOKENS].clamp(min=1.0)
         loss = loss + stats[S_EFF_ENTROPY] * entropy_scale
     metrics = _metrics_vector(cfg, row_stats, ref is not None, entropy is not None)
-    d_logp = grad_logp * (row_scale * policy_scale)
+    d_logp = grad_logp * (Rows(logp.shape, cu_seqlens).spread(row_scale) * policy_scale)
     d_entropy = grad_entropy * entropy_scale if grad_entropy is not None else logp.new_empty((0,))
     return loss.reshape(()).float(), metrics, d_logp, d_entropy
 
@@ -169,22 +169,22 @@ def _grpo_loss_op(logp: torch.Tensor, entropy: torch.Tensor | None, mask: torch.
                   old: torch.Tensor | None, ref: torch.Tensor | None, sampling: torch.Tensor | None,
                   is_ratio: torch.Tensor | None, num_items_in_batch: torch.Tensor | None,
                   batch_num_tokens: torch.Tensor | None, global_batch_size: torch.Tensor | None,
-                  draw_seed: torch.Tensor | None, options_json: str, backend: str, entropy_grad: bool
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(loss [], metrics [len(METRIC_NAMES)], d loss / d logp [B, T], d loss / d entropy [B, T] or [0])``."""
+                  draw_seed: torch.Tensor | None, cu_seqlens: torch.Tensor | None, options_json: str, backend: str,
+                  entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss [], metrics [len(METRIC_NAMES)], d loss / d logp, d loss / d entropy or [0])``, the
+    gradients in the token layout of ``logp``: ``[B, T]``, or ``[N]`` with ``cu_seqlens`` (int64 ``[S + 1]``)."""
     return _loss_forward(logp, entropy, mask, advantages, old, ref, sampling, is_ratio,
-                         (num_items_in_batch, batch_num_tokens, global_batch_size), draw_seed, options_json, backend,
-                         entropy_grad)
+                         (num_items_in_batch, batch_num_tokens, global_batch_size), draw_seed, cu_seqlens,
+                         options_json, backend, entropy_grad)
 
 
 @_grpo_loss_op.register_fake
 def _grpo_loss_fake(logp, entropy, mask, advantages, old, ref, sampling, is_ratio, num_items_in_batch,
-                    batch_num_tokens, global_batch_size, draw_seed, options_json, backend, entropy_grad):
-    B, T = logp.shape
-    d_entropy = logp.new_empty((B, T), dtype=torch.float32) if entropy_grad else logp.new_empty((0,),
-                                                                                                  dtype=torch.float32)
+                    batch_num_tokens, global_batch_size, draw_seed, cu_seqlens, options_json, backend, entropy_grad):
+    d_entropy = logp.new_empty(logp.shape, dtype=torch.float32) if entropy_grad else logp.new_empty(
+        (0,), dtype=torch.float32)
     return (logp.new_empty((), dtype=torch.float32), logp.new_empty((len(METRIC_NAMES),), dtype=torch.float32),
-            logp.new_empty((B, T), dtype=torch.float32), d_entropy)
+            logp.new_empty(logp.shape, dtype=torch.float32), d_entropy)
 
 
 def _grpo_loss_setup_context(ctx, inputs, output):
@@ -198,7 +198,7 @@ def _grpo_loss_backward(ctx, grad_loss, _grad_metrics, _grad_d_logp, _grad_d_ent
     grad_loss = grad_loss.float()
     d_logp = d_logp * grad_loss if ctx.needs_input_grad[0] else None
     d_entropy = d_entropy * grad_loss if ctx.entropy_grad and ctx.needs_input_grad[1] else None
-    return (d_logp, d_entropy) + (None,) * 13
+    return (d_logp, d_entropy) + (None,) * 14
 
 
 _grpo_loss_op.register_autograd(_grpo_loss_backward, setup_context=_grpo_loss_setup_context)

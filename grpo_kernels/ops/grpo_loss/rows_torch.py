@@ -1,13 +1,17 @@
-"""The row pass on PyTorch: the kernel's walk over whole ``[B, T]`` float32 tensors.
+"""The row pass on PyTorch: the kernel's walk over whole ``[B, T]`` (or packed ``[N]``) float32 tensors.
 
 It calls *the same* per-token jit functions as the kernel (``terms.py``), run on torch tensors by
 ``on_torch`` (``tl`` and the jit functions they call rebound to torch counterparts), so that the
-formulas and their derivatives exist once; only the data movement is written twice. Used on CPU
-without the Triton interpreter (``backend="torch"``). Returns what ``kernel.rows_triton`` returns.
+formulas and their derivatives exist once; only the data movement is written twice. Every per-row
+(per-sequence) reduction and broadcast of the torch side goes through :class:`Rows`, the one place
+that knows the layout: padded rows, or the sequences ``cu_seqlens`` cuts the packed token
+dimension into (segment reductions, no padding). Used on CPU without the Triton interpreter
+(``backend="torch"``). Returns what ``kernel.rows_triton`` returns.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 import types
 
@@ -32,8 +36,10 @@ from grpo_kernels.ops.grpo_loss.terms import (
     importance_ratio,
     rollout_is_weight,
     token_loss,
+    vespo_log_is,
     vespo_phi,
 )
+from grpo_kernels.ops.packing import sequence_of_token
 
 
 def _as_tensor(value):
@@ -94,26 +100,59 @@ def on_torch(jit_fn):
     return torch_fn
 
 
-def _row_sum(values: torch.Tensor) -> torch.Tensor:
-    """[B, T] -> [B]: every per-row (per-sequence) sum of the torch side goes through here (and
-    ``_row_max``): the one place a packed layout would change."""
-    return values.sum(1)
+class Rows:
+    """The rows of the torch row pass: padded ``[B, T]`` token tensors (``cu_seqlens`` None), or
+    packed ``[N]`` token tensors cut into S sequences by ``cu_seqlens`` (int64 ``[S + 1]``, checked).
+
+    ``sum``/``max`` reduce a token tensor per row (``[R]``), ``spread`` puts a per-row value on
+    each of the row's tokens, ``tokens`` reads an input that is per row (``[R, 1]`` packed, or
+    ``[B, T]``/``[B, 1]`` padded) or per token as a token tensor.
+    """
+
+    def __init__(self, token_shape, cu_seqlens=None):
+        self.cu_seqlens = cu_seqlens
+        self.token_shape = tuple(token_shape)
+        if cu_seqlens is None:
+            self.num_rows = self.token_shape[0]
+        else:
+            self.num_rows = cu_seqlens.shape[0] - 1
+            self.row_of_token = sequence_of_token(cu_seqlens, self.token_shape[0])
+
+    @property
+    def packed(self) -> bool:
+        return self.cu_seqlens is not None
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        if not self.packed:
+            return values.sum(1)
+        return torch.segment_reduce(values, "sum", offsets=self.cu_seqlens)
+
+    def max(self, values: torch.Tensor) -> torch.Tensor:
+        """The per-row maximum; -inf for a row without tokens."""
+        if not self.packed:
+            return values.amax(1)
+        return torch.segment_reduce(values, "max", offsets=self.cu_seqlens, initial=float("-inf"))
+
+    def spread(self, per_row: torch.Tensor) -> torch.Tensor:
+        if not self.packed:
+            return per_row[:, None].expand(self.token_shape)
+        return per_row[self.row_of_token]
+
+    def tokens(self, values: torch.Tensor) -> torch.Tensor:
+        if not self.packed:
+            return values.expand(self.token_shape)
+        return self.spread(values[:, 0]) if values.dim() == 2 else values
 
 
-def _row_max(values: torch.Tensor) -> torch.Tensor:
-    """[B, T] -> [B], the per-row maximum."""
-    return values.amax(1)
-
-
-def rollout_correction_rows(cfg, x, o, s, m):
-    """Rollout correction on ``[B, T]`` float32 tensors (``x`` logp, ``o`` old, ``s`` sampling, ``m``
-    mask): ``(kept [B, T] bool or None, raw IS ratio [B, T] or None)``. ``kept``: the tokens rejection
-    sampling keeps; the raw ratio is exp(clamp(l, +-20)) per token or per row, before
-    ``rollout_is_mode``; l = logp - old (bypass) or old - sampling (decoupled)."""
+def rollout_correction_rows(cfg, rows, x, o, s, m):
+    """Rollout correction on float32 token tensors (``x`` logp, ``o`` old, ``s`` sampling, ``m``
+    mask) of the layout ``rows``: ``(kept bool token tensor or None, raw IS ratio token tensor or
+    None, per-row raw IS ratio [R] or None)``. ``kept``: the tokens rejection sampling keeps; the
+    raw ratio is exp(clamp(l, +-20)) per token or per row, before ``rollout_is_mode``; l = logp -
+    old (bypass) or old - sampling (decoupled)."""
     if not cfg.rollout_correction:
-        return None, None
+        return None, None, None
     train, rollout = (x, o) if cfg.bypass_mode else (o, s)
-    B, T = m.shape
     active = m != 0
     zero = torch.zeros((), device=m.device, dtype=torch.float32)
     kept = None
@@ -122,21 +161,22 @@ def rollout_correction_rows(cfg, x, o, s, m):
         stat = on_torch(criterion.stat)(train, rollout)
         if criterion.level != RS_TOKEN:
             if criterion.level == RS_SEQ_MAX:
-                stat = _row_max(torch.where(active, stat, float("-inf")))
+                stat = rows.max(torch.where(active, stat, float("-inf")))
                 stat = torch.where(stat == float("-inf"), zero, stat)  # a row without tokens: 0
             else:
-                stat = _row_sum(torch.where(active, stat * m, zero))
+                stat = rows.sum(torch.where(active, stat * m, zero))
                 if criterion.level == RS_SEQ_MEAN:
-                    stat = stat / (_row_sum(m) + 1e-8)
-            stat = stat[:, None].expand(B, T)
+                    stat = stat / (rows.sum(m) + 1e-8)
+            stat = rows.spread(stat)
         kept = (stat >= cfg.rs_lower) & (stat <= cfg.rs_upper)
-    is_ratio = None
+    is_ratio = row_is_ratio = None
     if cfg.rollout_is == "token":
         is_ratio = torch.exp((train - rollout).clamp(-20.0, 20.0))
     elif cfg.rollout_is == "sequence":
-        log_ratio = _row_sum(torch.where(active, (train - rollout) * m, zero))
-        is_ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))[:, None].expand(B, T)
-    return kept, is_ratio
+        log_ratio = rows.sum(torch.where(active, (train - rollout) * m, zero))
+        row_is_ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))
+        is_ratio = rows.spread(row_is_ratio)
+    return kept, is_ratio, row_is_ratio
 
 
 def rollout_is_batch_scale(cfg, t) -> torch.Tensor:
@@ -146,21 +186,22 @@ def rollout_is_batch_scale(cfg, t) -> torch.Tensor:
     device = t["logp"].device
     if not cfg.rollout_is_batch_normalize:
         return torch.ones(1, device=device, dtype=torch.float32)
+    rows = Rows(t["logp"].shape, t.get("cu_seqlens"))
     x = t["logp"].detach().float()
     m = t["mask"].to(torch.float32)
     active = m != 0
     zero = torch.zeros((), device=device, dtype=torch.float32)
     o = t["old"]
     s = t["sampling"] if t["sampling"] is not None else o
-    _, is_ratio = rollout_correction_rows(cfg, torch.where(active, x, zero), torch.where(active, o, zero),
-                                     torch.where(active, s, zero), m)
-    weight = on_torch(rollout_is_weight)(is_ratio, cfg.is_clip_min, cfg.is_clip_max,
-                                         int(cfg.rollout_is_mode == "mask"))
+    _, is_ratio, row_is_ratio = rollout_correction_rows(
+        cfg, rows, torch.where(active, x, zero), torch.where(active, o, zero), torch.where(active, s, zero), m)
+    weight_of = functools.partial(on_torch(rollout_is_weight), clip_min=cfg.is_clip_min, clip_max=cfg.is_clip_max,
+                                  mask_mode=int(cfg.rollout_is_mode == "mask"))
     if cfg.rollout_is == "token":
-        total = torch.stack([torch.where(active, weight * m, zero).sum(), m.sum()])
+        total = torch.stack([torch.where(active, weight_of(is_ratio) * m, zero).sum(), m.sum()])
     else:
-        has_tokens = _row_sum(m) > 0
-        total = torch.stack([torch.where(has_tokens, weight[:, 0], zero).sum(), has_tokens.float().sum()])
+        has_tokens = rows.sum(m) > 0
+        total = torch.stack([torch.where(has_tokens, weight_of(row_is_ratio), zero).sum(), has_tokens.float().sum()])
     if world_size() > 1:
         torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
     mean = total[0] / total[1].clamp(min=1e-30)
@@ -168,9 +209,10 @@ def rollout_is_batch_scale(cfg, t) -> torch.Tensor:
 
 
 def rows_torch(cfg, t):
-    """The kernel's walk over whole [B, T] float32 tensors, calling the same per-token functions."""
+    """The kernel's walk over whole float32 token tensors (``[B, T]``, or packed ``[N]`` with
+    ``t["cu_seqlens"]``), calling the same per-token functions."""
     x = t["logp"].detach()
-    B, T = x.shape
+    rows = Rows(x.shape, t.get("cu_seqlens"))
     m = t["mask"].to(torch.float32)
     active = m != 0
     zero = torch.zeros((), device=x.device, dtype=torch.float32)
@@ -179,14 +221,15 @@ def rows_torch(cfg, t):
     o = torch.where(active, t["old"], zero) if t["old"] is not None else x
     r = torch.where(active, t["ref"], zero) if t["ref"] is not None else x
     s = torch.where(active, t["sampling"], zero) if t["sampling"] is not None else o
-    a = t["advantages"].expand(B, T)
+    a = rows.tokens(t["advantages"])
     ent = t["entropy"].detach() if t["entropy"] is not None else torch.zeros_like(x)
     switches = kernel_switches(cfg)
     rollout_is_torch, ratio_torch, token_loss_torch = (
         on_torch(rollout_is_weight), on_torch(importance_ratio), on_torch(token_loss))
+    mask_mode = int(cfg.rollout_is_mode == "mask")
 
     # rollout correction: rejected tokens leave the mask, the computed IS weight replaces the given one
-    kept, computed_is_ratio = rollout_correction_rows(cfg, x, o, s, m)
+    kept, computed_is_ratio, _ = rollout_correction_rows(cfg, rows, x, o, s, m)
     rejected = torch.zeros_like(m)
     if kept is not None:
         rejected = torch.where(kept, zero, m)
@@ -195,32 +238,38 @@ def rows_torch(cfg, t):
     if computed_is_ratio is not None:
         is_ratio = computed_is_ratio
     else:
-        is_ratio = t["is_ratio"].expand(B, T) if t["is_ratio"] is not None else torch.ones_like(x)
-    is_ratio = rollout_is_torch(is_ratio, cfg.is_clip_min, cfg.is_clip_max, int(cfg.rollout_is_mode == "mask"))
+        is_ratio = rows.tokens(t["is_ratio"]) if t["is_ratio"] is not None else torch.ones_like(x)
+    is_ratio = rollout_is_torch(is_ratio, cfg.is_clip_min, cfg.is_clip_max, mask_mode)
     # the weight that multiplies the policy term (VESPO folds the ratio into its own weight instead)
     is_weight = torch.ones_like(x) if cfg.policy.folds_is_ratio else is_ratio * t["is_scale"]
 
-    tokens = _row_sum(m)
+    tokens = rows.sum(m)
     inv_tokens = 1.0 / tokens.clamp(min=1.0)
     row_value = torch.zeros_like(tokens)
     seq_norm = inv_tokens
     if switches["ROW_LOG_RATIO"] in (ROW_LOG_RATIO_MEAN, ROW_LOG_RATIO_SUM):
         if switches["ROW_LOG_RATIO"] == ROW_LOG_RATIO_SUM:
             seq_norm = torch.ones_like(tokens)  # the summed log-ratio (TRL's RLOO)
-        seq_rho, seq_drho = ratio_torch(_row_sum(torch.where(active, (x - o) * m, zero)) * seq_norm,
+        seq_rho, seq_drho = ratio_torch(rows.sum(torch.where(active, (x - o) * m, zero)) * seq_norm,
                                         cfg.log_ratio_bound)
-        rho = seq_rho[:, None].expand(B, T)
+        rho = rows.spread(seq_rho)
     elif switches["ROW_LOG_RATIO"] == ROW_LOG_RATIO_GMPO:
         g, dg = on_torch(gmpo_log_ratio)(x, o, a, *cfg.policy_params()[:2])
         seq_norm = 1.0 / (tokens + 1e-8)
-        seq_rho = torch.exp(_row_sum(torch.where(active, g * m, zero)) * seq_norm)
+        seq_rho = torch.exp(rows.sum(torch.where(active, g * m, zero)) * seq_norm)
         seq_drho = seq_rho
-        rho = seq_rho[:, None].expand(B, T)
+        rho = rows.spread(seq_rho)
     else:
         rho, drho_dx = ratio_torch(x - o, cfg.log_ratio_bound)
     if switches["ROW_LOG_RATIO"] == ROW_LOG_RATIO_VESPO:
-        log_ratio_sum = _row_sum(torch.where(active, (x - o).clamp(-20.0, 20.0) * m, zero))
-        log_is_sum = _row_sum(torch.log(is_ratio).clamp(LOG_1E_8, 20.0))  # every position, as TRL
+        log_ratio_sum = rows.sum(torch.where(active, (x - o).clamp(-20.0, 20.0) * m, zero))
+        given = t["is_ratio"]
+        if given is None:
+            log_is_sum = torch.zeros_like(tokens)
+        elif rows.packed and given.dim() == 2 or not rows.packed and given.stride(1) == 0:  # per row: once
+            log_is_sum = on_torch(vespo_log_is)(given[:, 0], cfg.is_clip_min, cfg.is_clip_max, mask_mode)
+        else:  # per token: every position of the row, as TRL
+            log_is_sum = rows.sum(on_torch(vespo_log_is)(given, cfg.is_clip_min, cfg.is_clip_max, mask_mode))
         row_value = (log_ratio_sum + log_is_sum).clamp(LOG_1E_8, 20.0)
 
     threshold = t["entropy_threshold"]
@@ -228,11 +277,11 @@ def rows_torch(cfg, t):
     multiplier = torch.where(entropy_mask, is_weight, zero)
     if cfg.off_policy_mask_threshold is not None:
         kl_off = torch.nan_to_num(s - x, nan=0.0)
-        off_policy_kl = _row_sum(torch.where(active, kl_off * m, zero)) * inv_tokens
-        keep = (a >= 0) | (off_policy_kl[:, None] <= cfg.off_policy_mask_threshold)
+        off_policy_kl = rows.sum(torch.where(active, kl_off * m, zero)) * inv_tokens
+        keep = (a >= 0) | (rows.spread(off_policy_kl) <= cfg.off_policy_mask_threshold)
         multiplier = torch.where(keep, multiplier, zero)
 
-    aux = t["token_value"] if switches["TOKEN_VALUE"] else row_value[:, None].expand(B, T)
+    aux = t["token_value"] if switches["TOKEN_VALUE"] else rows.spread(row_value)
     loss_t, dloss_dx, dloss_drho, kl, is_low, is_high, is_lower = token_loss_torch(
         x, o, r, a, rho, aux, multiplier, *cfg.policy_params(), cfg.beta,
         int(cfg.use_bias_correction_kl), on_torch(switches["POLICY"]), on_torch(switches["KL"]))
@@ -240,10 +289,10 @@ def rows_torch(cfg, t):
     weight = torch.where(active, m, zero)
     grad = torch.where(active, weight * dloss_dx, zero)
     if switches["ROW_LOG_RATIO"] in (ROW_LOG_RATIO_MEAN, ROW_LOG_RATIO_GMPO, ROW_LOG_RATIO_SUM):
-        row_dloss_drho = _row_sum(torch.where(active, weight * dloss_drho, zero))
+        row_dloss_drho = rows.sum(torch.where(active, weight * dloss_drho, zero))
         per_token = m * dg if switches["ROW_LOG_RATIO"] == ROW_LOG_RATIO_GMPO else m
         row_coef = torch.where(row_dloss_drho != 0, row_dloss_drho * seq_drho * seq_norm, zero)
-        grad = grad + torch.where(active, per_token * row_coef[:, None], zero)
+        grad = grad + torch.where(active, per_token * rows.spread(row_coef), zero)
     else:  # (a term that does not depend on rho adds nothing, even where d rho overflows to inf)
         grad = grad + torch.where(active & (dloss_drho != 0), weight * dloss_drho * drho_dx, zero)
 
@@ -253,18 +302,18 @@ def rows_torch(cfg, t):
     if switches["ROW_LOG_RATIO"] == ROW_LOG_RATIO_VESPO:
         phi = on_torch(vespo_phi)(row_value, t["advantages"][:, 0], *cfg.policy_params())
     row_stats = torch.stack([
-        _row_sum(torch.where(active, loss_t * weight, zero)),
-        _row_sum(torch.where(active, kl * m, zero)),
-        _row_sum(torch.where(is_low, masked, zero)),
-        _row_sum(torch.where(is_high, masked, zero)),
-        _row_sum(torch.where(is_low | is_high, masked, zero)),
-        _row_sum(torch.where(active, ent * m, zero)),
-        _row_sum(masked),
-        _row_sum(torch.where(entropy_mask, ent * m, zero)),
-        _row_sum(effective),
-        _row_sum(torch.where(is_lower, masked, zero)),
+        rows.sum(torch.where(active, loss_t * weight, zero)),
+        rows.sum(torch.where(active, kl * m, zero)),
+        rows.sum(torch.where(is_low, masked, zero)),
+        rows.sum(torch.where(is_high, masked, zero)),
+        rows.sum(torch.where(is_low | is_high, masked, zero)),
+        rows.sum(torch.where(active, ent * m, zero)),
+        rows.sum(masked),
+        rows.sum(torch.where(entropy_mask, ent * m, zero)),
+        rows.sum(effective),
+        rows.sum(torch.where(is_lower, masked, zero)),
         phi,
-        _row_sum(torch.where(active, is_weight * m, zero)),
-        _row_sum(rejected),
+        rows.sum(torch.where(active, is_weight * m, zero)),
+        rows.sum(rejected),
     ], dim=1)
     return row_stats, grad, (effective if t["entropy_grad"] else None)

@@ -28,9 +28,11 @@ def _switch_combinations():
     mask on the default KL estimator, then every KL estimator once (the estimator is a leaf of
     ``terms.token_loss`` and shares no code with the switches it is not combined with), then rollout
     correction: each source x IS level x rejection level, each rejection statistic once, and the
-    heaviest combinations (sequence-level ratios, the off-policy mask and rejection together)."""
+    heaviest combinations (sequence-level ratios, the off-policy mask and rejection together).
+    Packed sequences (``PACKED``: the same walks over segments): every policy x ratio level, each
+    rollout-correction reduction, and the heaviest combinations."""
     combos = {}
-    off = {"RC_SOURCE": 0, "RC_IS": 0, "RS_LEVEL": RS_NONE, "RS_STAT": DEFAULT_RS_STAT}
+    off = {"RC_SOURCE": 0, "RC_IS": 0, "RS_LEVEL": RS_NONE, "RS_STAT": DEFAULT_RS_STAT, "PACKED": False}
 
     def add(switches):
         combos[tuple((k, id(v) if callable(v) else v) for k, v in switches.items())] = switches
@@ -48,6 +50,7 @@ def _switch_combinations():
                 continue
             for off_policy in (False, True) if spec.off_policy_mask else (False,):
                 add(switches_of(name, level, off_policy))
+            add(switches_of(name, level, PACKED=True))
     for jit, _ in KL_ESTIMATORS.values():
         add(switches_of("dapo", kl=jit))
     rejection_levels = {criterion.level: criterion.stat for criterion in REJECTION_SAMPLING.values()}
@@ -62,10 +65,15 @@ def _switch_combinations():
         spec = LOSS_TYPES_TABLE[name]  # the row reductions and token selection, with what they allow
         add(switches_of(name, level, RC_SOURCE=2, RC_IS=1, RS_LEVEL=RS_TOKEN if "rollout_rs" in spec.rollout_correction
                         else RS_NONE))
+    for rc_is in range(1, len(ROLLOUT_IS_LEVELS)):  # packed: each per-row reduction of rollout correction
+        add(switches_of("dapo", RC_SOURCE=1, RC_IS=rc_is, PACKED=True))
+    for rs_level, stat in rejection_levels.items():
+        add(switches_of("dapo", RC_SOURCE=2, RS_LEVEL=rs_level, RS_STAT=stat, PACKED=True))
     for rs_level in (RS_TOKEN, RS_SEQ_MAX):  # the heaviest
         for name in ("grpo", "rloo"):
-            add(switches_of(name, "sequence" if name == "grpo" else "token", off_policy=True, RC_SOURCE=1, RC_IS=2,
-                            RS_LEVEL=rs_level, RS_STAT=rejection_levels[rs_level]))
+            for packed in (False, True):
+                add(switches_of(name, "sequence" if name == "grpo" else "token", off_policy=True, RC_SOURCE=1,
+                                RC_IS=2, RS_LEVEL=rs_level, RS_STAT=rejection_levels[rs_level], PACKED=packed))
     return list(combos.values())
 
 
@@ -75,6 +83,7 @@ def sm90_compile_specs() -> list[CompileSpec]:
     signature["Mask"] = None  # per spec
     signature.update({name: "*fp32" for name in ("Entropy", "RolloutRatio", "EntropyThreshold", "TokenValue",
                                                  "IsScale", "GradLogp", "GradEntropy", "RowStats")})
+    signature["CuSeqlens"] = None  # per spec: int64 cu_seqlens packed, a placeholder (RowStats) padded
     signature.update({name: "i32" for name in (
         "B", "T", "stride_logp", "stride_old", "stride_ref", "stride_sampling", "stride_mask",
         "stride_adv_b", "stride_adv_t", "stride_ent_b", "stride_ent_t", "stride_is_b", "stride_is_t",
@@ -90,13 +99,16 @@ def sm90_compile_specs() -> list[CompileSpec]:
         constexprs = dict(switches, BLOCK_B=BLOCK_B, BLOCK_T=BLOCK_T)
         label = ",".join(f"{k.lower()}={v.fn.__name__ if callable(v) else v}" for k, v in switches.items())
         # the mask dtype does not interact with the loss type: every dtype once, on the default switches
-        first_of_policy = not switches["OFF_POLICY"] and switches["KL"] is kl_trl_k3 and not switches["RC_SOURCE"]
+        first_of_policy = (not switches["OFF_POLICY"] and switches["KL"] is kl_trl_k3 and not switches["RC_SOURCE"]
+                           and not switches["PACKED"])
         mask_types = KERNEL_MASK_DTYPES.values() if first_of_policy else ("fp32",)
+        cu_seqlens_ty = "*i64" if switches["PACKED"] else "*fp32"
         for mask_ty in mask_types:
             specs.append(CompileSpec(
                 name=f"grpo_loss[{label},mask={mask_ty}]",
                 kernel=grpo_loss_kernel,
-                signature={**signature, "Mask": f"*{mask_ty}", **{name: "constexpr" for name in constexprs}},
+                signature={**signature, "Mask": f"*{mask_ty}", "CuSeqlens": cu_seqlens_ty,
+                           **{name: "constexpr" for name in constexprs}},
                 constexprs=constexprs,
                 num_warps=NUM_WARPS,
                 num_stages=NUM_STAGES,

@@ -89,6 +89,14 @@ def vespo_phi(log_w, a, k_pos, lambda_pos, k_neg, lambda_neg):
 
 
 @triton.jit
+def vespo_log_is(is_ratio, is_clip_min, is_clip_max, is_mask_mode):
+    """VESPO's share of a rollout IS ratio in its summed log-ratio: clamp(log w, log 1e-8, 20), w the
+    ratio after ``rollout_is_mode`` (``rollout_is_weight``, defined below: jit functions resolve names late)."""
+    weight = rollout_is_weight(is_ratio, is_clip_min, is_clip_max, is_mask_mode)
+    return tl.minimum(tl.maximum(tl.log(weight), -18.420680743952367), 20.0)
+
+
+@triton.jit
 def policy_vespo(x, o, rho, a, row_value, k_pos, lambda_pos, k_neg, lambda_neg):
     """VESPO: P = -stopgrad(phi(w)) A logp, log w = the row's clamped summed log-ratio (row_value)."""
     phi = vespo_phi(row_value, a, k_pos, lambda_pos, k_neg, lambda_neg)
