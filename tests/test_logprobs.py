@@ -342,6 +342,44 @@ def test_softcap_far_beyond_the_cap(device, backend):
         assert torch.isfinite(g).all() and (g - w).abs().max() <= 1e-3 * w.abs().max()
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("softcap", [2.0, 30.0, 1e4, 1e30, FLOAT32_MAX])
+def test_softcap_accurate_at_every_size(device, backend, softcap):
+    # tanh as 2 sigmoid(2x) - 1 carried ~6e-8 absolute error, times the cap: at softcap=1e4 a
+    # log-prob error of 8e-4, at 1e30 (which must equal no cap) 1.4 and d hidden 83% off. Both
+    # paths now agree with float64 to float32 rounding of the logits (|y| up to ~30 here, both of
+    # tanh's regimes at the small caps), values and gradients, per-row temperatures too.
+    hidden, weight, bias, targets = make_inputs((17,), 24, 53, torch.float32, device, bias=True, masked=2,
+                                                logit_scale=8.0)
+    temperature = torch.rand(17, device=device) + 0.5
+    lead = hidden.shape[:-1]
+    cotangents = tuple(torch.randn(lead, device=device) for _ in range(3))
+    got = run_full(gk.token_logprobs, hidden, weight, bias, targets, cotangents, softcap=softcap,
+                   temperature=temperature, backend=backend)
+    want = run_full(token_logprobs_reference, hidden, weight, bias, targets, cotangents, softcap=softcap,
+                    temperature=temperature)
+    scale = want[0][2].abs().max() + 1  # float32 logits carry ~1e-7 of |z|: log-probs near 0 too
+    for name, g, w in zip(("logp", "entropy", "lse"), got[0], want[0]):
+        assert (g.double() - w.double()).abs().max() < 2e-6 * scale, name
+    for name, g, w in zip(("hidden", "weight", "bias"), got[1], want[1]):
+        assert rel_err(g, w) < 5e-6, name  # ~2e-6 without any cap at this logit scale (|y| ~ 30)
+    if softcap >= 1e30:  # a cap far beyond the logits is no cap, to float32 rounding
+        plain = run_full(gk.token_logprobs, hidden, weight, bias, targets, cotangents, temperature=temperature,
+                         backend=backend)
+        for g, w in zip(got[0] + got[1], plain[0] + plain[1]):
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6 * scale.item())
+
+
+@pytest.mark.parametrize("softcap", [1e39, 1e300, 1e-39, 1e-300])
+def test_softcap_beyond_float32_refused(device, softcap):
+    # 1e300 became inf in the kernels (NaN log-probs); a subnormal flushes to 0 on the GPU
+    with pytest.raises(ValueError, match=r"softcap must be a normal float32, in \[2\*\*-126, 3.402823e\+38\]"):
+        gk.token_logprobs(*_ok(device), softcap=softcap)
+
+
 @pytest.mark.parametrize("backend,backward", [("triton", "workspace"), ("triton", "atomic"), ("torch", "workspace")])
 def test_k_targets_per_row(device, backend, backward):
     vocab, k = 53, 4

@@ -71,7 +71,9 @@ def token_logprobs(
             must be a ``bool``: anything else (``"no"``, 0, a tensor) is a ``TypeError``.
         return_lse: also return ``logsumexp(z)`` per row (differentiable: a z-loss, or a caller's
             own normalization).
-        softcap: logit soft-capping (Gemma 2/3's ``final_logit_softcapping``), finite > 0, or None.
+        softcap: logit soft-capping (Gemma 2/3's ``final_logit_softcapping``), a normal float32
+            (``[2**-126, 3.4e38]``), or None; accurate to float32 rounding at any size (1e30 is no
+            cap), see docs/semantics.md.
         filter_eps: backward only: skip ``[BLOCK_N, BLOCK_V]`` tiles whose every ``|d logit|`` is
             below this (Cut Cross-Entropy's gradient filtering, e.g. ``2**-12`` for bf16). ``None``
             (default) is exact.

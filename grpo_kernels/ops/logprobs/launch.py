@@ -54,12 +54,13 @@ GPU_CONFIG: dict[str, dict[torch.dtype, LaunchConfig]] = {
     # The forward with a top-k (``topk=k``): besides the tile, an int64 [BLOCK_N, TOPK] list and
     # the tile's int64 keys while they are inserted. Smaller tiles than "fwd": at fwd's, ptxas
     # spilled (bf16 128 x 128: 200-300 bytes; 64 x 128: 8) where these spill nothing (sm90_check;
-    # see docs/semantics.md). BLOCK_D as "fwd" (the dot's reduction order). float32: 32 x 128 (at
-    # 32 x 64 ptxas held the kernel to 128 or 168 registers and spilled 4-40 B).
+    # see docs/semantics.md). BLOCK_D as "fwd" (the dot's reduction order). float32: 16 x 256 (at
+    # 32 x 64 and 32 x 128 ptxas held the kernel to 128 or 168 registers and spilled 4-40 B in some
+    # variants; 16 x 256 compiles every variant in 192-214 registers).
     "fwd_topk": {
         torch.bfloat16: LaunchConfig(64, 64, 64, 8, 3),
         torch.float16: LaunchConfig(64, 64, 64, 8, 3),
-        torch.float32: LaunchConfig(32, 128, 32, 8, 3),
+        torch.float32: LaunchConfig(16, 256, 32, 8, 3),
     },
     # The merge of the forward's split partials: BLOCK_N rows per program (BLOCK_V, BLOCK_D unused).
     "merge": {
@@ -68,11 +69,12 @@ GPU_CONFIG: dict[str, dict[torch.dtype, LaunchConfig]] = {
         torch.float32: LaunchConfig(128, 1, 1, 4, 1),
     },
     # The default backward: one program recomputes one [BLOCK_N, BLOCK_V] logit tile and stores
-    # its d logits (the same main loop as the forward, so the same tiles and stages).
+    # its d logits (the same main loop as the forward, so the same tiles). float32: 1 stage (at 2
+    # or 3, ptxas spilled 4-8 B with a soft-cap; the stages change no arithmetic).
     "dlogits": {
         torch.bfloat16: LaunchConfig(128, 128, 64, 8, 3),
         torch.float16: LaunchConfig(128, 128, 64, 8, 3),
-        torch.float32: LaunchConfig(64, 64, 32, 4, 3),
+        torch.float32: LaunchConfig(64, 64, 32, 4, 1),
     },
     # The atomic backward (backward="atomic"): one tile, then its products scattered with atomics.
     "bwd_atomic": {

@@ -25,6 +25,10 @@ from grpo_kernels.ops.utils import (
 
 # The backward schemes (token_logprobs' ``backward``): the default first.
 BACKWARDS = ("workspace", "atomic")
+# softcap is a float32 in the kernels (and y / softcap on the torch path): a normal one, from the
+# smallest normal 2**-126 (a subnormal flushes to 0 on the GPU) to float32's largest, 3.4e38
+# (1e300 became inf: NaN log-probs). 1e30 already equals no cap to float32 rounding.
+SOFTCAP_RANGE = (2.0**-126, float(torch.finfo(torch.float32).max))
 # ignore_index is compared with int32 ids on the device: it must be an int32 itself.
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
@@ -270,6 +274,9 @@ def _validate(hidden, weight, targets, bias, temperature, ignore_index, filter_e
         filter_eps = check_positive_finite("filter_eps", filter_eps)
     if softcap is not None:
         softcap = check_positive_finite("softcap", softcap)
+        if not SOFTCAP_RANGE[0] <= softcap <= SOFTCAP_RANGE[1]:
+            raise ValueError(f"softcap must be a normal float32, in [2**-126, {SOFTCAP_RANGE[1]:.7g}] (the logits are "
+                             f"float32), got {softcap:.7g}; a cap beyond the logits' size (e.g. 1e30) is no cap")
     return temperature, filter_eps, softcap
 
 

@@ -36,6 +36,9 @@ _SLAB_BYTES = 64 * 2**20
 # The slab's row count never drops below this (GEMM efficiency): a vocabulary wider than
 # _SLAB_BYTES / (4 * _MIN_SLAB_ROWS) is tiled instead.
 _MIN_SLAB_ROWS = 512
+# Beyond this soft-cap, 1 / softcap would be a float32 subnormal (or flush to 0 on a GPU): the
+# factor is split into 2**-64 on hidden and 2**64 / softcap on the tile, both normal floats.
+_SPLIT_CAP = 2.0**64
 # Rows of a tile whose elementwise passes run together: each such block (and its scratch
 # buffers) stays in cache across the passes.
 _BLOCK_BYTES = 4 * 2**20
@@ -92,6 +95,11 @@ class _Head:
 
     def __init__(self, weight, bias, temperature, softcap):
         self.weight, self.bias, self.softcap = weight, bias, softcap
+        # x = y / softcap as (y * hidden_factor) * tile_factor: one factor while 1 / softcap is a
+        # normal float32 with room to spare, else two (see _SPLIT_CAP)
+        split = softcap is not None and softcap > _SPLIT_CAP
+        self.hidden_factor = None if softcap is None else (1.0 / _SPLIT_CAP if split else 1.0 / softcap)
+        self.tile_factor = _SPLIT_CAP / softcap if split else None
         if isinstance(temperature, torch.Tensor):
             self.temperature, self.inv_temp_rows = None, temperature
         else:
@@ -114,11 +122,12 @@ class _Head:
         return self._chunk
 
     def pre_activation_into(self, slab, hidden_rows, v0, v1, r0):
-        """slab [r, v1 - v0] <- z, or y / softcap under a softcap (``activate`` finishes it)."""
+        """slab [r, v1 - v0] <- z, or y / softcap under a softcap (y * 2**-64 beyond _SPLIT_CAP;
+        ``activate`` finishes it)."""
         r1 = r0 + hidden_rows.shape[0]
         # The factor goes onto the [r, D] operand rather than over the [r, V] tile.
         if self.softcap is not None:
-            scale = 1.0 / self.softcap
+            scale = self.hidden_factor
         else:
             scale = self.inv_temp(r0, r1)
         per_row = isinstance(scale, torch.Tensor)
@@ -139,13 +148,17 @@ class _Head:
         """In place on a row block starting at compacted row ``r0``: y / softcap -> z (no-op
         without a softcap); optionally writes 1 - tanh^2(y / softcap) into ``cap_derivative``."""
         if self.softcap is not None:
+            if self.tile_factor is not None:
+                block.mul_(self.tile_factor)
             if cap_derivative is not None:
                 # 1 / cosh^2(x), not 1 - tanh^2(x): the latter cancels to 0 or a few ulps once tanh
                 # rounds to +-1 (|x| > ~9 in float32), where the true derivative is e^{-2|x|}-small
                 # but not 0 (cosh overflowing to inf gives the right 0 beyond |x| ~ 89)
                 torch.cosh(block, out=cap_derivative).square_().reciprocal_()
             block.tanh_()
-            if self.inv_temp_rows is None:
+            if self.tile_factor is not None:  # softcap / T may overflow float32 where z does not
+                block.mul_(self.softcap).mul_(self.inv_temp(r0, r0 + block.shape[0]))
+            elif self.inv_temp_rows is None:
                 block.mul_(self.softcap / self.temperature)
             else:
                 block.mul_(self.inv_temp(r0, r0 + block.shape[0]) * self.softcap)
@@ -157,8 +170,12 @@ class _Head:
         return values if self.softcap is None else self.activate(values.clone(), r0)
 
     def cap_derivative(self, values):
-        """1 - tanh^2(y / softcap) of gathered pre-activation values y / softcap (None without a softcap)."""
-        return None if self.softcap is None else values.cosh().square().reciprocal()
+        """1 - tanh^2(y / softcap) of gathered pre-activation values (``pre_activation_into``'s;
+        None without a softcap)."""
+        if self.softcap is None:
+            return None
+        x = values * self.tile_factor if self.tile_factor is not None else values
+        return x.cosh().square().reciprocal()
 
 
 def _scratch(numel, device, needed=True):
