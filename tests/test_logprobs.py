@@ -219,6 +219,60 @@ def test_gradient_filtering(device, backward):
     assert all((g == 0).all() for g in skipped[2])
 
 
+def _filtered_reference_grads(hidden, weight, bias, targets, grad_logp, eps, tile):
+    """float64 gradients of <grad_logp, logp> with every [BLOCK_N, BLOCK_V] tile of d y (over the
+    compacted active rows and the ids from 0) whose max |d y| < eps zeroed; also the sorted tile
+    maxima."""
+    h64, w64, b64 = (t.detach().double().requires_grad_() for t in (hidden, weight, bias))
+    y = (h64 @ w64.t() + b64).detach().requires_grad_()
+    logp = torch.log_softmax(y, -1).gather(1, targets.clamp_min(0)[:, None])[:, 0]
+    (torch.where(targets >= 0, logp, 0.0) * grad_logp.double()).sum().backward()
+    active = ((targets >= 0) & (grad_logp != 0)).nonzero()[:, 0]
+    block_n, block_v = tile
+    dy = y.grad[active]
+    maxima = []
+    for i0 in range(0, dy.shape[0], block_n):
+        for v0 in range(0, dy.shape[1], block_v):
+            tile_max = dy[i0:i0 + block_n, v0:v0 + block_v].abs().max()
+            maxima.append(tile_max.item())
+            if tile_max < eps:
+                dy[i0:i0 + block_n, v0:v0 + block_v] = 0.0
+    full = torch.zeros_like(y.grad)
+    full[active] = dy
+    grads = (full @ w64, full.t() @ h64.detach(), full.sum(0))
+    return grads, sorted(maxima)
+
+
+@pytest.mark.parametrize("backward", ["workspace", "atomic"])
+def test_filter_eps_means_the_same_on_both_paths(device, backward):
+    # filter_eps zeroed d y tiles on the Triton path and was ignored on the torch path: now both
+    # drop the same tiles (the Triton backward's, torch_path.filter_tile), d bias included.
+    from grpo_kernels.ops.logprobs.torch_path import filter_tile
+
+    hidden, weight, bias, targets = make_inputs((45,), 16, 70, torch.float32, device, bias=True, masked=4,
+                                                logit_scale=6.0)
+    grad_logp = torch.randn(45, device=device) * torch.logspace(-6, 0, 45, device=device)[torch.randperm(45)]
+    grad_logp[torch.randperm(45)[:5]] = 0.0  # rows compacted away before the tiles are cut
+    tile = filter_tile(backward, torch.float32, device.type)
+    _, maxima = _filtered_reference_grads(hidden, weight, bias, targets, grad_logp, 0.0, tile)
+    # eps in the widest gap between tile maxima of the middle half: some tiles kept, some dropped,
+    # and far from every tile's max on both paths
+    quarter = len(maxima) // 4
+    ratio, index = max((maxima[i + 1] / maxima[i], i) for i in range(quarter, len(maxima) - quarter))
+    assert ratio > 1.05
+    eps = math.sqrt(maxima[index] * maxima[index + 1])
+    want, _ = _filtered_reference_grads(hidden, weight, bias, targets, grad_logp, eps, tile)
+    runs = {backend: run(gk.token_logprobs, hidden, weight, bias, targets, grad_logp, None, filter_eps=eps,
+                         backend=backend, backward=backward)[2] for backend in BACKENDS}
+    exact = run(gk.token_logprobs, hidden, weight, bias, targets, grad_logp, None, backend="torch")[2]
+    for backend, grads in runs.items():
+        for name, g, w, e in zip(("hidden", "weight", "bias"), grads, want, exact):
+            assert rel_err(g, w) < 1e-5, (backend, name)
+            assert rel_err(e, w) > 1e-4, (backend, name)  # the filter dropped something that counts
+    for g_triton, g_torch in zip(runs["triton"], runs["torch"]):
+        assert rel_err(g_torch, g_triton) < 1e-5
+
+
 def test_int32_targets_and_noncontiguous_hidden(device):
     base = torch.randn(12, 2 * 20, device=device)
     hidden = base[:, ::2].requires_grad_()  # stride 2 in the last dim

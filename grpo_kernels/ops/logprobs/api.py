@@ -74,9 +74,13 @@ def token_logprobs(
         softcap: logit soft-capping (Gemma 2/3's ``final_logit_softcapping``), a normal float32
             (``[2**-126, 3.4e38]``), or None; accurate to float32 rounding at any size (1e30 is no
             cap), see docs/semantics.md.
-        filter_eps: backward only: skip ``[BLOCK_N, BLOCK_V]`` tiles whose every ``|d logit|`` is
-            below this (Cut Cross-Entropy's gradient filtering, e.g. ``2**-12`` for bf16). ``None``
-            (default) is exact.
+        filter_eps: backward only: zero every ``[BLOCK_N, BLOCK_V]`` tile of ``d y`` (the gradient
+            of the logits before cap and temperature) whose every ``|d y|`` is below this (Cut
+            Cross-Entropy's gradient filtering, e.g. ``2**-12`` for bf16); the Triton backward
+            skips such tiles. Tiles: the backward's kernel tile on this device
+            (``torch_path.filter_tile(backward, dtype, device_type)``) over the rows taking part
+            (live, non-zero incoming gradient, in order) and the vocabulary ids from 0; the torch
+            path filters the same tiles by the same rule. ``None`` (default) is exact.
         exact: ``backward="atomic"`` only, 16-bit weights only (the workspace backward always
             accumulates in float32). ``True`` (default): every gradient is accumulated in float32;
             d weight takes a second pass that recomputes the logits (5 matmuls in all instead of

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from grpo_kernels.ops.logprobs import launch
 from grpo_kernels.ops.logprobs.outputs import DRIVER_STATS, RowStats
 from grpo_kernels.ops.logprobs.temperature import inverse_temperature
 from grpo_kernels.ops.logprobs.topk import EMPTY_KEY, merge_topk, pack_keys, unpack_keys
@@ -310,6 +311,29 @@ def _fold_topk(run_keys, block, ids, k, block_rows):
         run_keys[s0:s1] = merge_topk(torch.cat([run_keys[s0:s1], tile_top], dim=1), k)
 
 
+def filter_tile(backward: str, dtype: torch.dtype, device_type: str) -> tuple[int, int]:
+    """``(BLOCK_N, BLOCK_V)``: the tile ``filter_eps`` filters by, the Triton backward's on this
+    device (``launch.launch_config`` of the d-logits kernel, or of the atomic backward's)."""
+    return launch.launch_config("bwd_atomic" if backward == "atomic" else "dlogits", dtype, device_type)[:2]
+
+
+def _filter_tiles(dz, eps, block_n, block_v):
+    """Zeroes, in place, every ``[block_n, block_v]`` tile of ``dz`` ``[r, v]`` (its first row and
+    id on tile boundaries; edge tiles partial) whose every ``|d y|`` is below ``eps``: what the
+    Triton backward skips (the d-logits kernel stores such a tile as zeros, the atomic one adds
+    nothing). Two passes over each tile's rows, no ``[r, v]`` temporary."""
+    cols = dz.shape[1]
+    col_tiles = -(-cols // block_v)
+    for i0 in range(0, dz.shape[0], block_n):
+        tile_rows = dz[i0:i0 + block_n]
+        low, high = torch.aminmax(tile_rows, dim=0)
+        col_max = torch.maximum(high, low.neg_())  # max |d y| per id, [v]
+        padded = torch.zeros(col_tiles * block_v, device=dz.device)
+        padded[:cols] = col_max
+        drop = (padded.view(col_tiles, block_v).amax(dim=1) < eps).repeat_interleave(block_v)[:cols]
+        tile_rows.masked_fill_(drop[None, :], 0.0)
+
+
 def torch_backward(hidden, weight, bias, targets, rows, lse, mean_logit, grad_logp, grad_ent,
                    temperature, filter_eps, exact, grad_hidden, grad_weight, grad_bias,
                    *, softcap=None, backward="workspace", workspace_bytes=None):
@@ -317,12 +341,13 @@ def torch_backward(hidden, weight, bias, targets, rows, lse, mean_logit, grad_lo
 
     targets [N, K] (or [N], then grad_logp [M]); lse, mean_logit (= E_p[z], or None), grad_ent
     (or None) [M]; grad_logp [M, K]. Writes grad_hidden's ``rows`` (grad_hidden may be None);
-    adds into grad_weight [V, D] and grad_bias [V] float32 (either may be None). ``filter_eps``
-    ``exact``, ``backward`` and ``workspace_bytes`` do not apply (every tile is exact, in float32,
-    within this module's own slab); the result is deterministic (fixed-order float32 sums, no
-    atomics).
+    adds into grad_weight [V, D] and grad_bias [V] float32 (either may be None). ``exact`` and
+    ``workspace_bytes`` do not apply (every tile is exact, in float32, within this module's own
+    slab); the result is deterministic (fixed-order float32 sums, no atomics). ``filter_eps``
+    filters exactly as the Triton backward named by ``backward`` does on this device: the same
+    tiles of d y (``filter_tile``; compacted rows and vocabulary ids from 0), the same rule.
     """
-    del filter_eps, exact, backward, workspace_bytes
+    del exact, workspace_bytes
     targets, was_1d = _as_2d_targets(targets)
     if was_1d:
         grad_logp = grad_logp[:, None]
@@ -331,6 +356,13 @@ def torch_backward(hidden, weight, bias, targets, rows, lse, mean_logit, grad_lo
     by_rows = _Rows(rows)
     head = _Head(weight, bias, _row_inv_temp(temperature, by_rows), softcap)
     row_chunk, vocab_chunk = _tile_sizes(num_rows, vocab)
+    if filter_eps:
+        # slabs on the filter's tile boundaries, so that every tile lies in one slab
+        tile_n, tile_v = filter_tile(backward, hidden.dtype, device.type)
+        if row_chunk < num_rows:
+            row_chunk = max(tile_n, row_chunk // tile_n * tile_n)
+        if vocab_chunk < vocab:
+            vocab_chunk = max(tile_v, vocab_chunk // tile_v * tile_v)
     block = _block_rows(row_chunk, vocab_chunk)
     slab = torch.empty(row_chunk * vocab_chunk, device=device, dtype=torch.float32)
     scratch_p = _scratch(block * vocab_chunk, device, grad_ent is not None)
@@ -395,6 +427,8 @@ def torch_backward(hidden, weight, bias, targets, rows, lse, mean_logit, grad_lo
             if cap is not None:
                 d.mul_(cap)
         dz.scatter_add_(1, columns, target_grad)
+        if filter_eps:
+            _filter_tiles(dz, filter_eps, tile_n, tile_v)
 
         if grad_hidden is not None:
             if hidden_in_place:
