@@ -423,8 +423,10 @@ def test_softcap_accurate_at_every_size(device, backend, softcap):
     if softcap >= 1e30:  # a cap far beyond the logits is no cap, to float32 rounding
         plain = run_full(gk.token_logprobs, hidden, weight, bias, targets, cotangents, temperature=temperature,
                          backend=backend)
-        for g, w in zip(got[0] + got[1], plain[0] + plain[1]):
-            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6 * scale.item())
+        for g, w in zip(got[0], plain[0]):
+            assert (g - w).abs().max() < 2e-6 * scale
+        for g, w in zip(got[1], plain[1]):  # float32 gradients: elementwise noise, compared by norm
+            assert rel_err(g, w) < 5e-6
 
 
 @pytest.mark.parametrize("softcap", [1e39, 1e300, 1e-39, 1e-300])
