@@ -310,7 +310,7 @@ def _(world, rank):
         vocab_parallel_logprobs(hidden, shard, torch.tensor([0, 1, 2]), None)
 
 
-@check("bad input: flags that are not bools, numbers that are not numbers", worlds=(2,))
+@check("bad input: flags that are not bools, numbers that are not numbers, temperatures out of range", worlds=(2,))
 def _(world, rank):
     from grpo_kernels.ops.vocab_parallel import sharded_head_logprobs, vocab_parallel_logprobs
 
@@ -325,6 +325,10 @@ def _(world, rank):
         for name, value in (("temperature", "0.5"), ("temperature", True), ("filter_eps", "1e-3")):
             with pytest.raises(TypeError, match=f"{name} must be a number"):
                 fn(hidden, shard, targets, dist.group.WORLD, **{name: value})
+        # temperatures float32 cannot take (1 / T not a float32): refused on every rank, float or tensor
+        for temperature in (1e-40, torch.tensor([1.0, 1e-40, 1.0])):
+            with pytest.raises(ValueError, match="temperature must be in|temperature holds 1 value"):
+                fn(hidden, shard, targets, dist.group.WORLD, temperature=temperature)
 
 
 def _sharded_head_case(world, rank, group, *, layout, backend, dtype, expect_layout=None):
