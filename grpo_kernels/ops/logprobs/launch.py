@@ -69,12 +69,11 @@ GPU_CONFIG: dict[str, dict[torch.dtype, LaunchConfig]] = {
         torch.float32: LaunchConfig(128, 1, 1, 4, 1),
     },
     # The default backward: one program recomputes one [BLOCK_N, BLOCK_V] logit tile and stores
-    # its d logits (the same main loop as the forward, so the same tiles). float32: 1 stage (at 2
-    # or 3, ptxas spilled 4-8 B with a soft-cap; the stages change no arithmetic).
+    # its d logits (the same main loop as the forward, so the same tiles and stages).
     "dlogits": {
         torch.bfloat16: LaunchConfig(128, 128, 64, 8, 3),
         torch.float16: LaunchConfig(128, 128, 64, 8, 3),
-        torch.float32: LaunchConfig(64, 64, 32, 4, 1),
+        torch.float32: LaunchConfig(64, 64, 32, 4, 3),
     },
     # The atomic backward (backward="atomic"): one tile, then its products scattered with atomics.
     "bwd_atomic": {
