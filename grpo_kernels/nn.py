@@ -13,6 +13,7 @@ from grpo_kernels.ops.grpo_loss import LOSS_TYPES_TABLE, OPTIONS, check_temperat
 from grpo_kernels.ops.logprobs import token_logprobs
 from grpo_kernels.ops.packing import packed_shape
 from grpo_kernels.ops.utils import check_bool
+from grpo_kernels.ops.vocab_parallel import check_process_group
 
 _IGNORE_INDEX = -100
 
@@ -95,8 +96,12 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         if own & set(self.loss_options):
             raise TypeError(f"loss_options {', '.join(sorted(own & set(self.loss_options)))}: pass them as the "
                             "constructor's (or forward's) own arguments")
-        check_bool("compiled", compiled)
-        check_bool("use_ref_model", use_ref_model)
+        # flags are bools (Liger would take "no" as True); a group is a ProcessGroup
+        for name, value in (("compiled", compiled), ("use_ref_model", use_ref_model),
+                            ("use_bias_correction_kl", use_bias_correction_kl)):
+            check_bool(name, value)
+        if process_group is not None:
+            check_process_group(process_group)
         check_temperature(temperature)
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
             raise TypeError(f"chunk_size must be an int (accepted for compatibility, no effect), "

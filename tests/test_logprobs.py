@@ -219,6 +219,60 @@ def test_gradient_filtering(device, backward):
     assert all((g == 0).all() for g in skipped[2])
 
 
+def _filtered_reference_grads(hidden, weight, bias, targets, grad_logp, eps, tile):
+    """float64 gradients of <grad_logp, logp> with every [BLOCK_N, BLOCK_V] tile of d y (over the
+    compacted active rows and the ids from 0) whose max |d y| < eps zeroed; also the sorted tile
+    maxima."""
+    h64, w64, b64 = (t.detach().double().requires_grad_() for t in (hidden, weight, bias))
+    y = (h64 @ w64.t() + b64).detach().requires_grad_()
+    logp = torch.log_softmax(y, -1).gather(1, targets.clamp_min(0)[:, None])[:, 0]
+    (torch.where(targets >= 0, logp, 0.0) * grad_logp.double()).sum().backward()
+    active = ((targets >= 0) & (grad_logp != 0)).nonzero()[:, 0]
+    block_n, block_v = tile
+    dy = y.grad[active]
+    maxima = []
+    for i0 in range(0, dy.shape[0], block_n):
+        for v0 in range(0, dy.shape[1], block_v):
+            tile_max = dy[i0:i0 + block_n, v0:v0 + block_v].abs().max()
+            maxima.append(tile_max.item())
+            if tile_max < eps:
+                dy[i0:i0 + block_n, v0:v0 + block_v] = 0.0
+    full = torch.zeros_like(y.grad)
+    full[active] = dy
+    grads = (full @ w64, full.t() @ h64.detach(), full.sum(0))
+    return grads, sorted(maxima)
+
+
+@pytest.mark.parametrize("backward", ["workspace", "atomic"])
+def test_filter_eps_means_the_same_on_both_paths(device, backward):
+    # filter_eps zeroed d y tiles on the Triton path and was ignored on the torch path: now both
+    # drop the same tiles (the Triton backward's, torch_path.filter_tile), d bias included.
+    from grpo_kernels.ops.logprobs.torch_path import filter_tile
+
+    hidden, weight, bias, targets = make_inputs((45,), 16, 70, torch.float32, device, bias=True, masked=4,
+                                                logit_scale=6.0)
+    grad_logp = torch.randn(45, device=device) * torch.logspace(-6, 0, 45, device=device)[torch.randperm(45)]
+    grad_logp[torch.randperm(45)[:5]] = 0.0  # rows compacted away before the tiles are cut
+    tile = filter_tile(backward, torch.float32, device.type)
+    _, maxima = _filtered_reference_grads(hidden, weight, bias, targets, grad_logp, 0.0, tile)
+    # eps in the widest gap between tile maxima of the middle half: some tiles kept, some dropped,
+    # and far from every tile's max on both paths
+    quarter = len(maxima) // 4
+    ratio, index = max((maxima[i + 1] / maxima[i], i) for i in range(quarter, len(maxima) - quarter))
+    assert ratio > 1.05
+    eps = math.sqrt(maxima[index] * maxima[index + 1])
+    want, _ = _filtered_reference_grads(hidden, weight, bias, targets, grad_logp, eps, tile)
+    runs = {backend: run(gk.token_logprobs, hidden, weight, bias, targets, grad_logp, None, filter_eps=eps,
+                         backend=backend, backward=backward)[2] for backend in BACKENDS}
+    exact = run(gk.token_logprobs, hidden, weight, bias, targets, grad_logp, None, backend="torch")[2]
+    for backend, grads in runs.items():
+        for name, g, w, e in zip(("hidden", "weight", "bias"), grads, want, exact):
+            assert rel_err(g, w) < 1e-5, (backend, name)
+            assert rel_err(e, w) > 1e-4, (backend, name)  # the filter dropped something that counts
+    for g_triton, g_torch in zip(runs["triton"], runs["torch"]):
+        assert rel_err(g_torch, g_triton) < 1e-5
+
+
 def test_int32_targets_and_noncontiguous_hidden(device):
     base = torch.randn(12, 2 * 20, device=device)
     hidden = base[:, ::2].requires_grad_()  # stride 2 in the last dim
@@ -340,6 +394,46 @@ def test_softcap_far_beyond_the_cap(device, backend):
         assert rel_err(g, w) < 1e-5
     for g, w in zip(got[1][:2], want[1][:2]):
         assert torch.isfinite(g).all() and (g - w).abs().max() <= 1e-3 * w.abs().max()
+
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("softcap", [2.0, 30.0, 1e4, 1e30, FLOAT32_MAX])
+def test_softcap_accurate_at_every_size(device, backend, softcap):
+    # tanh as 2 sigmoid(2x) - 1 carried ~6e-8 absolute error, times the cap: at softcap=1e4 a
+    # log-prob error of 8e-4, at 1e30 (which must equal no cap) 1.4 and d hidden 83% off. Both
+    # paths now agree with float64 to float32 rounding of the logits (|y| up to ~30 here, both of
+    # tanh's regimes at the small caps), values and gradients, per-row temperatures too.
+    hidden, weight, bias, targets = make_inputs((17,), 24, 53, torch.float32, device, bias=True, masked=2,
+                                                logit_scale=8.0)
+    temperature = torch.rand(17, device=device) + 0.5
+    lead = hidden.shape[:-1]
+    cotangents = tuple(torch.randn(lead, device=device) for _ in range(3))
+    got = run_full(gk.token_logprobs, hidden, weight, bias, targets, cotangents, softcap=softcap,
+                   temperature=temperature, backend=backend)
+    want = run_full(token_logprobs_reference, hidden, weight, bias, targets, cotangents, softcap=softcap,
+                    temperature=temperature)
+    scale = want[0][2].abs().max() + 1  # float32 logits carry ~1e-7 of |z|: log-probs near 0 too
+    for name, g, w in zip(("logp", "entropy", "lse"), got[0], want[0]):
+        assert (g.double() - w.double()).abs().max() < 2e-6 * scale, name
+    for name, g, w in zip(("hidden", "weight", "bias"), got[1], want[1]):
+        assert rel_err(g, w) < 5e-6, name  # ~2e-6 without any cap at this logit scale (|y| ~ 30)
+    if softcap >= 1e30:  # a cap far beyond the logits is no cap, to float32 rounding
+        plain = run_full(gk.token_logprobs, hidden, weight, bias, targets, cotangents, temperature=temperature,
+                         backend=backend)
+        for g, w in zip(got[0], plain[0]):
+            assert (g - w).abs().max() < 2e-6 * scale
+        for g, w in zip(got[1], plain[1]):  # float32 gradients: elementwise noise, compared by norm
+            assert rel_err(g, w) < 5e-6
+
+
+@pytest.mark.parametrize("softcap", [1e39, 1e300, 1e-39, 1e-300])
+def test_softcap_beyond_float32_refused(device, softcap):
+    # 1e300 became inf in the kernels (NaN log-probs); a subnormal flushes to 0 on the GPU
+    with pytest.raises(ValueError, match=r"softcap must be a normal float32, in \[2\*\*-126, 3.402823e\+38\]"):
+        gk.token_logprobs(*_ok(device), softcap=softcap)
 
 
 @pytest.mark.parametrize("backend,backward", [("triton", "workspace"), ("triton", "atomic"), ("torch", "workspace")])
@@ -500,7 +594,13 @@ def test_compile_fullgraph_traces_through(device):
 def test_opcheck(device, backend):
     hidden, weight, bias, targets = make_inputs((6,), 8, 13, torch.float32, device, bias=True, masked=1)
     targets = targets[:, None].repeat(1, 2)
-    args = (hidden, weight, bias, targets, 0.9, 3.0, -100, True, True, None, True, "workspace", None, backend)
+    args = (hidden, weight, bias, targets, 0.9, None, 3.0, -100, True, False, False, False, 0, True, None, True,
+            "workspace", None, backend)
+    torch.library.opcheck(torch.ops.grpo_kernels.token_logprobs.default, args)
+    # every output, per-row temperatures, one target per row
+    row_temperature = torch.rand(6, device=device) + 0.5
+    args = (hidden, weight, bias, targets[:, :1], 1.0, row_temperature, None, -100, True, True, True, True, 3, True,
+            None, True, "workspace", None, backend)
     torch.library.opcheck(torch.ops.grpo_kernels.token_logprobs.default, args)
 
 
@@ -539,19 +639,74 @@ def test_bad_k_targets_shape(device, targets_shape):
         gk.token_logprobs(hidden, weight, torch.zeros(targets_shape, dtype=torch.long, device=device))
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"backward": "fast"}, "backward must be one of"),
-    ({"backward": True}, "backward must be one of"),
-    ({"backward": None}, "backward must be one of"),
-    ({"workspace_bytes": 0}, "workspace_bytes must be an int > 0"),
-    ({"workspace_bytes": -5}, "workspace_bytes must be an int > 0"),
-    ({"workspace_bytes": 2.5e8}, "workspace_bytes must be an int > 0"),
-    ({"workspace_bytes": True}, "workspace_bytes must be an int > 0"),
-    ({"deterministic": True, "backward": "atomic"}, "deterministic=True needs backward='workspace'"),
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"backward": "fast"}, ValueError, "backward must be one of"),
+    ({"backward": True}, ValueError, "backward must be one of"),
+    ({"backward": None}, ValueError, "backward must be one of"),
+    ({"workspace_bytes": 0}, ValueError, "workspace_bytes must be an int > 0"),
+    ({"workspace_bytes": -5}, ValueError, "workspace_bytes must be an int > 0"),
+    ({"workspace_bytes": 2.5e8}, TypeError, "workspace_bytes must be an int > 0"),
+    ({"workspace_bytes": True}, TypeError, "workspace_bytes must be an int > 0"),
+    ({"workspace_bytes": "1024"}, TypeError, "workspace_bytes must be an int > 0"),
+    ({"deterministic": True, "backward": "atomic"}, ValueError, "deterministic=True needs backward='workspace'"),
 ])
-def test_bad_backward_options(device, kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_backward_options(device, kwargs, error, match):
+    with pytest.raises(error, match=match):
         gk.token_logprobs(*_ok(device), **kwargs)
+
+
+LOGPROB_FLAGS = ("return_entropy", "return_lse", "exact", "batch_invariant", "deterministic")
+
+
+@pytest.mark.parametrize("flag", LOGPROB_FLAGS)
+@pytest.mark.parametrize("value", ["no", "False", 0, 1, None, torch.tensor(True)])
+def test_flags_must_be_bools(device, flag, value):
+    # bool("no") is True: a flag given as text (a config file, a CLI) meant its opposite
+    with pytest.raises(TypeError, match=f"{flag} must be a bool"):
+        gk.token_logprobs(*_ok(device), **{flag: value})
+    if flag != "deterministic":  # the single-device entry point the vocab-parallel head shares
+        from grpo_kernels.ops.logprobs.op import single_device_logprobs
+
+        with pytest.raises(TypeError, match=f"{flag} must be a bool"):
+            single_device_logprobs(*_ok(device), **{flag: value})
+
+
+def test_numpy_bool_flags_are_bools(device):
+    np = pytest.importorskip("numpy")
+    logp, entropy = gk.token_logprobs(*_ok(device), return_entropy=np.bool_(True))
+    assert logp.shape == entropy.shape == (4,)
+
+
+@pytest.mark.parametrize("name,value", [
+    ("temperature", "0.5"), ("temperature", True), ("temperature", b"1"), ("temperature", [1.0]),
+    ("softcap", "30"), ("softcap", True), ("softcap", torch.tensor(30.0)),
+    ("filter_eps", "1e-3"), ("filter_eps", True),
+])
+def test_numbers_must_be_numbers(device, name, value):
+    with pytest.raises(TypeError, match=f"{name} must be a number"):
+        gk.token_logprobs(*_ok(device), **{name: value})
+
+
+@pytest.mark.parametrize("group", ["world", object(), 1, 0.5, torch.zeros(1)])
+def test_process_group_must_be_a_group(device, group):
+    # "world" once failed deep inside with AttributeError: 'str' object has no attribute 'size'
+    from grpo_kernels.ops.vocab_parallel import sharded_head_logprobs, vocab_parallel_logprobs
+
+    hidden, weight, targets = _ok(device)
+    for call in (lambda: gk.token_logprobs(hidden, weight, targets, process_group=group),
+                 lambda: vocab_parallel_logprobs(hidden, weight, targets, group),
+                 lambda: sharded_head_logprobs(hidden, weight, targets, group),
+                 lambda: gk.fused_linear_grpo_loss(hidden[None], weight, targets[None], torch.ones(1, 4, device=device),
+                                                   torch.ones(1, device=device), process_group=group),
+                 lambda: gk.FusedLinearGRPOLoss(process_group=group)):
+        with pytest.raises(TypeError, match="process_group must be a torch.distributed ProcessGroup .* got "):
+            call()
+
+
+@pytest.mark.parametrize("flag", ["compiled", "use_ref_model", "use_bias_correction_kl"])
+def test_module_flags_must_be_bools(flag):
+    with pytest.raises(TypeError, match=f"{flag} must be a bool"):
+        gk.FusedLinearGRPOLoss(**{flag: "no"})
 
 
 @pytest.mark.parametrize("kwargs", [{"backward": "atomic"}, {"workspace_bytes": 2**20}])

@@ -183,6 +183,14 @@ LOGPROB_KNOBS = {
     # exact d-weight pass). The default backward's d-logits kernel has ENTROPY_GRAD etc. only.
     "HIDDEN_GRAD": lambda call, v: call.update(backward=True, hidden_grad=bool(v), backward_path="atomic"),
     "WEIGHT_GRAD": lambda call, v: call.update(backward=True, weight_grad=bool(v), backward_path="atomic"),
+    # token_logprobs(outputs=...): the statistics switch on together; TOPK is the list's slot
+    # count (8 or 64), reached by any k that rounds up to it
+    "LOG_SUM_SQ": lambda call, v: call.update(stats=bool(v)),
+    "MEAN_LOGITS": lambda call, v: call.update(stats=bool(v)),
+    "TOP1": lambda call, v: call.update(stats=bool(v)),
+    "TOPK": lambda call, v: call.update(topk=int(v) // 2 + 1 if v else 0),
+    # one temperature per row: a tensor temperature (every kernel reads 1 / T per row then)
+    "ROW_TEMP": lambda call, v: call.update(row_temp=bool(v)),
 }
 
 
@@ -196,7 +204,7 @@ def _logprob_call(signature, constexprs) -> dict | str:
         return f"unmapped: no public call known for {unknown}; add the knob to LOGPROB_KNOBS"
     call = {"dtype": DTYPE_OF[signature["Hidden"].lstrip("*")], "bias": False, "softcap": None, "entropy": False,
             "backward": False, "hidden_grad": True, "weight_grad": False, "bias_grad": None, "deterministic": False,
-            "backward_path": None}
+            "backward_path": None, "stats": False, "topk": 0, "row_temp": False}
     for name, value in constexprs.items():
         if name in LOGPROB_KNOBS:
             LOGPROB_KNOBS[name](call, value)
@@ -213,7 +221,8 @@ def _reference(hidden, weight, targets, *, bias, temperature, entropy, softcap):
     kwargs = {"softcap": softcap} if softcap is not None else {}
     if softcap is not None and not accepts(token_logprobs_reference, "softcap"):
         z = (hidden.double() @ weight.double().t() + (bias.double() if bias is not None else 0.0))
-        z = softcap * torch.tanh(z / softcap) / temperature
+        z = softcap * torch.tanh(z / softcap) / (temperature.double()[:, None] if torch.is_tensor(temperature)
+                                                 else temperature)
         log_p = z.log_softmax(-1)
         valid = targets != -100
         logp = torch.where(valid, log_p.gather(1, torch.where(valid, targets, 0)[:, None].long())[:, 0], 0.0)
@@ -239,12 +248,17 @@ def check_logprobs_config(ctx, label, kernel, signature, constexprs):
     if call["softcap"] is not None:
         hidden = hidden * 4  # logits near and beyond the cap
     temperature = 0.7
+    if call["row_temp"]:  # one per row, 0.5 to 1.2
+        temperature = torch.linspace(0.5, 1.2, n, device=ctx.device)[torch.randperm(n, generator=_generator(ctx, 3),
+                                                                                  device=ctx.device)]
     kwargs = {"bias": bias, "temperature": temperature, "return_entropy": call["entropy"]}
     for name, keyword in (("softcap", "softcap"), ("deterministic", "deterministic"), ("backward_path", "backward")):
         if call[name]:
             if not accepts(grpo_kernels.token_logprobs, keyword):
                 return {"status": f"unmapped: token_logprobs has no {keyword} keyword"}
             kwargs[keyword] = call[name]
+    if call["stats"] or call["topk"]:
+        return _check_token_stats(hidden, weight, bias, targets, call, temperature)
     if not call["backward"]:
         with torch.no_grad():
             got = grpo_kernels.token_logprobs(hidden, weight, targets, **kwargs)
@@ -270,6 +284,31 @@ def check_logprobs_config(ctx, label, kernel, signature, constexprs):
     for index, name in enumerate(("d_hidden", "d_weight", "d_bias")):
         if index in got:
             result[f"rel_{name}"] = expect(rel_err(got[index], want[index]), GRAD_TOL[dtype], name)
+    return result
+
+
+def _check_token_stats(hidden, weight, bias, targets, call, temperature):
+    """The forward with statistics and/or a top-k (``outputs=``) against float64, every output."""
+    import grpo_kernels
+    from grpo_kernels.reference import token_stats_reference
+
+    if not accepts(grpo_kernels.token_logprobs, "outputs"):
+        return {"status": "unmapped: token_logprobs has no outputs keyword"}
+    outputs = ("entropy", "lse") + (("log_sum_sq_probs", "mean_logits", "is_top1") if call["stats"] else ()) \
+        + (("topk",) if call["topk"] else ())
+    topk = call["topk"] or None
+    with torch.no_grad():
+        got = grpo_kernels.token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
+                                          softcap=call["softcap"], outputs=outputs, topk=topk)._asdict()
+    want = token_stats_reference(hidden, weight, targets, bias=bias, temperature=temperature,
+                                 softcap=call["softcap"], topk=topk)
+    tolerance = VALUE_TOL[call["dtype"]]
+    result = {}
+    for name in ("logprobs", "entropy", "lse", "log_sum_sq_probs", "topk_logprobs"):
+        if got[name] is not None:
+            result[f"rel_{name}"] = expect(rel_err(got[name], want[name]), tolerance, name)
+    if got["is_top1"] is not None and not torch.equal(got["is_top1"], want["is_top1"]):
+        raise CheckFailed("is_top1 differs from argmax == target")
     return result
 
 

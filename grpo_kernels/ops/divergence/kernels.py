@@ -12,7 +12,7 @@ nine dtype pairs, constexpr switches would multiply the compiled configurations 
 import triton
 import triton.language as tl
 
-from grpo_kernels.ops.logprobs.kernels import _grouped_tile, _logit_tile, _tanh
+from grpo_kernels.ops.logprobs.kernels import _grouped_tile, _logit_tile, _softcap
 
 # What the d-logits kernel differentiates (its KIND constexpr).
 FORWARD_KL, REVERSE_KL, JSD, TARGETS = 0, 1, 2, 3
@@ -38,7 +38,7 @@ def _head_logits(Hidden, Weight, Bias, rows, offs_v, row_ok, v_ok, D, stride_h, 
     u = y * scale
     row_factor = inv_t[:, None]
     if has_softcap:
-        z = softcap * _tanh(u / softcap) * row_factor
+        z = _softcap(u, softcap) * row_factor  # accurate for every cap, as the log-prob kernels
         if WITH_DERIVATIVE:
             # 1 - tanh^2(x) = 4 sigmoid(2x) sigmoid(-2x): no cancellation where tanh saturates
             dzdy = 4.0 * tl.sigmoid(2.0 * u / softcap) * tl.sigmoid(-2.0 * u / softcap) * (scale * row_factor)
