@@ -4,6 +4,8 @@ Public API::
 
     token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
                    return_entropy=False)                    # [..., D] -> [...] float32
+    token_logprobs(hidden, weight, targets_or_None, outputs=("entropy", "topk", ...), topk=k)
+                                                            # -> TokenStats (every statistic, one pass)
     group_advantages(rewards, group_size, *, scale="group", eps=1e-4, reward_weights=None,
                      keep_mask=None)                        # -> GroupAdvantages (or index=: verl's group ids)
     estimate_advantages(name, token_level_rewards, response_mask, *, index=None, ...)
@@ -20,7 +22,7 @@ from grpo_kernels import _triton_compat
 _triton_compat.apply()  # before any kernel runs under the CPU interpreter
 
 from grpo_kernels._version import __version__
-from grpo_kernels.ops.logprobs import token_logprobs
+from grpo_kernels.ops.logprobs import TokenStats, token_logprobs
 from grpo_kernels.ops.advantages import GroupAdvantages, gfpo_keep_mask, group_advantages
 from grpo_kernels.ops.advantages import TokenAdvantages, estimate_advantages
 from grpo_kernels.ops.grpo_loss import grpo_loss, validate_loss_options
@@ -29,6 +31,7 @@ from grpo_kernels.nn import FusedLinearGRPOLoss
 
 __all__ = [
     "token_logprobs",
+    "TokenStats",
     "GroupAdvantages",
     "group_advantages",
     "gfpo_keep_mask",

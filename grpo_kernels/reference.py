@@ -66,6 +66,70 @@ def token_logprobs_reference(
     return outputs if len(outputs) > 1 else outputs[0]
 
 
+def token_stats_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor | None,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float | torch.Tensor = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    topk: int | None = None,
+) -> dict:
+    """Every per-token output of ``token_logprobs(..., outputs=...)``, in float64 from the full
+    logits, by their definitions (``docs/semantics.md``), written independently of the kernels:
+    is_top1 is ``argmax(z) == target`` (torch's argmax returns the first maximum), the top-k a
+    stable sort of -z (equal logits keep id order).
+
+    ``temperature``: a float or a tensor broadcasting to hidden's leading shape. Returns a dict
+    with keys ``logprobs`` (None without targets), ``entropy``, ``lse``, ``log_sum_sq_probs``,
+    ``mean_logits``, ``is_top1`` (None unless one target per row), ``topk_logprobs``, ``topk_ids``
+    (None without ``topk``): float32 (bool, int64), 0 / False / id 0 on rows with no live target;
+    autograd flows to hidden, weight and bias through all the floats.
+    """
+    lead_shape = hidden.shape[:-1]
+    hidden64 = hidden.reshape(-1, hidden.shape[-1]).double()
+    logits = hidden64 @ weight.double().t()
+    if bias is not None:
+        logits = logits + bias.double()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.double().expand(lead_shape).reshape(-1, 1)
+    z = logits / temperature
+    log_p = torch.log_softmax(z, dim=-1)
+    num_rows = z.shape[0]
+    if targets is None:
+        live = torch.ones(num_rows, 1, dtype=torch.bool, device=z.device)
+        flat_targets = None
+    else:
+        flat_targets = targets.reshape(num_rows, -1)
+        live = flat_targets != ignore_index
+    row_live = live.any(-1)
+
+    def per_row(values, zero=0.0):
+        return torch.where(row_live, values, torch.zeros_like(values) + zero)
+
+    out = {"logprobs": None, "is_top1": None, "topk_logprobs": None, "topk_ids": None}
+    if flat_targets is not None:
+        safe = torch.where(live, flat_targets, 0).long()
+        logp = torch.where(live, log_p.gather(-1, safe), 0.0)
+        out["logprobs"] = logp.float().reshape(targets.shape)
+        if targets.shape == lead_shape:
+            out["is_top1"] = per_row(z.argmax(-1) == safe[:, 0], False).reshape(lead_shape)
+    out["entropy"] = per_row(-(log_p.exp() * log_p).sum(-1)).float().reshape(lead_shape)
+    out["lse"] = per_row(torch.logsumexp(z, dim=-1)).float().reshape(lead_shape)
+    out["log_sum_sq_probs"] = per_row(torch.log((2 * log_p).exp().sum(-1))).float().reshape(lead_shape)
+    out["mean_logits"] = per_row(z.mean(-1)).float().reshape(lead_shape)
+    if topk is not None:
+        order = torch.sort(-z.detach(), dim=-1, stable=True).indices[:, :topk]
+        values = torch.where(row_live[:, None], log_p.gather(-1, order), 0.0)
+        out["topk_logprobs"] = values.float().reshape(*lead_shape, topk)
+        out["topk_ids"] = torch.where(row_live[:, None], order, 0).reshape(*lead_shape, topk)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Group advantages
 # ---------------------------------------------------------------------------------------------

@@ -500,7 +500,13 @@ def test_compile_fullgraph_traces_through(device):
 def test_opcheck(device, backend):
     hidden, weight, bias, targets = make_inputs((6,), 8, 13, torch.float32, device, bias=True, masked=1)
     targets = targets[:, None].repeat(1, 2)
-    args = (hidden, weight, bias, targets, 0.9, 3.0, -100, True, True, None, True, "workspace", None, backend)
+    args = (hidden, weight, bias, targets, 0.9, None, 3.0, -100, True, False, False, False, 0, True, None, True,
+            "workspace", None, backend)
+    torch.library.opcheck(torch.ops.grpo_kernels.token_logprobs.default, args)
+    # every output, per-row temperatures, one target per row
+    row_temperature = torch.rand(6, device=device) + 0.5
+    args = (hidden, weight, bias, targets[:, :1], 1.0, row_temperature, None, -100, True, True, True, True, 3, True,
+            None, True, "workspace", None, backend)
     torch.library.opcheck(torch.ops.grpo_kernels.token_logprobs.default, args)
 
 

@@ -59,8 +59,8 @@ def make_case(num_rows, dim, vocab, num_targets, dtype, *, bias, logit_scale=1.0
 
 
 def run_drivers(hidden, weight, bias, targets, rows, temperature, softcap, grad_logp, grad_ent):
-    logp, lse, entropy = torch_forward(hidden, weight, bias, targets, rows, temperature, grad_ent is not None,
-                                       softcap=softcap)
+    out = torch_forward(hidden, weight, bias, targets, rows, temperature, grad_ent is not None, softcap=softcap)
+    logp, lse, entropy = out.target_logit - out.lse[:, None], out.lse, out.entropy
     grad_hidden = torch.zeros_like(hidden)
     grad_weight = torch.zeros_like(weight)
     grad_bias = torch.zeros(weight.shape[0]) if bias is not None else None
@@ -145,9 +145,9 @@ def test_default_tiles_logprobs_only(dtype):
 def test_single_target_callers_keep_working(small_tiles):
     # Callers of the [N] interface get [M] log-probs, equal to the K = 1 column of [N, 1].
     hidden, weight, bias, targets, rows = make_case(12, 10, 31, 1, torch.float32, bias=True, ignored_rows=3)
-    logp_1d, lse_1d, ent_1d = torch_forward(hidden, weight, bias, targets[:, 0], rows, 1.1, True)
-    logp_2d, lse_2d, ent_2d = torch_forward(hidden, weight, bias, targets, rows, 1.1, True)
-    assert logp_1d.shape == (rows.numel(),)
+    logp_1d, lse_1d, ent_1d = torch_forward(hidden, weight, bias, targets[:, 0], rows, 1.1, True)[:3]
+    logp_2d, lse_2d, ent_2d = torch_forward(hidden, weight, bias, targets, rows, 1.1, True)[:3]
+    assert logp_1d.shape == (rows.numel(),)  # (target logits: the log-probs plus lse)
     assert torch.equal(logp_1d, logp_2d[:, 0]) and torch.equal(lse_1d, lse_2d) and torch.equal(ent_1d, ent_2d)
     grad = torch.randn(rows.numel())
     grads = []
@@ -239,3 +239,30 @@ def test_memory_is_flat_in_rows_and_vocabulary(monkeypatch):
         grown = peak(num_rows, vocab)
         for before, after in zip(base[:2], grown[:2]):
             assert after - before <= grown[2] - base[2], (before, after)
+
+
+def test_every_output_stays_within_the_memory_bound(monkeypatch):
+    # The forward with every statistic and a top-64 holds no [rows, V] buffer either: within the
+    # op's bound above (the backward's 1.5 slabs), flat in rows and vocabulary.
+    slab_rows, slab_vocab, dim = 32, 128, 96
+    slab_bytes = 4 * slab_rows * slab_vocab
+    monkeypatch.setattr(logprobs_torch, "_SLAB_BYTES", slab_bytes)
+    monkeypatch.setattr(logprobs_torch, "_MIN_SLAB_ROWS", slab_rows)
+    monkeypatch.setattr(logprobs_torch, "_BLOCK_BYTES", slab_bytes // 4)
+    stats = frozenset(("log_sum_sq_probs", "mean_logits", "is_top1"))
+
+    def peak(num_rows, vocab):
+        hidden, weight, bias, targets, rows = make_case(num_rows, dim, vocab, 1, torch.float32, bias=True)
+        temperature = torch.rand(num_rows) + 0.5
+        forward_peak = allocator_peak_bytes(lambda: torch_forward(
+            hidden, weight, bias, targets, rows, temperature, True, softcap=30.0, stats=stats, topk=64))
+        # per-row state, the [rows, 64] top-k keys, their unpacking and the outputs (~36 bytes an
+        # entry at the peak: O(rows k), never O(rows V)), and [vocab chunk] / [row chunk, D] pieces
+        small = 16 * num_rows * 4 + 48 * 64 * num_rows + 8 * slab_rows * dim * 4 + 8 * slab_vocab * 4
+        assert forward_peak <= 1.5 * slab_bytes + small, (forward_peak, slab_bytes, small)
+        return forward_peak, small
+
+    base = peak(64, 256)
+    for num_rows, vocab in ((256, 256), (64, 1024)):
+        grown = peak(num_rows, vocab)
+        assert grown[0] - base[0] <= grown[1] - base[1], (base, grown)

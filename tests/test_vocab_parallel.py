@@ -192,6 +192,57 @@ def _(world, rank):
     _assert_close(got, want, torch.float32)
 
 
+@check("every output (statistics, lse, top-k), per-row temperature, targets=None; both layouts")
+def _(world, rank):
+    # Against the single-process op in the same process; with 4 ranks a 1-id shard is below k.
+    import grpo_kernels as gk
+    from grpo_kernels.ops.vocab_parallel import sharded_head_logprobs
+
+    weight, bias = _head(world, torch.float32, True)
+    g = _generator(11)
+    hidden = torch.randn(13, DIM, generator=g)
+    targets = _boundary_targets(13, 12)
+    temperature = torch.rand(13, generator=g) + 0.5
+    names = ("entropy", "lse", "log_sum_sq_probs", "mean_logits", "is_top1", "topk")
+    cotangents = {"logprobs": torch.randn(13, generator=g), "entropy": torch.randn(13, generator=g),
+                  "lse": torch.randn(13, generator=g), "topk_logprobs": torch.randn(13, 5, generator=g)}
+
+    def run(fn, w, b, rows=slice(None)):
+        h, w, b = _leaf(hidden[rows]), _leaf(w), _leaf(b)
+        stats = fn(h, w, b)
+        sum((getattr(stats, name) * grad[rows]).sum() for name, grad in cotangents.items()
+            if getattr(stats, name) is not None).backward()
+        return stats, (h.grad, w.grad, b.grad)
+
+    want, want_grads = run(lambda h, w, b: gk.token_logprobs(
+        h, w, targets, bias=b, outputs=names, topk=5, temperature=temperature, backend="triton"), weight, bias)
+    got, got_grads = run(lambda h, w, b: gk.token_logprobs(
+        h, w, targets, bias=b, outputs=names, topk=5, temperature=temperature, backend="triton",
+        process_group=dist.group.WORLD), _shard(weight, world, rank), _shard(bias, world, rank))
+    for name in ("logprobs", "entropy", "lse", "log_sum_sq_probs", "mean_logits", "topk_logprobs"):
+        _close32(getattr(got, name), getattr(want, name), "logp" if name != "topk_logprobs" else "gradient")
+    assert torch.equal(got.is_top1, want.is_top1) and torch.equal(got.topk_ids, want.topk_ids)
+    for name, a, b, whole in zip(("d hidden", "d weight", "d bias"), got_grads,
+                                 (want_grads[0], _shard(want_grads[1], world, rank),
+                                  _shard(want_grads[2], world, rank)), (None,) + want_grads[1:]):
+        _close32(a, b, name, whole)
+    none = gk.token_logprobs(hidden, _shard(weight, world, rank), None, bias=_shard(bias, world, rank),
+                             outputs=("topk", "mean_logits"), topk=5, temperature=temperature,
+                             process_group=dist.group.WORLD, backend="torch")
+    live = targets != -100  # want's ignored rows hold zeros; without targets every row is live
+    assert none.logprobs is None and torch.equal(none.topk_ids[live], want.topk_ids[live])
+    _close32(none.mean_logits[live], want.mean_logits[live], "logp")
+    # sharded-head layout (gather_hidden): this rank's rows of the same outputs
+    mine = slice(3 * rank, 3 * rank + 3)
+    sharded, _ = run(lambda h, w, b: sharded_head_logprobs(
+        h, w, targets[mine], dist.group.WORLD, layout="gather_hidden", bias=b, outputs=names, topk=5,
+        temperature=temperature[mine], backend="torch"), _shard(weight, world, rank), _shard(bias, world, rank),
+        rows=mine)
+    for name in ("logprobs", "entropy", "lse", "log_sum_sq_probs", "topk_logprobs"):
+        _close32(getattr(sharded, name), getattr(want, name)[mine], "logp" if name != "topk_logprobs" else "gradient")
+    assert torch.equal(sharded.topk_ids, want.topk_ids[mine]) and torch.equal(sharded.is_top1, want.is_top1[mine])
+
+
 def _raises_everywhere(rank, bad_rank, fn, own_message, other_message):
     with pytest.raises(ValueError) as info:
         fn()

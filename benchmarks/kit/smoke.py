@@ -183,6 +183,12 @@ LOGPROB_KNOBS = {
     # exact d-weight pass). The default backward's d-logits kernel has ENTROPY_GRAD etc. only.
     "HIDDEN_GRAD": lambda call, v: call.update(backward=True, hidden_grad=bool(v), backward_path="atomic"),
     "WEIGHT_GRAD": lambda call, v: call.update(backward=True, weight_grad=bool(v), backward_path="atomic"),
+    # token_logprobs(outputs=...): the statistics switch on together; TOPK is the list's slot
+    # count (8 or 64), reached by any k that rounds up to it
+    "LOG_SUM_SQ": lambda call, v: call.update(stats=bool(v)),
+    "MEAN_LOGITS": lambda call, v: call.update(stats=bool(v)),
+    "TOP1": lambda call, v: call.update(stats=bool(v)),
+    "TOPK": lambda call, v: call.update(topk=int(v) // 2 + 1 if v else 0),
 }
 
 
@@ -196,7 +202,7 @@ def _logprob_call(signature, constexprs) -> dict | str:
         return f"unmapped: no public call known for {unknown}; add the knob to LOGPROB_KNOBS"
     call = {"dtype": DTYPE_OF[signature["Hidden"].lstrip("*")], "bias": False, "softcap": None, "entropy": False,
             "backward": False, "hidden_grad": True, "weight_grad": False, "bias_grad": None, "deterministic": False,
-            "backward_path": None}
+            "backward_path": None, "stats": False, "topk": 0}
     for name, value in constexprs.items():
         if name in LOGPROB_KNOBS:
             LOGPROB_KNOBS[name](call, value)
@@ -245,6 +251,8 @@ def check_logprobs_config(ctx, label, kernel, signature, constexprs):
             if not accepts(grpo_kernels.token_logprobs, keyword):
                 return {"status": f"unmapped: token_logprobs has no {keyword} keyword"}
             kwargs[keyword] = call[name]
+    if call["stats"] or call["topk"]:
+        return _check_token_stats(hidden, weight, bias, targets, call, temperature)
     if not call["backward"]:
         with torch.no_grad():
             got = grpo_kernels.token_logprobs(hidden, weight, targets, **kwargs)
@@ -270,6 +278,31 @@ def check_logprobs_config(ctx, label, kernel, signature, constexprs):
     for index, name in enumerate(("d_hidden", "d_weight", "d_bias")):
         if index in got:
             result[f"rel_{name}"] = expect(rel_err(got[index], want[index]), GRAD_TOL[dtype], name)
+    return result
+
+
+def _check_token_stats(hidden, weight, bias, targets, call, temperature):
+    """The forward with statistics and/or a top-k (``outputs=``) against float64, every output."""
+    import grpo_kernels
+    from grpo_kernels.reference import token_stats_reference
+
+    if not accepts(grpo_kernels.token_logprobs, "outputs"):
+        return {"status": "unmapped: token_logprobs has no outputs keyword"}
+    outputs = ("entropy", "lse") + (("log_sum_sq_probs", "mean_logits", "is_top1") if call["stats"] else ()) \
+        + (("topk",) if call["topk"] else ())
+    topk = call["topk"] or None
+    with torch.no_grad():
+        got = grpo_kernels.token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
+                                          softcap=call["softcap"], outputs=outputs, topk=topk)._asdict()
+    want = token_stats_reference(hidden, weight, targets, bias=bias, temperature=temperature,
+                                 softcap=call["softcap"], topk=topk)
+    tolerance = VALUE_TOL[call["dtype"]]
+    result = {}
+    for name in ("logprobs", "entropy", "lse", "log_sum_sq_probs", "topk_logprobs"):
+        if got[name] is not None:
+            result[f"rel_{name}"] = expect(rel_err(got[name], want[name]), tolerance, name)
+    if got["is_top1"] is not None and not torch.equal(got["is_top1"], want["is_top1"]):
+        raise CheckFailed("is_top1 differs from argmax == target")
     return result
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from grpo_kernels.ops.grpo_loss import check_temperature, grpo_loss_prepared, prepare_loss_inputs
+from grpo_kernels.ops.grpo_loss import grpo_loss_prepared, prepare_loss_inputs
 from grpo_kernels.ops.logprobs import token_logprobs
+from grpo_kernels.ops.logprobs.temperature import check_temperature
 from grpo_kernels.ops.packing import packed_shape
 from grpo_kernels.ops.utils import INDEX_DTYPES, check_tensor, resolve_backend
 
@@ -53,7 +54,7 @@ def fused_linear_grpo_loss(
     bias: torch.Tensor | None = None,
     old_logprobs: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     filter_eps: float | None = None,
     exact: bool = True,
     backward: str = "workspace",
@@ -73,7 +74,10 @@ def fused_linear_grpo_loss(
         completion_mask: ``[B, T]``, 0 for padding.
         advantages: ``[B]`` (or ``[B, T]``).
         old_logprobs, ref_logprobs: ``[B, T]`` log-probs of the sampling / reference policy.
-        temperature: the logits are divided by it before the softmax (as TRL does for the policy).
+        temperature: the logits are divided by it before the softmax (as TRL does for the policy):
+            a float, or a tensor of hidden's leading shape (``[B, T]``; packed ``[N]`` or ``[1, N]``
+            as hidden) or one that broadcasts to it (e.g. ``[B, 1]``: one per sequence), see
+            ``token_logprobs``.
         filter_eps, exact, backward, workspace_bytes: passed to ``token_logprobs`` (gradient
             filtering, ``None`` is exact; ``backward="workspace"`` (default, no atomics) or
             ``"atomic"``; ``exact=False``: the atomic backward's single pass, d weight accumulated
@@ -98,7 +102,6 @@ def fused_linear_grpo_loss(
         log-prob kernel's forward for the ``entropy`` metric (a few flops per logit, no extra pass);
         its backward only runs when ``entropy_coef != 0``.
     """
-    check_temperature(temperature)
     check_tensor("lm_head_weight", lm_head_weight, ndim=2)
     if cu_seqlens is None:
         check_tensor("hidden", hidden, ndim=3)
@@ -115,6 +118,7 @@ def fused_linear_grpo_loss(
                          f"{tuple(hidden.shape[:-1])}")
     if completion_ids.device != hidden.device:
         raise ValueError(f"completion_ids is on {completion_ids.device} but hidden is on {hidden.device}")
+    check_temperature(temperature, hidden.shape[:-1], hidden.device)  # a float or one per token
     if "entropy" in options:
         raise TypeError("fused_linear_grpo_loss computes the entropy itself: do not pass entropy")
     # The loss inputs are checked before the log-prob kernel runs; token_logprobs checks the rest.

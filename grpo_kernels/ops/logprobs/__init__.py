@@ -3,11 +3,15 @@
 For every row ``n`` with hidden state ``h_n`` and target tokens ``t_{n,1..K}`` (K = 1 usually)::
 
     y_n       = h_n @ weight.T + bias                       # [V], never stored whole
-    z_n       = y_n / temperature                           # or, with a soft-cap c:
-    z_n       = c * tanh(y_n / c) / temperature             #   (Gemma's final_logit_softcapping)
+    z_n       = y_n / T_n                                   # or, with a soft-cap c:
+    z_n       = c * tanh(y_n / c) / T_n                     #   (Gemma's final_logit_softcapping)
     lse_n     = logsumexp(z_n)
     logp_nk   = z_n[t_nk] - lse_n
     entropy_n = lse_n - sum_v softmax(z_n)_v * z_n[v]
+
+T_n is one temperature for every row, or each row's own (the kernels read 1 / T_n per row). On
+request the same pass also gives log sum_v p^2, the mean of z, TRL's is_top1 and a top-k (see
+``outputs``).
 
 The forward streams the vocabulary through on-chip tiles (``tl.dot`` of ``[BLOCK_N, BLOCK_D]``
 hidden by ``[BLOCK_D, BLOCK_V]`` weight tiles), keeps an online logsumexp and an online
@@ -50,6 +54,9 @@ PyTorch path of ``torch_path`` computes the same thing.
 
 Modules, lowest layer first (each imports only those above it in this list):
 
+- ``outputs``: the names and definitions of the outputs, ``TokenStats``, the drivers' ``RowStats``.
+- ``temperature``: a float or per-row temperature, its range and checks.
+- ``topk``: the top-k's packed (logit, id) keys and their exact merge.
 - ``kernels``: the Triton jit kernels.
 - ``launch``: their launch configuration (tiles, warps, stages per dtype; vocabulary splits).
 - ``torch_path``: the chunked PyTorch drivers (CPU without the interpreter).
@@ -69,10 +76,12 @@ from grpo_kernels.ops.logprobs.launch import (
     backward_plan,
     forward_splits,
 )
+from grpo_kernels.ops.logprobs.outputs import OUTPUT_NAMES, TokenStats
 from grpo_kernels.ops.logprobs.specs import sm90_compile_specs
+from grpo_kernels.ops.logprobs.temperature import TEMPERATURE_RANGE
 
-__all__ = ["token_logprobs", "sm90_compile_specs", "GPU_CONFIG", "LaunchConfig", "BackwardPlan", "backward_plan",
-           "forward_splits", "DEFAULT_WORKSPACE_BYTES"]
+__all__ = ["token_logprobs", "TokenStats", "OUTPUT_NAMES", "TEMPERATURE_RANGE", "sm90_compile_specs", "GPU_CONFIG",
+           "LaunchConfig", "BackwardPlan", "backward_plan", "forward_splits", "DEFAULT_WORKSPACE_BYTES"]
 
 
 def __getattr__(name):

@@ -10,10 +10,12 @@ from grpo_kernels.ops.vocab_parallel import vocab_parallel_logprobs
 def token_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
-    targets: torch.Tensor,
+    targets: torch.Tensor | None,
     *,
+    outputs: tuple[str, ...] | list[str] | None = None,
+    topk: int | None = None,
     bias: torch.Tensor | None = None,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
     return_lse: bool = False,
@@ -27,10 +29,20 @@ def token_logprobs(
     backend: str = "auto",
     process_group=None,
 ):
-    """Log-prob of each target token (and the entropy and logsumexp of its row), logits never stored.
+    """Log-prob of each target token (and per-row statistics, top-k), logits never stored.
 
     The logits are ``z = (hidden @ weight.T + bias) / temperature``, or with ``softcap``
     ``z = softcap * tanh((hidden @ weight.T + bias) / softcap) / temperature``.
+
+    Two ways to call it. Without ``outputs``: log-probs, or a tuple with the entropy and/or lse
+    (``return_entropy``/``return_lse``). With ``outputs`` (a tuple/list of names among
+    ``"entropy"``, ``"lse"``, ``"log_sum_sq_probs"``, ``"mean_logits"``, ``"is_top1"``,
+    ``"topk"``): a :class:`grpo_kernels.TokenStats` whose unrequested fields are None, every output
+    from the same single pass over the vocabulary. Definitions (TRL 1.16's, see
+    ``docs/semantics.md``): entropy -sum p log p; lse logsumexp z; log_sum_sq_probs log sum p^2;
+    mean_logits sum_v z_v / V; is_top1 whether the target is argmax's pick (z_t >= max z and
+    z_t > z_v for every lower id v); topk the k largest log-probs and their ids, descending, ties
+    to the lower id.
 
     Args:
         hidden: ``[..., D]`` last hidden states (bf16, fp16 or fp32).
@@ -39,9 +51,20 @@ def token_logprobs(
             target per row) or ``[..., K]`` (``targets.dim() == hidden.dim()``: K targets per
             row, e.g. a teacher's top-K, all scored in the same pass over the vocabulary; ids may
             repeat). Entries equal to ``ignore_index`` give log-prob 0 and no gradient; a row
-            whose every entry is ignored also gets entropy 0 and lse 0.
+            whose every entry is ignored also gets 0 for every per-row output (False, id 0).
+            ``None`` (only with ``outputs``): statistics and top-k only, every row live, no
+            log-probs (``TokenStats.logprobs`` is None): e.g. a student's top-k in distillation.
+        outputs: names of the per-row outputs to compute (above); ``None``: the tuple interface.
+            ``"is_top1"`` needs one target per row. Unknown names are refused.
+        topk: with ``"topk"`` in ``outputs`` (and only then): k, an int in [1, 64] (<= V). The
+            ``[..., k]`` log-probs are differentiable (as log-probs of the k ids, which are held
+            fixed); ``log_sum_sq_probs``, ``mean_logits`` and ``is_top1`` are not (as in TRL).
         bias: optional ``[V]`` LM-head bias.
-        temperature: logits are divided by it before the softmax (finite, > 0).
+        temperature: logits are divided by it before the softmax: a float, or a float tensor of
+            hidden's leading shape (one temperature per row, e.g. per sampled sequence; any shape
+            that broadcasts to the leading shape, such as ``[B, 1]``). In
+            ``[2**-64, 2**64]`` (``z`` is float32; see ``logprobs.temperature``). Not
+            differentiated.
         ignore_index: an int32.
         return_entropy: also return the entropy of ``softmax(z)`` per row.
         return_lse: also return ``logsumexp(z)`` per row (differentiable: a z-loss, or a caller's
@@ -89,26 +112,29 @@ def token_logprobs(
             is the same on every rank; see :func:`grpo_kernels.ops.vocab_parallel.vocab_parallel_logprobs`.
 
     Returns:
-        float32 log-probs of the shape of ``targets``; with ``return_entropy`` and/or
-        ``return_lse`` a tuple ``(logprobs, entropy, lse)`` of those asked for, entropy and lse
-        shaped like hidden's leading shape. Differentiable w.r.t. hidden, weight and bias through
+        With ``outputs``: a :class:`~grpo_kernels.TokenStats`. Otherwise float32 log-probs of the
+        shape of ``targets``; with ``return_entropy`` and/or ``return_lse`` a tuple
+        ``(logprobs, entropy, lse)`` of those asked for, entropy and lse shaped like hidden's
+        leading shape. Differentiable w.r.t. hidden, weight and bias through
         all of them; gradients come back in the inputs' dtype. Under ``torch.no_grad()`` only the
         forward runs. ``torch.compile(fullgraph=True)`` traces through it (a custom op,
         ``torch.ops.grpo_kernels.token_logprobs``), and meta tensors give the output shapes.
     """
     check_backward_options(backward, workspace_bytes, deterministic)
     if process_group is not None:
-        unsupported = [name for name, on in (('return_lse', return_lse), ('softcap', softcap is not None),
-                       ('deterministic', deterministic), ('K targets per row', targets.dim() == hidden.dim()),
+        multi_target = isinstance(targets, torch.Tensor) and targets.dim() == hidden.dim()
+        unsupported = [name for name, on in (('softcap', softcap is not None),
+                       ('deterministic', deterministic), ('K targets per row', multi_target),
                        ("backward='atomic'", backward == "atomic"), ('workspace_bytes', workspace_bytes is not None))
                        if on]
         if unsupported:
             raise ValueError(f"process_group (vocabulary-parallel head) does not support {', '.join(unsupported)} yet")
         return vocab_parallel_logprobs(
             hidden, weight, targets, process_group, bias=bias, temperature=temperature, ignore_index=ignore_index,
-            return_entropy=return_entropy, filter_eps=filter_eps, exact=exact, backend=backend)
+            return_entropy=return_entropy, return_lse=return_lse, filter_eps=filter_eps, exact=exact, backend=backend,
+            outputs=outputs, topk=topk)
     return single_device_logprobs(
         hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index,
         return_entropy=return_entropy, return_lse=return_lse, softcap=softcap, filter_eps=filter_eps, exact=exact,
         batch_invariant=batch_invariant, deterministic=deterministic, backward=backward,
-        workspace_bytes=workspace_bytes, backend=backend)
+        workspace_bytes=workspace_bytes, backend=backend, outputs=outputs, topk=topk)

@@ -59,31 +59,89 @@ def _logit_tile(
     return acc
 
 
+# int64 keys (see topk.py) of "no candidate" (below every real key) and of a slot beyond k (above
+# every real key, so never the list's minimum: never evicted).
+_EMPTY_KEY = tl.constexpr(-9223372036854775808)
+_UNUSED_SLOT = tl.constexpr(9223372036854775807)
+
+
+@triton.jit
+def _topk_keys(z, ids):
+    """int64 keys ordered as (z, -id): ``ordered(z) << 32 | (2**31 - 1 - id)``; the same packing
+    as ``topk.pack_keys`` (-0.0 taken as +0.0, so that it ties with +0.0 by id)."""
+    bits = tl.where(z == 0.0, 0.0, z).to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (ordered.to(tl.int64) << 32) | (2147483647 - ids).to(tl.int64)
+
+
+@triton.jit
+def _merge_topk(run_top, keys, TOPK: tl.constexpr):
+    """The running top-k keys ``run_top`` [BLOCK_N, TOPK] (slots beyond k hold _UNUSED_SLOT)
+    updated with a tile's keys [BLOCK_N, BLOCK_V] (_EMPTY_KEY where there is no id).
+
+    Insertion by threshold: while some row has a tile key above its list's minimum (its k-th
+    largest so far), the largest such key replaces that minimum. Only reductions over the tile, no
+    sorting network (tl.topk's shuffles of [BLOCK_N, 2 TOPK] int64 spilled registers at 64 slots),
+    and after the first tiles of a split few keys pass the threshold. Keys are distinct within a
+    row, so the result is the exact top-k whatever the order of insertion."""
+    threshold = tl.min(run_top, axis=1)
+    best = tl.max(tl.where(keys > threshold[:, None], keys, _EMPTY_KEY), axis=1)
+    while tl.max(best, axis=0) > _EMPTY_KEY:
+        # the list's keys are distinct (empty slots too, see _logprobs_fwd_kernel): one minimum
+        insert = (best > _EMPTY_KEY)[:, None] & (run_top == threshold[:, None])
+        run_top = tl.where(insert, best[:, None], run_top)
+        keys = tl.where(keys == best[:, None], _EMPTY_KEY, keys)
+        threshold = tl.min(run_top, axis=1)
+        best = tl.max(tl.where(keys > threshold[:, None], keys, _EMPTY_KEY), axis=1)
+    return run_top
+
+
 @triton.jit
 def _logprobs_fwd_kernel(
-    Hidden, Weight, Bias, Targets, RowIdx,
-    PartMax, PartSum, PartEnt, TargetLogit,
-    M, V, D, K, stride_h, stride_w, stride_t, inv_temp, softcap, vocab_per_split, num_splits,
+    Hidden, Weight, Bias, Targets, RowIdx, InvTemp,
+    PartMax, PartSum, PartEnt, PartSq, PartZsum, PartBefore, PartTopk, TargetLogit,
+    M, V, D, K, stride_h, stride_w, stride_t, softcap, vocab_per_split, num_splits, topk,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr,
+    LOG_SUM_SQ: tl.constexpr, MEAN_LOGITS: tl.constexpr, TOP1: tl.constexpr, TOPK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
 ):
     """One program: BLOCK_N rows x one vocabulary split (a 1-D grid of row blocks x splits, rastered
     in groups of GROUP_N row blocks: see _grouped_tile). Writes per-split partial states
     (running max, sum of exp(z - max), sum of exp(z - max) * (z - max)) into Part* [M, splits],
     and the logit of every target id in the split into TargetLogit [M, K] (each (row, k) lies in
-    at most one tile of one split, so the stores never collide)."""
+    at most one tile of one split, so the stores never collide). InvTemp [N]: 1 / temperature
+    per original row.
+
+    Optional partial states, each behind its constexpr switch (no cost when off): LOG_SUM_SQ
+    sum exp(2 (z - max)) (PartSq); MEAN_LOGITS sum z (PartZsum); TOP1 the largest z of the ids
+    below the row's first target (PartBefore); TOPK > 0 (a power of 2 >= topk) the split's topk
+    largest (z, -id) keys, unordered (PartTopk [M, splits, TOPK] int64, _EMPTY_KEY in the slots
+    beyond topk; see _topk_keys, _merge_topk)."""
     pid_n, pid_s = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_N), num_splits, GROUP_N)
     offs_m = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = offs_m < M
     rows = tl.load(RowIdx + offs_m, mask=row_ok, other=0)
     t_ptrs = Targets + rows.to(tl.int64) * stride_t
+    inv_temp = tl.load(InvTemp + rows, mask=row_ok, other=1.0)[:, None]
 
     run_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     # sum_v exp(z - run_max) * (z - run_max): shift-invariant form of sum p z, so that the
     # entropy does not cancel catastrophically when |z| ~ 1e4.
     run_ent = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    run_sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    run_z = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    run_before = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    if TOP1:
+        # (K = 0, statistics only: no target, nothing below it)
+        first_target = tl.load(t_ptrs, mask=row_ok & (K > 0), other=-1)
+    if TOPK > 0:
+        # distinct placeholders: empty slots EMPTY + j (below every real key), slots beyond k
+        # UNUSED - j (above every key: never the minimum, never evicted)
+        slot_ids = tl.arange(0, TOPK)
+        placeholders = tl.where(slot_ids < topk, _EMPTY_KEY + slot_ids.to(tl.int64), _UNUSED_SLOT - slot_ids.to(tl.int64))
+        run_top = tl.zeros((BLOCK_N, TOPK), dtype=tl.int64) + placeholders[None, :]
 
     v_begin = pid_s * vocab_per_split
     v_end = tl.minimum(v_begin + vocab_per_split, V)
@@ -96,7 +154,12 @@ def _logprobs_fwd_kernel(
             z = softcap * _tanh(y / softcap) * inv_temp
         else:
             z = y * inv_temp
+        if MEAN_LOGITS:
+            run_z += tl.sum(tl.where(v_ok[None, :], z, 0.0), axis=1)
         z = tl.where(v_ok[None, :], z, float("-inf"))
+        if TOP1:
+            below = offs_v[None, :] < first_target[:, None]
+            run_before = tl.maximum(run_before, tl.max(tl.where(below, z, float("-inf")), axis=1))
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
         rescale = tl.exp(run_max - new_max)
         z_shift = tl.where(v_ok[None, :], z - new_max[:, None], 0.0)
@@ -105,6 +168,8 @@ def _logprobs_fwd_kernel(
             # re-base the old sum to the new max: sum e^{z-m'}(z-m') = r * (sum e^{z-m}(z-m) + s (m-m'))
             shift = tl.where(run_sum > 0, run_max - new_max, 0.0)
             run_ent = rescale * (run_ent + run_sum * shift) + tl.sum(p * z_shift, axis=1)
+        if LOG_SUM_SQ:
+            run_sq = run_sq * (rescale * rescale) + tl.sum(p * p, axis=1)
         run_sum = run_sum * rescale + tl.sum(p, axis=1)
         run_max = new_max
         tile_end = tl.minimum(v0 + BLOCK_V, v_end)
@@ -115,37 +180,64 @@ def _logprobs_fwd_kernel(
             if tl.sum(hit.to(tl.int32), axis=0) > 0:
                 gathered = tl.sum(tl.where(offs_v[None, :] == target[:, None], z, 0.0), axis=1)
                 tl.store(TargetLogit + offs_m.to(tl.int64) * K + k, gathered, mask=hit)
+        if TOPK > 0:
+            # last: the int64 keys replace z (dead from here), rather than living beside it
+            keys = tl.where(v_ok[None, :], _topk_keys(z, offs_v[None, :]), _EMPTY_KEY)
+            run_top = _merge_topk(run_top, keys, TOPK)
 
     out = offs_m * num_splits + pid_s
     tl.store(PartMax + out, run_max, mask=row_ok)
     tl.store(PartSum + out, run_sum, mask=row_ok)
     if COMPUTE_ENTROPY:
         tl.store(PartEnt + out, run_ent, mask=row_ok)
+    if LOG_SUM_SQ:
+        tl.store(PartSq + out, run_sq, mask=row_ok)
+    if MEAN_LOGITS:
+        tl.store(PartZsum + out, run_z, mask=row_ok)
+    if TOP1:
+        tl.store(PartBefore + out, run_before, mask=row_ok)
+    if TOPK > 0:
+        slots = out.to(tl.int64)[:, None] * TOPK + slot_ids[None, :]
+        tl.store(PartTopk + slots, tl.where(slot_ids[None, :] < topk, run_top, _EMPTY_KEY), mask=row_ok[:, None])
 
 
 @triton.jit
 def _logprobs_merge_kernel(
-    PartMax, PartSum, PartEnt, Lse, Entropy, M, num_splits,
-    BLOCK_N: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr,
+    PartMax, PartSum, PartEnt, PartSq, PartZsum, PartBefore,
+    Lse, Entropy, LogSumSq, MeanLogits, RowMax, MaxBefore, M, V, num_splits,
+    BLOCK_N: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr, LOG_SUM_SQ: tl.constexpr, MEAN_LOGITS: tl.constexpr,
+    TOP1: tl.constexpr,
 ):
-    """lse [M] (and entropy [M]) from the per-split partial states [M, splits], merged split by
-    split in index order: the same operations for a row whatever M is (batch-invariant)."""
+    """lse [M] (and entropy, log sum p^2, mean z, and the top-1 rule's max z and max z below the
+    target, each [M] behind its switch) from the per-split partial states [M, splits], merged
+    split by split in index order: the same operations for a row whatever M is (batch-invariant)."""
     offs_m = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = offs_m < M
     run_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     run_ent = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    run_sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    run_z = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    run_before = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     for s in range(num_splits):
-        part_max = tl.load(PartMax + offs_m * num_splits + s, mask=row_ok, other=0.0)
-        part_sum = tl.load(PartSum + offs_m * num_splits + s, mask=row_ok, other=0.0)
+        part = offs_m * num_splits + s
+        part_max = tl.load(PartMax + part, mask=row_ok, other=0.0)
+        part_sum = tl.load(PartSum + part, mask=row_ok, other=0.0)
         new_max = tl.maximum(run_max, part_max)
         old_scale = tl.exp(run_max - new_max)
         part_scale = tl.exp(part_max - new_max)
         if COMPUTE_ENTROPY:
-            part_ent = tl.load(PartEnt + offs_m * num_splits + s, mask=row_ok, other=0.0)
+            part_ent = tl.load(PartEnt + part, mask=row_ok, other=0.0)
             old_shift = tl.where(run_sum > 0, run_max - new_max, 0.0)
             run_ent = (old_scale * (run_ent + run_sum * old_shift)
                        + part_scale * (part_ent + part_sum * (part_max - new_max)))
+        if LOG_SUM_SQ:
+            part_sq = tl.load(PartSq + part, mask=row_ok, other=0.0)
+            run_sq = run_sq * (old_scale * old_scale) + part_sq * (part_scale * part_scale)
+        if MEAN_LOGITS:
+            run_z += tl.load(PartZsum + part, mask=row_ok, other=0.0)
+        if TOP1:
+            run_before = tl.maximum(run_before, tl.load(PartBefore + part, mask=row_ok, other=0.0))
         run_sum = run_sum * old_scale + part_sum * part_scale
         run_max = new_max
     log_sum = tl.log(tl.where(row_ok, run_sum, 1.0))
@@ -153,20 +245,28 @@ def _logprobs_merge_kernel(
     tl.store(Lse + offs_m, run_max + log_sum, mask=row_ok)
     if COMPUTE_ENTROPY:
         tl.store(Entropy + offs_m, log_sum - run_ent / run_sum, mask=row_ok)
+    if LOG_SUM_SQ:
+        tl.store(LogSumSq + offs_m, tl.log(tl.where(row_ok, run_sq, 1.0)) - 2.0 * log_sum, mask=row_ok)
+    if MEAN_LOGITS:
+        tl.store(MeanLogits + offs_m, run_z / V, mask=row_ok)
+    if TOP1:
+        tl.store(RowMax + offs_m, run_max, mask=row_ok)
+        tl.store(MaxBefore + offs_m, run_before, mask=row_ok)
 
 
 @triton.jit
 def _grad_logit_tile(
     Hidden, Weight, Bias, Targets, rows, offs_m, offs_v, row_ok, v_ok, tile_begin, tile_end,
-    Lse, MeanLogit, GradLogp, GradLogpSum, GradEnt,
-    D, K, stride_h, stride_w, stride_t, inv_temp, softcap,
+    InvTemp, Lse, MeanLogit, GradLogp, GradLogpSum, GradEnt,
+    D, K, stride_h, stride_w, stride_t, softcap,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, ENTROPY_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     INTERPRETER: tl.constexpr,
 ):
     """d loss / d y for one [BLOCK_N, BLOCK_V] tile (y = h W^T + b), float32, 0 outside the valid
     rows x ids. Rows are indexed by the compacted position ``offs_m`` (Lse, GradLogp, ...) and by
-    the original row ``rows`` (Hidden, Targets)."""
+    the original row ``rows`` (Hidden, Targets, InvTemp: 1 / temperature per row)."""
+    inv_temp = tl.load(InvTemp + rows, mask=row_ok, other=1.0)[:, None]
     y = _logit_tile(Hidden, Weight, Bias, rows, offs_v, row_ok, v_ok, D, stride_h, stride_w,
                     BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_PRECISION, INTERPRETER)
     if HAS_SOFTCAP:
@@ -201,9 +301,9 @@ def _grad_logit_tile(
 
 @triton.jit
 def _logprobs_bwd_atomic_kernel(
-    Hidden, Weight, Bias, Targets, RowIdx, Lse, MeanLogit, GradLogp, GradLogpSum, GradEnt,
+    Hidden, Weight, Bias, Targets, RowIdx, InvTemp, Lse, MeanLogit, GradLogp, GradLogpSum, GradEnt,
     GradHidden, GradWeight, GradBias,
-    M, v_begin, v_end, D, K, stride_h, stride_w, stride_t, stride_gh, stride_gw, inv_temp, softcap,
+    M, v_begin, v_end, D, K, stride_h, stride_w, stride_t, stride_gh, stride_gw, softcap,
     filter_eps,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ENTROPY_GRAD: tl.constexpr,
@@ -229,8 +329,8 @@ def _logprobs_bwd_atomic_kernel(
     v_ok = offs_v < v_end
     grad_y = _grad_logit_tile(
         Hidden, Weight, Bias, Targets, rows, offs_m, offs_v, row_ok, v_ok, tile_begin,
-        tl.minimum(tile_begin + BLOCK_V, v_end), Lse, MeanLogit, GradLogp, GradLogpSum, GradEnt,
-        D, K, stride_h, stride_w, stride_t, inv_temp, softcap, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS,
+        tl.minimum(tile_begin + BLOCK_V, v_end), InvTemp, Lse, MeanLogit, GradLogp, GradLogpSum, GradEnt,
+        D, K, stride_h, stride_w, stride_t, softcap, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS,
         HAS_SOFTCAP, ENTROPY_GRAD, DOT_PRECISION, INTERPRETER)
 
     # Optional Cut-Cross-Entropy-style filtering: a tile whose every |d y| is below filter_eps
@@ -274,9 +374,9 @@ def _logprobs_bwd_atomic_kernel(
 
 @triton.jit
 def _logprobs_dlogits_kernel(
-    Hidden, Weight, Bias, Targets, RowIdx, Lse, MeanLogit, GradLogp, GradLogpSum, GradEnt,
+    Hidden, Weight, Bias, Targets, RowIdx, InvTemp, Lse, MeanLogit, GradLogp, GradLogpSum, GradEnt,
     GradLogits, BiasPartial,
-    M, v_begin, v_end, D, K, stride_h, stride_w, stride_t, stride_g, inv_temp, softcap, filter_eps,
+    M, v_begin, v_end, D, K, stride_h, stride_w, stride_t, stride_g, softcap, filter_eps,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ENTROPY_GRAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
@@ -303,8 +403,8 @@ def _logprobs_dlogits_kernel(
     v_ok = offs_v < v_end
     grad_y = _grad_logit_tile(
         Hidden, Weight, Bias, Targets, rows, offs_m, offs_v, row_ok, v_ok, tile_begin,
-        tl.minimum(tile_begin + BLOCK_V, v_end), Lse, MeanLogit, GradLogp, GradLogpSum, GradEnt,
-        D, K, stride_h, stride_w, stride_t, inv_temp, softcap, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS,
+        tl.minimum(tile_begin + BLOCK_V, v_end), InvTemp, Lse, MeanLogit, GradLogp, GradLogpSum, GradEnt,
+        D, K, stride_h, stride_w, stride_t, softcap, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS,
         HAS_SOFTCAP, ENTROPY_GRAD, DOT_PRECISION, INTERPRETER)
     # filter_eps = 0 (no filtering) keeps every tile: no |d y| is below 0.
     keep = tl.max(tl.max(tl.abs(grad_y), axis=1), axis=0) >= filter_eps

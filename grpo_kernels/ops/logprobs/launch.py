@@ -5,8 +5,9 @@ model, so that what is modelled, compiled and launched cannot drift apart.
 Everything here is plain Python on shapes and dtypes (no tensors, no kernels):
 
 - ``GPU_CONFIG[kind][dtype]``: the :class:`LaunchConfig` of each kernel on a GPU. Kinds:
-  ``"fwd"`` (forward), ``"merge"`` (the merge of the forward's vocabulary splits), ``"dlogits"``
-  (the default backward's d-logits kernel) and ``"bwd_atomic"`` (the atomic backward). The GPU
+  ``"fwd"`` (forward), ``"fwd_topk"`` (the forward with a top-k), ``"merge"`` (the merge of the
+  forward's vocabulary splits), ``"dlogits"`` (the default backward's d-logits kernel) and
+  ``"bwd_atomic"`` (the atomic backward). The GPU
   kit's sweep overrides entries at run time (a plain 5-tuple is accepted too).
 - :func:`forward_splits`: how the forward cuts the vocabulary.
 - :func:`backward_plan`: how the default backward chunks rows and vocabulary ids, and what it
@@ -38,6 +39,15 @@ GPU_CONFIG: dict[str, dict[torch.dtype, LaunchConfig]] = {
         torch.bfloat16: LaunchConfig(128, 128, 64, 8, 3),
         torch.float16: LaunchConfig(128, 128, 64, 8, 3),
         torch.float32: LaunchConfig(64, 64, 32, 4, 3),
+    },
+    # The forward with a top-k (``topk=k``): besides the tile, an int64 [BLOCK_N, TOPK] list and
+    # the tile's int64 keys while they are inserted. Smaller tiles than "fwd": at fwd's, ptxas
+    # spilled (bf16 128 x 128: 200-300 bytes; 64 x 128: 8) where these spill nothing, aligned or
+    # not (sm90_check; see docs/semantics.md). BLOCK_D as "fwd" (the dot's reduction order).
+    "fwd_topk": {
+        torch.bfloat16: LaunchConfig(64, 64, 64, 8, 3),
+        torch.float16: LaunchConfig(64, 64, 64, 8, 3),
+        torch.float32: LaunchConfig(32, 64, 32, 8, 3),
     },
     # The merge of the forward's split partials: BLOCK_N rows per program (BLOCK_V, BLOCK_D unused).
     "merge": {
@@ -73,6 +83,32 @@ FORWARD_GROUP_ROWS = 16
 # Backward kernels (d logits, atomic): the same grouping over (row block, vocabulary tile)
 # programs, 8 row blocks per group (8 x 16 tiles in flight: hidden and weight tiles both reused).
 BACKWARD_GROUP_ROWS = 8
+
+# The forward's top-k list widths (constexpr TOPK): a list of TOPK slots holds any k <= TOPK
+# (k itself is a runtime argument; slots beyond it are never filled). Two widths bound the
+# compiled variants: a 64-slot list costs registers and a longer minimum per insertion.
+TOPK_SLOTS = (8, 64)
+
+
+class ForwardSwitches(NamedTuple):
+    """The forward kernel's optional work, as the launcher switches it on. ``stats`` switches on
+    all three statistics (LOG_SUM_SQ, MEAN_LOGITS, TOP1: a few flops per logit next to the 2 D of
+    the dot) whenever any is asked for, and any extra output switches the entropy on too: that
+    keeps the compiled variants few (``specs``). Nothing is on in the default call."""
+
+    entropy: bool
+    stats: bool
+    topk_slots: int  # 0 (no top-k) or one of TOPK_SLOTS
+
+
+def forward_switches(entropy: bool, stats: bool, topk: int) -> ForwardSwitches:
+    """The kernel switches for a call that asks for ``entropy``, any statistic (``stats``) and a
+    top-``topk`` (0: none)."""
+    if not 0 <= topk <= TOPK_SLOTS[-1]:
+        raise ValueError(f"topk must be in [0, {TOPK_SLOTS[-1]}], got {topk}")
+    slots = next(width for width in TOPK_SLOTS if width >= topk) if topk else 0
+    return ForwardSwitches(bool(entropy or stats or topk), bool(stats), slots)
+
 
 # Batch-invariant forward: vocabulary ids per split, a multiple of every BLOCK_V above. On the
 # GPU, 2048 ids (16 tiles of 128) give V=152k 75 splits: at N >= 4096 (>= 32 row blocks) that is
@@ -118,15 +154,16 @@ def _device_key(device_type: str) -> str:
 
 
 def forward_splits(num_rows: int, vocab: int, dtype: torch.dtype, device_type: str = "cuda",
-                   batch_invariant: bool = True, num_sms: int = 132) -> tuple[int, int]:
+                   batch_invariant: bool = True, num_sms: int = 132, kind: str = "fwd") -> tuple[int, int]:
     """``(vocab_per_split, splits)`` of the forward: each program covers ``vocab_per_split`` ids
     (a multiple of the forward's BLOCK_V) of one row block; ``splits = ceil(vocab / vocab_per_split)``.
 
     Batch-invariant: a constant (``INVARIANT_SPLIT_VOCAB``), whatever ``num_rows``. Otherwise the
     vocabulary is split further when there are too few row blocks to give ``4 * num_sms``
     programs (the split count, and so a row's reduction order, then depends on ``num_rows``).
+    ``kind``: the forward's ``GPU_CONFIG`` kind (``"fwd"``, or ``"fwd_topk"`` with a top-k).
     """
-    block_n, block_v = launch_config("fwd", dtype, device_type)[:2]
+    block_n, block_v = launch_config(kind, dtype, device_type)[:2]
     if batch_invariant:
         vocab_per_split = INVARIANT_SPLIT_VOCAB[_device_key(device_type)]
     else:

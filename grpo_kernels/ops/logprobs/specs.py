@@ -7,10 +7,17 @@ from grpo_kernels.ops.logprobs.kernels import (
     _logprobs_fwd_kernel,
     _logprobs_merge_kernel,
 )
-from grpo_kernels.ops.logprobs.launch import BACKWARD_GROUP_ROWS, FORWARD_GROUP_ROWS, GPU_CONFIG, dot_precision
+from grpo_kernels.ops.logprobs.launch import (
+    BACKWARD_GROUP_ROWS,
+    FORWARD_GROUP_ROWS,
+    GPU_CONFIG,
+    TOPK_SLOTS,
+    dot_precision,
+    forward_switches,
+)
 from grpo_kernels.ops.utils import FLOAT_DTYPES, TRITON_DTYPE, CompileSpec
 
-_FLOAT_ARGS = ("inv_temp", "softcap", "filter_eps")
+_FLOAT_ARGS = ("softcap", "filter_eps")
 
 
 def _spec(name, kernel, pointers, constexprs, config, float_atomics=False):
@@ -34,31 +41,48 @@ def _tiles(config):
     return {"BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_D": block_d}
 
 
+def _forward_variants():
+    """Every ForwardSwitches the launcher can pick (launch.forward_switches over all requests)."""
+    requests = [(entropy, stats, topk) for entropy in (False, True) for stats in (False, True)
+                for topk in (0,) + TOPK_SLOTS]
+    return sorted(set(forward_switches(*request) for request in requests))
+
+
 def sm90_compile_specs() -> list[CompileSpec]:
     specs = []
     flags = [(bias, softcap, entropy) for bias in (False, True) for softcap in (False, True) for entropy in (False, True)]
     for dtype in FLOAT_DTYPES:
         ty = TRITON_DTYPE[dtype]
         common = {"DOT_PRECISION": dot_precision(dtype), "INTERPRETER": False}
-        inputs = {"Hidden": f"*{ty}", "Weight": f"*{ty}", "Bias": f"*{ty}", "Targets": "*i32", "RowIdx": "*i32"}
+        inputs = {"Hidden": f"*{ty}", "Weight": f"*{ty}", "Bias": f"*{ty}", "Targets": "*i32", "RowIdx": "*i32",
+                  "InvTemp": "*fp32"}
         grads_in = {"Lse": "*fp32", "MeanLogit": "*fp32", "GradLogp": "*fp32", "GradLogpSum": "*fp32",
                     "GradEnt": "*fp32"}
 
         config = GPU_CONFIG["merge"][dtype]
-        for entropy in (False, True):
+        for entropy, stats in sorted({(switches.entropy, switches.stats) for switches in _forward_variants()}):
             specs.append(_spec(
-                f"logprobs_merge[{ty},entropy={entropy}]", _logprobs_merge_kernel,
-                {name: "*fp32" for name in ("PartMax", "PartSum", "PartEnt", "Lse", "Entropy")},
-                {"BLOCK_N": config[0], "COMPUTE_ENTROPY": entropy}, config))
+                f"logprobs_merge[{ty},entropy={entropy},stats={stats}]", _logprobs_merge_kernel,
+                {name: "*fp32" for name in ("PartMax", "PartSum", "PartEnt", "PartSq", "PartZsum", "PartBefore",
+                                            "Lse", "Entropy", "LogSumSq", "MeanLogits", "RowMax", "MaxBefore")},
+                {"BLOCK_N": config[0], "COMPUTE_ENTROPY": entropy, "LOG_SUM_SQ": stats, "MEAN_LOGITS": stats,
+                 "TOP1": stats}, config))
 
-        config = GPU_CONFIG["fwd"][dtype]
-        for bias, softcap, entropy in flags:
-            specs.append(_spec(
-                f"logprobs_fwd[{ty},bias={bias},softcap={softcap},entropy={entropy}]", _logprobs_fwd_kernel,
-                {**inputs, "PartMax": "*fp32", "PartSum": "*fp32", "PartEnt": "*fp32", "TargetLogit": "*fp32"},
-                {**_tiles(config), **common, "GROUP_N": FORWARD_GROUP_ROWS, "HAS_BIAS": bias, "HAS_SOFTCAP": softcap,
-                 "COMPUTE_ENTROPY": entropy},
-                config))
+        for switches in _forward_variants():
+            kind = "fwd_topk" if switches.topk_slots else "fwd"
+            config = GPU_CONFIG[kind][dtype]
+            for bias in (False, True):
+                for softcap in (False, True):
+                    specs.append(_spec(
+                        (f"logprobs_{kind}[{ty},bias={bias},softcap={softcap},entropy={switches.entropy},"
+                         f"stats={switches.stats},topk={switches.topk_slots}]"), _logprobs_fwd_kernel,
+                        {**inputs, **{name: "*fp32" for name in ("PartMax", "PartSum", "PartEnt", "PartSq", "PartZsum",
+                                                                 "PartBefore", "TargetLogit")},
+                         "PartTopk": "*i64" if switches.topk_slots else "*fp32"},
+                        {**_tiles(config), **common, "GROUP_N": FORWARD_GROUP_ROWS, "HAS_BIAS": bias,
+                         "HAS_SOFTCAP": softcap, "COMPUTE_ENTROPY": switches.entropy, "LOG_SUM_SQ": switches.stats,
+                         "MEAN_LOGITS": switches.stats, "TOP1": switches.stats, "TOPK": switches.topk_slots},
+                        config))
 
         config = GPU_CONFIG["bwd_atomic"][dtype]
         # (d hidden, d weight, d weight accumulator dtype): pass 1 without / with d weight, and

@@ -27,6 +27,10 @@ from __future__ import annotations
 
 import torch
 
+from grpo_kernels.ops.logprobs.outputs import DRIVER_STATS, RowStats
+from grpo_kernels.ops.logprobs.temperature import inverse_temperature
+from grpo_kernels.ops.logprobs.topk import EMPTY_KEY, merge_topk, pack_keys, unpack_keys
+
 # The float32 [rows, vocab] logits slab of one call: the only buffer that grows with N or V.
 _SLAB_BYTES = 64 * 2**20
 # The slab's row count never drops below this (GEMM efficiency): a vocabulary wider than
@@ -81,12 +85,24 @@ class _Rows:
 
 
 class _Head:
-    """The LM head's logits tile by tile: z[rows, v0:v1] into the slab."""
+    """The LM head's logits tile by tile: z[rows, v0:v1] into the slab.
+
+    ``temperature``: a float, or a ``[M]`` float32 tensor of ``1 / T`` per compacted row
+    (``inv_temp_rows``); row arguments ``r0`` are compacted positions."""
 
     def __init__(self, weight, bias, temperature, softcap):
-        self.weight, self.bias = weight, bias
-        self.temperature, self.softcap = float(temperature), softcap
+        self.weight, self.bias, self.softcap = weight, bias, softcap
+        if isinstance(temperature, torch.Tensor):
+            self.temperature, self.inv_temp_rows = None, temperature
+        else:
+            self.temperature, self.inv_temp_rows = float(temperature), None
         self._chunk_key, self._chunk = None, None
+
+    def inv_temp(self, r0: int, r1: int):
+        """1 / T of rows [r0, r1): a float, or a [r1 - r0, 1] column."""
+        if self.inv_temp_rows is None:
+            return 1.0 / self.temperature
+        return self.inv_temp_rows[r0:r1, None]
 
     def weight_chunk(self, v0: int, v1: int) -> torch.Tensor:
         """float32 W[v0:v1] (a view for float32 weights; a 16-bit chunk is converted once, cached)."""
@@ -97,13 +113,21 @@ class _Head:
             self._chunk_key, self._chunk = (v0, v1), self.weight[v0:v1].float()
         return self._chunk
 
-    def pre_activation_into(self, slab, hidden_rows, v0, v1):
+    def pre_activation_into(self, slab, hidden_rows, v0, v1, r0):
         """slab [r, v1 - v0] <- z, or y / softcap under a softcap (``activate`` finishes it)."""
-        # The scalar factor goes onto the [r, D] operand rather than over the [r, V] tile.
-        scale = 1.0 / (self.softcap if self.softcap is not None else self.temperature)
-        hidden_scaled = hidden_rows * scale if scale != 1.0 else hidden_rows
+        r1 = r0 + hidden_rows.shape[0]
+        # The factor goes onto the [r, D] operand rather than over the [r, V] tile.
+        if self.softcap is not None:
+            scale = 1.0 / self.softcap
+        else:
+            scale = self.inv_temp(r0, r1)
+        per_row = isinstance(scale, torch.Tensor)
+        hidden_scaled = hidden_rows * scale if per_row or scale != 1.0 else hidden_rows
         weight_chunk = self.weight_chunk(v0, v1)
-        if self.bias is not None:
+        if self.bias is not None and per_row:
+            torch.mm(hidden_scaled, weight_chunk.t(), out=slab)
+            slab.addcmul_(scale, self.bias[v0:v1].float()[None, :])  # + b / T, row by row
+        elif self.bias is not None:
             bias_chunk = self.bias[v0:v1].float()
             torch.addmm(bias_chunk * scale if scale != 1.0 else bias_chunk, hidden_scaled, weight_chunk.t(),
                         out=slab)
@@ -111,9 +135,9 @@ class _Head:
             torch.mm(hidden_scaled, weight_chunk.t(), out=slab)
         return slab
 
-    def activate(self, block, cap_derivative=None):
-        """In place on a row block: y / softcap -> z (no-op without a softcap); optionally writes
-        1 - tanh^2(y / softcap) into ``cap_derivative``."""
+    def activate(self, block, r0, cap_derivative=None):
+        """In place on a row block starting at compacted row ``r0``: y / softcap -> z (no-op
+        without a softcap); optionally writes 1 - tanh^2(y / softcap) into ``cap_derivative``."""
         if self.softcap is not None:
             if cap_derivative is not None:
                 # 1 / cosh^2(x), not 1 - tanh^2(x): the latter cancels to 0 or a few ulps once tanh
@@ -121,12 +145,16 @@ class _Head:
                 # but not 0 (cosh overflowing to inf gives the right 0 beyond |x| ~ 89)
                 torch.cosh(block, out=cap_derivative).square_().reciprocal_()
             block.tanh_()
-            block.mul_(self.softcap / self.temperature)
+            if self.inv_temp_rows is None:
+                block.mul_(self.softcap / self.temperature)
+            else:
+                block.mul_(self.inv_temp(r0, r0 + block.shape[0]) * self.softcap)
         return block
 
-    def activated(self, values):
-        """z of a few gathered pre-activation values (out of place): what ``activate`` gives."""
-        return values if self.softcap is None else self.activate(values.clone())
+    def activated(self, values, r0):
+        """z of a few gathered pre-activation values ``[r, K]`` of rows from ``r0`` (out of place):
+        what ``activate`` gives."""
+        return values if self.softcap is None else self.activate(values.clone(), r0)
 
     def cap_derivative(self, values):
         """1 - tanh^2(y / softcap) of gathered pre-activation values y / softcap (None without a softcap)."""
@@ -148,8 +176,9 @@ def _target_columns(targets_rows, v0, v1):
     return columns, inside
 
 
-def _merge(run_max, run_sum, run_ent, tile_max, tile_sum, tile_ent):
-    """Online logsumexp (and sum e^{z-m} (z-m)) state merged with a tile's, in place into run_*."""
+def _merge(run_max, run_sum, run_ent, tile_max, tile_sum, tile_ent, run_sq=None, tile_sq=None):
+    """Online logsumexp (and sum e^{z-m} (z-m), sum e^{2(z-m)}) state merged with a tile's, in place
+    into run_*."""
     new_max = torch.maximum(run_max, tile_max)
     old_scale, tile_scale = torch.exp(run_max - new_max), torch.exp(tile_max - new_max)
     if run_ent is not None:
@@ -157,60 +186,111 @@ def _merge(run_max, run_sum, run_ent, tile_max, tile_sum, tile_ent):
         old_shift = torch.where(run_sum > 0, run_max - new_max, 0.0)
         run_ent.copy_(old_scale * (run_ent + run_sum * old_shift)
                       + tile_scale * (tile_ent + tile_sum * (tile_max - new_max)))
+    if run_sq is not None:
+        run_sq.copy_(run_sq * old_scale.square() + tile_sq * tile_scale.square())
     run_sum.copy_(run_sum * old_scale + tile_sum * tile_scale)
     run_max.copy_(new_max)
 
 
-def torch_forward(hidden, weight, bias, targets, rows, temperature, compute_entropy, *, softcap=None):
+def _row_inv_temp(temperature, by_rows):
+    """A float temperature as is; a [N] tensor -> [M] float32 1 / T of the compacted rows."""
+    if isinstance(temperature, torch.Tensor):
+        return inverse_temperature(temperature, temperature.numel(), temperature.device)[by_rows.index]
+    return temperature
+
+
+def torch_forward(hidden, weight, bias, targets, rows, temperature, compute_entropy, *, softcap=None,
+                  stats=frozenset(), topk=0) -> RowStats:
     """Chunked PyTorch forward over the compacted rows.
 
-    hidden [N, D], weight [V, D], bias [V] or None, targets [N, K] (or [N]) int, rows [M] int32.
-    Returns (logp [M, K] ([M] for [N] targets), lse [M], entropy [M] or None), float32.
+    hidden [N, D], weight [V, D], bias [V] or None, targets [N, K] (K may be 0) or [N] int, rows [M]
+    int32, temperature a float or a [N] tensor (per row). ``stats``: names among
+    ``outputs.DRIVER_STATS``, ``topk``: k (0: none); only what is asked for is computed.
+    Returns :class:`RowStats` (target_logit [M, K], or [M] for [N] targets), float32.
     """
     targets, was_1d = _as_2d_targets(targets)
     num_rows, (vocab, _) = rows.numel(), weight.shape
     device = hidden.device
-    head = _Head(weight, bias, temperature, softcap)
+    by_rows = _Rows(rows)
+    head = _Head(weight, bias, _row_inv_temp(temperature, by_rows), softcap)
+    want_sq, want_mean, want_top1 = (name in stats for name in DRIVER_STATS)
     row_chunk, vocab_chunk = _tile_sizes(num_rows, vocab)
     block = _block_rows(row_chunk, vocab_chunk)
     slab = torch.empty(row_chunk * vocab_chunk, device=device, dtype=torch.float32)
-    scratch = _scratch(block * vocab_chunk, device, compute_entropy)
-    by_rows = _Rows(rows)
+    scratch = _scratch(block * vocab_chunk, device, compute_entropy or want_sq or want_top1)
+
+    def row_state(fill=0.0, needed=True):
+        return torch.full((num_rows,), fill, device=device) if needed else None
+
+    def tile_state(needed=True):
+        return torch.empty(row_chunk, device=device) if needed else None
 
     # Online logsumexp state per row, merged over vocabulary tiles (one tile when V fits).
-    run_max = torch.full((num_rows,), float("-inf"), device=device)
-    run_sum = torch.zeros(num_rows, device=device)
-    run_ent = torch.zeros(num_rows, device=device) if compute_entropy else None
+    run_max, run_sum, run_ent = row_state(float("-inf")), row_state(), row_state(needed=compute_entropy)
+    run_sq, run_z = row_state(needed=want_sq), row_state(needed=want_mean)
+    run_before = row_state(float("-inf"), needed=want_top1)
+    top_keys = torch.full((num_rows, topk), EMPTY_KEY, device=device, dtype=torch.int64) if topk else None
     target_logit = torch.zeros((num_rows, targets.shape[1]), device=device)
-    tile_max, tile_sum = torch.empty(row_chunk, device=device), torch.empty(row_chunk, device=device)
-    tile_ent = torch.empty(row_chunk, device=device) if compute_entropy else None
+    first_target = (by_rows.take(targets, 0, num_rows)[:, 0] if targets.shape[1]
+                    else torch.full((num_rows,), -1, device=device)).long() if want_top1 else None
+    tile_max, tile_sum = tile_state(), tile_state()
+    tile_ent, tile_sq = tile_state(compute_entropy), tile_state(want_sq)
 
     # Vocabulary outermost: a 16-bit weight chunk is converted once, and W streams through once.
     for v0, v1 in _spans(vocab, vocab_chunk):
+        ids = torch.arange(v0, v1, device=device) if (want_top1 or topk) else None
         for r0, r1 in _spans(num_rows, row_chunk):
             shape = (r1 - r0, v1 - v0)
-            z = head.pre_activation_into(_view(slab, shape), by_rows.float_rows(hidden, r0, r1), v0, v1)
+            z = head.pre_activation_into(_view(slab, shape), by_rows.float_rows(hidden, r0, r1), v0, v1, r0)
             columns, inside = _target_columns(by_rows.take(targets, r0, r1), v0, v1)
-            target_logit[r0:r1] += torch.where(inside, head.activated(z.gather(1, columns)), 0.0)
+            target_logit[r0:r1] += torch.where(inside, head.activated(z.gather(1, columns), r0), 0.0)
             for b0, b1 in _spans(shape[0], block):
-                x = head.activate(z[b0:b1])
+                rb = slice(r0 + b0, r0 + b1)
+                x = head.activate(z[b0:b1], r0 + b0)
+                if want_mean:
+                    run_z[rb] += x.sum(dim=1)
+                if want_top1:
+                    # the largest z below the row's first target: argmax's first-maximum rule
+                    below = _view(scratch, x.shape).copy_(x).masked_fill_(ids[None, :] >= first_target[rb, None],
+                                                                          float("-inf"))
+                    torch.maximum(run_before[rb], below.amax(dim=1), out=run_before[rb])
+                if topk:
+                    _fold_topk(top_keys[rb], x, ids, topk, block)
                 row_max = torch.amax(x, dim=1, out=tile_max[b0:b1])
                 x.sub_(row_max[:, None])  # x = z - max <= 0
-                if compute_entropy:
+                if compute_entropy or want_sq:
                     e = torch.exp(x, out=_view(scratch, x.shape))
                     torch.sum(e, dim=1, out=tile_sum[b0:b1])
-                    torch.sum(e.mul_(x), dim=1, out=tile_ent[b0:b1])
+                    if want_sq:  # sum e^2 row by row (a batched dot: no [b, v] temporary)
+                        tile_sq[b0:b1] = torch.einsum("ij,ij->i", e, e)
+                    if compute_entropy:
+                        torch.sum(e.mul_(x), dim=1, out=tile_ent[b0:b1])
                 else:
                     torch.sum(x.exp_(), dim=1, out=tile_sum[b0:b1])
             n = shape[0]
             _merge(run_max[r0:r1], run_sum[r0:r1], run_ent[r0:r1] if compute_entropy else None,
-                   tile_max[:n], tile_sum[:n], tile_ent[:n] if compute_entropy else None)
+                   tile_max[:n], tile_sum[:n], tile_ent[:n] if compute_entropy else None,
+                   run_sq[r0:r1] if want_sq else None, tile_sq[:n] if want_sq else None)
 
     log_sum = torch.log(run_sum)
     lse = run_max + log_sum
-    logp = target_logit - lse[:, None]
     entropy = log_sum - run_ent / run_sum if compute_entropy else None
-    return (logp.squeeze(1) if was_1d else logp), lse, entropy
+    log_sum_sq = torch.log(run_sq) - 2 * log_sum if want_sq else None
+    mean_logits = run_z / vocab if want_mean else None
+    topk_logits, topk_ids = unpack_keys(top_keys) if topk else (None, None)
+    return RowStats(target_logit.squeeze(1) if was_1d else target_logit, lse, entropy, log_sum_sq, mean_logits,
+                    run_max if want_top1 else None, run_before, topk_logits, topk_ids)
+
+
+def _fold_topk(run_keys, block, ids, k, block_rows):
+    """The k largest (z, -id) keys of ``block`` [b, v] (z) folded into ``run_keys`` [b, k], in
+    place; keys are formed a few rows at a time (their int64 temporaries, some 8 float32 copies of
+    those rows, stay below half a block)."""
+    step = max(1, block_rows // 16)
+    for s0, s1 in _spans(block.shape[0], step):
+        keys = pack_keys(block[s0:s1], ids[None, :])
+        tile_top = torch.topk(keys, min(k, keys.shape[1]), dim=1).values
+        run_keys[s0:s1] = merge_topk(torch.cat([run_keys[s0:s1], tile_top], dim=1), k)
 
 
 def torch_backward(hidden, weight, bias, targets, rows, lse, mean_logit, grad_logp, grad_ent,
@@ -231,20 +311,30 @@ def torch_backward(hidden, weight, bias, targets, rows, lse, mean_logit, grad_lo
         grad_logp = grad_logp[:, None]
     num_rows, (vocab, dim) = rows.numel(), weight.shape
     device = hidden.device
-    head = _Head(weight, bias, temperature, softcap)
+    by_rows = _Rows(rows)
+    head = _Head(weight, bias, _row_inv_temp(temperature, by_rows), softcap)
     row_chunk, vocab_chunk = _tile_sizes(num_rows, vocab)
     block = _block_rows(row_chunk, vocab_chunk)
     slab = torch.empty(row_chunk * vocab_chunk, device=device, dtype=torch.float32)
     scratch_p = _scratch(block * vocab_chunk, device, grad_ent is not None)
     scratch_cap = _scratch(block * vocab_chunk, device, softcap is not None)
-    by_rows = _Rows(rows)
 
-    inv_temp = 1.0 / float(temperature)
+    # [M] 1 / T per row (a float temperature broadcast)
+    inv_temp = head.inv_temp(0, num_rows)
+    if not isinstance(inv_temp, torch.Tensor):
+        inv_temp = torch.full((num_rows, 1), inv_temp, device=device)
+    inv_temp = inv_temp[:, 0]
     # d z_v = sum_k g_k [v == t_k] - p_v (G + g_ent (z_v - E_p[z])), G = sum_k g_k, all / T.
     neg_total = grad_logp.sum(dim=1) * -inv_temp
-    neg_ent = grad_ent * -inv_temp if grad_ent is not None else None
     entropy = lse - mean_logit if grad_ent is not None else None
-    grad_logp_scaled = grad_logp * inv_temp
+    if grad_ent is not None:
+        # With the entropy term the 1 / T goes into p instead (p / T = exp(z - lse - log T)): the
+        # centred logits z - E_p[z] reach |y| / T, and times g_ent / T they overflowed float32 for
+        # T <= 1e-19 (a NaN gradient) while p (z - E_p[z]) / T itself stays finite.
+        neg_total = -grad_logp.sum(dim=1)
+        neg_ent = -grad_ent
+        p_shift = entropy + torch.log(inv_temp).neg_()  # exp(centred - p_shift) = p / T
+    grad_logp_scaled = grad_logp * inv_temp[:, None]
 
     # A 16-bit weight gets a float32 accumulator; vocabulary outermost when that keeps the
     # accumulators smaller ([M, D] for d hidden + a [vocab chunk, D] chunk instead of [V, D]).
@@ -267,7 +357,7 @@ def torch_backward(hidden, weight, bias, targets, rows, lse, mean_logit, grad_lo
     for (r0, r1), (v0, v1) in tiles:
         shape = (r1 - r0, v1 - v0)
         hidden_rows = by_rows.float_rows(hidden, r0, r1)
-        dz = head.pre_activation_into(_view(slab, shape), hidden_rows, v0, v1)
+        dz = head.pre_activation_into(_view(slab, shape), hidden_rows, v0, v1, r0)
         # the one-hot term sum_k g_k [v == t_k] (times d z / d y at t_k), added after the blocks
         columns, inside = _target_columns(by_rows.take(targets, r0, r1), v0, v1)
         target_grad = torch.where(inside, grad_logp_scaled[r0:r1], 0.0)
@@ -276,11 +366,11 @@ def torch_backward(hidden, weight, bias, targets, rows, lse, mean_logit, grad_lo
         for b0, b1 in _spans(shape[0], block):
             rb = slice(r0 + b0, r0 + b1)
             cap = _view(scratch_cap, (b1 - b0, shape[1]))
-            d = head.activate(dz[b0:b1], cap_derivative=cap)
+            d = head.activate(dz[b0:b1], r0 + b0, cap_derivative=cap)
             if grad_ent is not None:
-                # p = exp(z - lse) = exp((z - E_p[z]) - H)
+                # p / T = exp(z - lse - log T) = exp((z - E_p[z]) - H - log T)
                 centered = d.sub_(mean_logit[rb, None])
-                p = torch.sub(centered, entropy[rb, None], out=_view(scratch_p, d.shape)).exp_()
+                p = torch.sub(centered, p_shift[rb, None], out=_view(scratch_p, d.shape)).exp_()
                 torch.addcmul(neg_total[rb, None], centered, neg_ent[rb, None], out=d)
                 d.mul_(p)
             else:
