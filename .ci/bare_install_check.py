@@ -80,6 +80,22 @@ def main() -> None:
                      old_per_token_logps=old)
     loss.backward()
     finite_grads("FusedLinearGRPOLoss", hidden, weight)
+
+    # fused_divergence: a student head against a teacher head (a wider one), and the top-k forms
+    teacher_hidden, teacher_weight = torch.randn(B, T, D + 8), torch.randn(V, D + 8)
+    for mode, extra in (("full", {}), ("student_topk", {"topk": 4})):
+        hidden, weight = leaf(B, T, D), leaf(V, D)
+        out = gk.fused_divergence(hidden, weight, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+                                  mode=mode, beta=0.5, temperature=0.9, mask=completion_mask, **extra)
+        assert out.divergence.shape == (B, T) and (out.divergence >= -1e-6).all(), out.divergence
+        out.divergence.sum().backward()
+        finite_grads(f"fused_divergence({mode})", hidden, weight)
+    hidden, weight = leaf(B, T, D), leaf(V, D)
+    teacher_topk_logprobs, teacher_topk_ids = torch.log_softmax(torch.randn(B, T, V), dim=-1).topk(3, dim=-1)
+    out = gk.fused_divergence(hidden, weight, teacher_topk_ids=teacher_topk_ids,
+                              teacher_topk_logprobs=teacher_topk_logprobs, mode="teacher_topk")
+    out.divergence.sum().backward()
+    finite_grads("fused_divergence(teacher_topk)", hidden, weight)
     print(f"bare install: grpo_kernels {gk.__version__} on torch {torch.__version__}: every public op ran")
 
 

@@ -15,6 +15,8 @@ Public API::
     validate_loss_options(**options)                        # check loss options, no tensors
     fused_linear_grpo_loss(hidden, lm_head_weight, completion_ids, completion_mask, advantages, ...)
     FusedLinearGRPOLoss(...)                                # drop-in for LigerFusedLinearGRPOLoss
+    fused_divergence(student_hidden, student_weight, *, teacher_hidden=..., teacher_weight=..., beta=...,
+                     mode="full" | "teacher_topk" | "student_topk", ...)  # -> DivergenceOutput
 """
 
 from grpo_kernels import _triton_compat
@@ -27,6 +29,7 @@ from grpo_kernels.ops.advantages import GroupAdvantages, gfpo_keep_mask, group_a
 from grpo_kernels.ops.advantages import TokenAdvantages, estimate_advantages
 from grpo_kernels.ops.grpo_loss import grpo_loss, validate_loss_options
 from grpo_kernels.ops.fused_linear_grpo import fused_linear_grpo_loss
+from grpo_kernels.ops.divergence import DivergenceOutput, fused_divergence
 from grpo_kernels.nn import FusedLinearGRPOLoss
 
 __all__ = [
@@ -41,4 +44,6 @@ __all__ = [
     "validate_loss_options",
     "fused_linear_grpo_loss",
     "FusedLinearGRPOLoss",
+    "fused_divergence",
+    "DivergenceOutput",
 ]

@@ -131,6 +131,110 @@ def token_stats_reference(
 
 
 # ---------------------------------------------------------------------------------------------
+# Distillation divergences
+# ---------------------------------------------------------------------------------------------
+
+
+def head_logits_reference(hidden, weight, bias=None, *, temperature=1.0, logit_scale=1.0, softcap=None):
+    """``[N, V]`` float64 logits ``z = (softcap * tanh(scale * y / softcap) or scale * y) / T`` with
+    ``y = hidden @ weight.T + bias`` (hidden ``[..., D]`` flattened to rows; ``temperature`` a float
+    or a tensor of hidden's leading shape)."""
+    logits = hidden.reshape(-1, hidden.shape[-1]).double() @ weight.double().t()
+    if bias is not None:
+        logits = logits + bias.double()
+    logits = logits * logit_scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    if isinstance(temperature, torch.Tensor):
+        return logits / temperature.reshape(-1, 1).double()
+    return logits / temperature
+
+
+def _beta_family_reference(log_q, log_p, present, beta):
+    """Over the last dim, the categories where ``present``: beta 0 KL(p || q), 1 KL(q || p), else
+    beta KL(p || m) + (1 - beta) KL(q || m), m = (1 - beta) q + beta p (q: student, p: teacher)."""
+    log_q = torch.where(present, log_q, 0.0)
+    log_p = torch.where(present, log_p, 0.0)
+    q = torch.where(present, log_q.exp(), 0.0)
+    p = torch.where(present, log_p.exp(), 0.0)
+    if beta == 0.0:
+        return (p * (log_p - log_q)).sum(-1)
+    if beta == 1.0:
+        return (q * (log_q - log_p)).sum(-1)
+    log_m = torch.where(present, torch.log((1 - beta) * q + beta * p), 0.0)
+    return beta * (p * (log_p - log_m)).sum(-1) + (1 - beta) * (q * (log_q - log_m)).sum(-1)
+
+
+def _coarse_grained_reference(log_probs, present, tail):
+    """(log-probs, present) of the distribution on a top-k support: the k entries plus a tail of
+    mass ``1 - min(sum, e^{-1e-7})`` (TRL's clamp), or the k entries renormalized."""
+    probs = torch.where(present, log_probs.exp(), 0.0)
+    mass = probs.sum(-1, keepdim=True)
+    if tail == "bucket":
+        tail_prob = 1.0 - torch.minimum(mass, torch.full_like(mass, math.exp(-1e-7)))
+        return torch.cat([log_probs, tail_prob.log()], -1), torch.cat([present, torch.ones_like(present[:, :1])], -1)
+    return torch.where(present, (probs / mass.clamp_min(1e-300)).log(), 0.0), present
+
+
+def divergence_reference(
+    student_hidden, student_weight, *, student_bias=None, teacher_hidden=None, teacher_weight=None,
+    teacher_bias=None, teacher_topk_ids=None, teacher_topk_logprobs=None, mode="full", topk=None, topk_ids=None,
+    beta=0.0, temperature=1.0, student_softcap=None, teacher_softcap=None, student_logit_scale=1.0,
+    teacher_logit_scale=1.0, mask=None, topk_tail="bucket",
+):
+    """:func:`grpo_kernels.fused_divergence` with every ``[N, V]`` intermediate in float64.
+
+    Returns float64 ``(divergence, student entropy, student top-k mass, teacher top-k mass, ids)``
+    of hidden's leading shape (the masses and ids None for ``mode="full"``); autograd flows to the
+    student's hidden, weight and bias through the divergence. ``mode="student_topk"`` takes the
+    student's float64 top-``topk`` (ties: lower id), or ``topk_ids [..., k]`` when given (to score
+    the ids the op chose).
+    """
+    lead_shape = student_hidden.shape[:-1]
+    z_s = head_logits_reference(student_hidden, student_weight, student_bias, temperature=temperature,
+                                logit_scale=student_logit_scale, softcap=student_softcap)
+    log_ps = torch.log_softmax(z_s, dim=-1)
+    entropy = -(log_ps.exp() * log_ps).sum(-1)
+    rows = z_s.shape[0]
+    if mode != "teacher_topk":
+        z_t = head_logits_reference(teacher_hidden, teacher_weight, teacher_bias, temperature=temperature,
+                                    logit_scale=teacher_logit_scale, softcap=teacher_softcap)
+        log_pt = torch.log_softmax(z_t, dim=-1)
+    student_mass = teacher_mass = ids = None
+    if mode == "full":
+        divergence = _beta_family_reference(log_ps, log_pt, torch.ones_like(log_ps, dtype=torch.bool), beta)
+    else:
+        if mode == "teacher_topk":
+            ids = teacher_topk_ids.reshape(rows, -1).long()
+            teacher_logp = teacher_topk_logprobs.reshape(rows, -1).double()
+            present = teacher_logp > -math.inf
+        else:
+            if topk_ids is not None:
+                ids = topk_ids.reshape(rows, -1).long()
+            else:  # a stable descending sort keeps ties in id order
+                ids = torch.sort(z_s.detach(), dim=-1, descending=True, stable=True).indices[:, :topk]
+            present = ids >= 0  # -1: a masked row's
+            teacher_logp = log_pt.gather(-1, ids.clamp_min(0))
+        student_logp = log_ps.gather(-1, ids.clamp_min(0))
+        student_mass = torch.where(present, student_logp.exp(), 0.0).sum(-1).detach()
+        teacher_mass = torch.where(present, teacher_logp.exp(), 0.0).sum(-1)
+        log_q, categories = _coarse_grained_reference(student_logp, present, topk_tail)
+        log_p, _ = _coarse_grained_reference(teacher_logp, present, topk_tail)
+        divergence = _beta_family_reference(log_q, log_p, categories, beta)
+    if mask is not None:
+        keep = mask.reshape(-1) != 0
+        divergence = torch.where(keep, divergence, 0.0)
+        entropy = torch.where(keep, entropy, 0.0)
+        if student_mass is not None:
+            student_mass = torch.where(keep, student_mass, 0.0)
+            teacher_mass = torch.where(keep, teacher_mass, 0.0)
+    entropy = entropy.detach()
+    shaped = [t.reshape(lead_shape) if t is not None else None for t in (divergence, entropy, student_mass,
+                                                                         teacher_mass)]
+    return (*shaped, ids.reshape(*lead_shape, -1) if ids is not None else None)
+
+
+# ---------------------------------------------------------------------------------------------
 # Group advantages
 # ---------------------------------------------------------------------------------------------
 

@@ -43,7 +43,8 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from typing import NamedTuple, Optional
 
-SPEC_MODULES = ("grpo_kernels.ops.logprobs.specs", "grpo_kernels.ops.grpo_loss", "grpo_kernels.ops.advantages")
+SPEC_MODULES = ("grpo_kernels.ops.logprobs.specs", "grpo_kernels.ops.grpo_loss", "grpo_kernels.ops.advantages",
+                "grpo_kernels.ops.divergence.specs")
 
 # sm_90 (H100/H200) per-SM and per-block limits, for the shared-memory gate and the CTAs-per-SM column.
 SM90_MAX_SHARED_PER_BLOCK = 227 * 1024  # opt-in maximum of one block

@@ -199,7 +199,8 @@ def _balanced(count: int, cap: int) -> int:
 
 def backward_plan(num_rows: int, vocab: int, dim: int, dtype: torch.dtype, workspace_bytes: int | None = None, *,
                   contiguous_rows: bool = True, has_bias: bool = False, weight_grad: bool = True,
-                  grad_hidden_dtype: torch.dtype | None = None, device_type: str = "cuda") -> BackwardPlan:
+                  grad_hidden_dtype: torch.dtype | None = None, device_type: str = "cuda",
+                  tiles: tuple[int, int] | None = None) -> BackwardPlan:
     """The chunking and memory of the default backward for ``num_rows`` active (compacted) rows.
 
     ``workspace_bytes`` (default ``DEFAULT_WORKSPACE_BYTES``) bounds the scratch the backward
@@ -221,7 +222,9 @@ def backward_plan(num_rows: int, vocab: int, dim: int, dtype: torch.dtype, works
     ``accumulator_bytes``: d hidden ``4 M D`` (0 when it accumulates in place: a float32 d hidden
     buffer, ``grad_hidden_dtype``, and contiguous rows), plus d weight ``4 ids D`` when rows are
     chunked (16-bit weights), plus the d-bias partials ``4 ids ceil(rows / BLOCK_N)``.
-    ``device_type`` other than ``"cuda"``: the interpreter's tiles.
+    ``device_type`` other than ``"cuda"``: the interpreter's tiles. ``tiles``: ``(BLOCK_N, BLOCK_V)``
+    of the d-logits kernel that fills the buffer, when it is not this package's (the divergence
+    package's kernel, which holds two heads' tiles, uses smaller ones).
     """
     for name, value in (("num_rows", num_rows), ("vocab", vocab), ("dim", dim)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -229,7 +232,7 @@ def backward_plan(num_rows: int, vocab: int, dim: int, dtype: torch.dtype, works
     budget = DEFAULT_WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes
     if not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0:
         raise ValueError(f"workspace_bytes must be an int > 0 (bytes) or None, got {workspace_bytes!r}")
-    block_n, block_v = launch_config("dlogits", dtype, device_type)[:2]
+    block_n, block_v = tiles or launch_config("dlogits", dtype, device_type)[:2]
     elem = torch.empty(0, dtype=dtype).element_size()
     vocab_tiles = triton.cdiv(vocab, block_v)
     row_blocks = triton.cdiv(num_rows, block_n)

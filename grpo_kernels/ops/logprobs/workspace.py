@@ -114,13 +114,50 @@ def workspace_backward(hidden, weight, bias, targets, rows, lse, mean_logit, gra
     """Writes the gradients of the compacted ``rows`` (see ``drivers.triton_backward`` for the
     arguments; ``inv_temp`` is the ``[N]`` float32 1 / temperature per row); ``workspace_bytes`` as
     in :func:`launch.backward_plan`."""
+    dtype, device_type = hidden.dtype, hidden.device.type
+    block_n, block_v, block_d, num_warps, num_stages = launch.launch_config("dlogits", dtype, device_type)
+    unused = lse  # stands for pointer arguments that a constexpr switch leaves unread
+
+    def write_dlogits(dlogits, bias_partial, r0, r1, v0, v1):
+        chunk_rows, num_ids = r1 - r0, v1 - v0
+        grid = (triton.cdiv(chunk_rows, block_n) * triton.cdiv(num_ids, block_v),)
+        _logprobs_dlogits_kernel[grid](
+            hidden, weight, bias if bias is not None else hidden, targets, rows[r0:r1], inv_temp, lse[r0:r1],
+            mean_logit[r0:r1] if mean_logit is not None else unused, grad_logp[r0:r1], grad_logp_sum[r0:r1],
+            grad_ent[r0:r1] if grad_ent is not None else unused,
+            dlogits, bias_partial if bias_partial is not None else unused,
+            chunk_rows, v0, v1, weight.shape[1], targets.shape[1], hidden.stride(0), weight.stride(0),
+            targets.stride(0), dlogits.stride(0), float(softcap or 1.0), float(filter_eps or 0.0),
+            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, GROUP_N=launch.BACKWARD_GROUP_ROWS,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, ENTROPY_GRAD=grad_ent is not None,
+            DOT_PRECISION=launch.dot_precision(dtype), INTERPRETER=device_type != "cuda",
+            num_warps=num_warps, num_stages=num_stages,
+        )
+
+    dlogits_gemm_backward(hidden, weight, rows, grad_hidden, grad_weight, grad_bias, write_dlogits,
+                          has_bias=bias is not None, workspace_bytes=workspace_bytes, tiles=(block_n, block_v))
+
+
+def dlogits_gemm_backward(hidden, weight, rows, grad_hidden, grad_weight, grad_bias, write_dlogits, *, has_bias,
+                          workspace_bytes=None, tiles=None):
+    """The chunk loop of the workspace backward, for any kernel that writes d logits.
+
+    hidden ``[N, D]``, weight ``[V, D]`` (the head whose gradients are wanted), rows ``[M]`` int32
+    (the compacted active rows); grad_hidden ``[N, D]`` (its ``rows`` are written), grad_weight
+    ``[V, D]`` or None (written), grad_bias ``[V]`` float32 or None (added to).
+    ``write_dlogits(dlogits, bias_partial, r0, r1, v0, v1)`` fills ``dlogits`` (``[r1 - r0, v1 -
+    v0]``, row stride ``dlogits.stride(0)``, hidden's dtype) with d loss / d y of the compacted rows
+    ``[r0, r1)`` and vocabulary ids ``[v0, v1)``, and, when ``has_bias``, ``bias_partial`` (float32,
+    ``[ceil((r1 - r0) / BLOCK_N), v1 - v0]`` flattened) with each row block's column sums.
+    ``tiles``: the kernel's ``(BLOCK_N, BLOCK_V)`` (see :func:`launch.backward_plan`).
+    """
     num_rows, (vocab, dim) = rows.numel(), weight.shape
     device, dtype = hidden.device, hidden.dtype
     offset = _contiguous_offset(rows)
     plan = launch.backward_plan(num_rows, vocab, dim, dtype, workspace_bytes, contiguous_rows=offset is not None,
-                                has_bias=bias is not None, weight_grad=grad_weight is not None,
-                                grad_hidden_dtype=grad_hidden.dtype, device_type=device.type)
-    block_n, block_v, block_d, num_warps, num_stages = launch.launch_config("dlogits", dtype, device.type)
+                                has_bias=has_bias, weight_grad=grad_weight is not None,
+                                grad_hidden_dtype=grad_hidden.dtype, device_type=device.type, tiles=tiles)
+    block_n = (tiles or launch.launch_config("dlogits", dtype, device.type)[:2])[0]
     row_spans, vocab_spans = _spans(num_rows, plan.rows_per_chunk), _spans(vocab, plan.ids_per_chunk)
     rows_chunked = len(row_spans) > 1
     ids_alloc = launch.padded_ids(min(plan.ids_per_chunk, vocab))
@@ -138,7 +175,7 @@ def workspace_backward(hidden, weight, bias, targets, rows, lse, mean_logit, gra
     if grad_weight is not None and rows_chunked and grad_weight.dtype != torch.float32:
         weight_acc = torch.empty((ids_alloc, dim), device=device, dtype=torch.float32)
     bias_partial = None
-    if bias is not None:
+    if has_bias:
         bias_partial = torch.empty(triton.cdiv(rows_alloc, block_n) * ids_alloc, device=device, dtype=torch.float32)
 
     def hidden_rows(r0, r1):
@@ -152,26 +189,13 @@ def workspace_backward(hidden, weight, bias, targets, rows, lse, mean_logit, gra
 
     if gathered is not None and not rows_chunked:
         torch.index_select(hidden, 0, rows, out=gathered)
-    unused = lse  # stands for pointer arguments that a constexpr switch leaves unread
     for v0, v1 in vocab_spans:
         for r0, r1 in row_spans:
             num_ids, chunk_rows = v1 - v0, r1 - r0
             # rows padded to a multiple of 16 ids: aligned kernel stores and cuBLAS leading dimensions
             row_stride = launch.padded_ids(num_ids)
             dlogits = dlogits_flat[:chunk_rows * row_stride].view(chunk_rows, row_stride)[:, :num_ids]
-            grid = (triton.cdiv(chunk_rows, block_n) * triton.cdiv(num_ids, block_v),)
-            _logprobs_dlogits_kernel[grid](
-                hidden, weight, bias if bias is not None else hidden, targets, rows[r0:r1], inv_temp, lse[r0:r1],
-                mean_logit[r0:r1] if mean_logit is not None else unused, grad_logp[r0:r1], grad_logp_sum[r0:r1],
-                grad_ent[r0:r1] if grad_ent is not None else unused,
-                dlogits, bias_partial if bias_partial is not None else unused,
-                chunk_rows, v0, v1, dim, targets.shape[1], hidden.stride(0), weight.stride(0), targets.stride(0),
-                dlogits.stride(0), float(softcap or 1.0), float(filter_eps or 0.0),
-                BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, GROUP_N=launch.BACKWARD_GROUP_ROWS,
-                HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, ENTROPY_GRAD=grad_ent is not None,
-                DOT_PRECISION=launch.dot_precision(dtype), INTERPRETER=device.type != "cuda",
-                num_warps=num_warps, num_stages=num_stages,
-            )
+            write_dlogits(dlogits, bias_partial, r0, r1, v0, v1)
             if bias_partial is not None:
                 parts = bias_partial[:triton.cdiv(chunk_rows, block_n) * num_ids].view(-1, num_ids)
                 grad_bias[v0:v1] += parts.sum(dim=0)
