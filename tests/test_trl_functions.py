@@ -15,6 +15,9 @@ import trl.kernels
 import trl.trainer.distillation_trainer as distillation
 
 from grpo_kernels.integrations.trl import patched_trl
+from trl_tiny import one_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 DEVICE = "cpu"
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -25,6 +26,16 @@ PAD, EOS = 0, 1
 VOCAB = 97  # 44 tokenizer ids; the rest are never sampled (an LM head larger than the tokenizer)
 # Logged keys that measure time, not math.
 TIMING_KEYS = ("time", "per_second")
+
+
+@pytest.fixture(scope="module", autouse=False)
+def one_thread():
+    """One intra-op thread for the module: these models are tiny, and on a shared 2-core machine
+    OpenMP's second thread makes each of their matmuls ~100x slower (spin-waiting)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_tokenizer():
@@ -95,9 +106,13 @@ def reward_short(completions, **kwargs):
 
 
 def common_args(output_dir, **overrides) -> dict:
-    """What every adapted test sets: CPU, float32, a few logged steps, no checkpoints."""
+    """What every adapted test sets: CPU, float32, a few logged steps, no checkpoints, and plain
+    SGD: an update is then the learning rate times the gradient, so step k compares the two
+    implementations' gradients. (Adam divides each gradient element by its own magnitude: where a
+    gradient is zero up to rounding, its update is rounding noise scaled to the learning rate, and
+    later steps would compare noise.)"""
     args = dict(output_dir=str(output_dir), max_steps=2, logging_steps=1, report_to="none", use_cpu=True, bf16=False,
-                save_strategy="no", seed=11, disable_tqdm=True, learning_rate=0.05)
+                save_strategy="no", seed=11, disable_tqdm=True, learning_rate=0.05, optim="sgd")
     args.update(overrides)
     return args
 
@@ -108,7 +123,7 @@ def snapshot(model):
 
 def run_pair(make_trainer, backend="torch", grpo_loss=True, check_kernels=True):
     """Train ``make_trainer(tag)`` twice: TRL as it is, then under ``patched_trl``. Returns
-    ``(trl_trainer, patched_trainer)``, trained.
+    ``(trl_trainer, patched_trainer, before)``, trained; ``before``: the parameters before training.
 
     With ``check_kernels``, the patched run must never reach TRL's own chunked functions (a
     fallback would make the comparison vacuous).
@@ -118,6 +133,7 @@ def run_pair(make_trainer, backend="torch", grpo_loss=True, check_kernels=True):
     from grpo_kernels.integrations.trl import functions, patched_trl
 
     reference = make_trainer("trl")
+    before = snapshot(reference.model)
     reference.train()
 
     def forbidden(*args, **kwargs):
@@ -134,7 +150,7 @@ def run_pair(make_trainer, backend="torch", grpo_loss=True, check_kernels=True):
         finally:
             for guard in guards:
                 guard.stop()
-    return reference, patched
+    return reference, patched, before
 
 
 def step_logs(trainer):
