@@ -34,6 +34,8 @@ Supported TRL versions: ``trl>=1.16,<1.17``.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from accelerate.utils import is_peft_model
 from trl import GRPOTrainer
@@ -99,13 +101,30 @@ def _type_specific_options(args) -> dict:
     return {}
 
 
+# GRPOTrainer attributes that TRL's loss reads instead of the config field of the same meaning.
+_TRAINER_FIELDS = {"loss_type": "loss_type", "importance_sampling_level": "importance_sampling_level",
+                   "top_entropy_quantile": "top_entropy_quantile", "beta": "beta", "epsilon": "epsilon_low",
+                   "epsilon_high": "epsilon_high", "off_policy_mask_threshold": "off_policy_mask_threshold",
+                   "max_completion_length": "max_completion_length"}
+
+
+def effective_config(trainer) -> SimpleNamespace:
+    """The trainer's ``args``, with the fields TRL's loss reads from trainer attributes taken from
+    those (a subclass or a caller may set them after construction)."""
+    config = SimpleNamespace(**vars(trainer.args))
+    for field, attribute in _TRAINER_FIELDS.items():
+        if hasattr(trainer, attribute):
+            setattr(config, field, getattr(trainer, attribute))
+    return config
+
+
 def grpo_compute_loss(trainer, model, inputs, trl_compute_loss=TRL_GRPO_COMPUTE_LOSS):
     """``GRPOTrainer._compute_loss`` on grpo-kernels: the fused loss where it implements the
     trainer's options and the policy has our head, else ``trl_compute_loss`` (TRL's own)."""
     policy = trainer.accelerator.unwrap_model(trainer.model)
     if not has_grpo_kernels_head(policy):
         return trl_compute_loss(trainer, model, inputs)  # unpatched TRL head: TRL's loss, silently
-    reason = fused_loss_fallback_reason(trainer.args, trainer.accelerator.num_processes)
+    reason = fused_loss_fallback_reason(effective_config(trainer), trainer.accelerator.num_processes)
     if reason is not None:
         warn_fallback(f"the GRPO loss with {reason}: TRL's loss on grpo-kernels' LM head")
         return trl_compute_loss(trainer, model, inputs)
@@ -163,7 +182,7 @@ def _fused_compute_loss(self, model, inputs):
         off_policy_mask_threshold=self.off_policy_mask_threshold,
         sampling_logprobs=(inputs.get("sampling_per_token_logps")
                            if self.off_policy_mask_threshold is not None else None),
-        **_type_specific_options(self.args),
+        **_type_specific_options(effective_config(self)),
     )
     request = GRPOLossRequest(completion_ids=completion_ids, loss_mask=mask, advantages=advantages,
                               old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, options=options)
