@@ -11,6 +11,8 @@ from grpo_kernels.ops.fused_linear_grpo import fused_linear_grpo_loss
 from grpo_kernels.ops.grpo_loss import OPTIONS
 from grpo_kernels.ops.logprobs import token_logprobs
 from grpo_kernels.ops.packing import packed_shape
+from grpo_kernels.ops.utils import check_bool
+from grpo_kernels.ops.vocab_parallel import check_process_group
 
 _IGNORE_INDEX = -100
 
@@ -90,6 +92,12 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         if own & set(self.loss_options):
             raise TypeError(f"loss_options {', '.join(sorted(own & set(self.loss_options)))}: pass them as the "
                             "constructor's (or forward's) own arguments")
+        # flags are bools (Liger would take "no" as True); a group is a ProcessGroup
+        for name, value in (("compiled", compiled), ("use_ref_model", use_ref_model),
+                            ("use_bias_correction_kl", use_bias_correction_kl)):
+            check_bool(name, value)
+        if process_group is not None:
+            check_process_group(process_group)
         if sapo_temperature_pos <= 0:
             raise ValueError(f"sapo_temperature_pos must be positive, got {sapo_temperature_pos}")
         if sapo_temperature_neg <= 0:

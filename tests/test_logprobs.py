@@ -545,19 +545,74 @@ def test_bad_k_targets_shape(device, targets_shape):
         gk.token_logprobs(hidden, weight, torch.zeros(targets_shape, dtype=torch.long, device=device))
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"backward": "fast"}, "backward must be one of"),
-    ({"backward": True}, "backward must be one of"),
-    ({"backward": None}, "backward must be one of"),
-    ({"workspace_bytes": 0}, "workspace_bytes must be an int > 0"),
-    ({"workspace_bytes": -5}, "workspace_bytes must be an int > 0"),
-    ({"workspace_bytes": 2.5e8}, "workspace_bytes must be an int > 0"),
-    ({"workspace_bytes": True}, "workspace_bytes must be an int > 0"),
-    ({"deterministic": True, "backward": "atomic"}, "deterministic=True needs backward='workspace'"),
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"backward": "fast"}, ValueError, "backward must be one of"),
+    ({"backward": True}, ValueError, "backward must be one of"),
+    ({"backward": None}, ValueError, "backward must be one of"),
+    ({"workspace_bytes": 0}, ValueError, "workspace_bytes must be an int > 0"),
+    ({"workspace_bytes": -5}, ValueError, "workspace_bytes must be an int > 0"),
+    ({"workspace_bytes": 2.5e8}, TypeError, "workspace_bytes must be an int > 0"),
+    ({"workspace_bytes": True}, TypeError, "workspace_bytes must be an int > 0"),
+    ({"workspace_bytes": "1024"}, TypeError, "workspace_bytes must be an int > 0"),
+    ({"deterministic": True, "backward": "atomic"}, ValueError, "deterministic=True needs backward='workspace'"),
 ])
-def test_bad_backward_options(device, kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_backward_options(device, kwargs, error, match):
+    with pytest.raises(error, match=match):
         gk.token_logprobs(*_ok(device), **kwargs)
+
+
+LOGPROB_FLAGS = ("return_entropy", "return_lse", "exact", "batch_invariant", "deterministic")
+
+
+@pytest.mark.parametrize("flag", LOGPROB_FLAGS)
+@pytest.mark.parametrize("value", ["no", "False", 0, 1, None, torch.tensor(True)])
+def test_flags_must_be_bools(device, flag, value):
+    # bool("no") is True: a flag given as text (a config file, a CLI) meant its opposite
+    with pytest.raises(TypeError, match=f"{flag} must be a bool"):
+        gk.token_logprobs(*_ok(device), **{flag: value})
+    if flag != "deterministic":  # the single-device entry point the vocab-parallel head shares
+        from grpo_kernels.ops.logprobs.op import single_device_logprobs
+
+        with pytest.raises(TypeError, match=f"{flag} must be a bool"):
+            single_device_logprobs(*_ok(device), **{flag: value})
+
+
+def test_numpy_bool_flags_are_bools(device):
+    np = pytest.importorskip("numpy")
+    logp, entropy = gk.token_logprobs(*_ok(device), return_entropy=np.bool_(True))
+    assert logp.shape == entropy.shape == (4,)
+
+
+@pytest.mark.parametrize("name,value", [
+    ("temperature", "0.5"), ("temperature", True), ("temperature", b"1"), ("temperature", [1.0]),
+    ("softcap", "30"), ("softcap", True), ("softcap", torch.tensor(30.0)),
+    ("filter_eps", "1e-3"), ("filter_eps", True),
+])
+def test_numbers_must_be_numbers(device, name, value):
+    with pytest.raises(TypeError, match=f"{name} must be a number"):
+        gk.token_logprobs(*_ok(device), **{name: value})
+
+
+@pytest.mark.parametrize("group", ["world", object(), 1, 0.5, torch.zeros(1)])
+def test_process_group_must_be_a_group(device, group):
+    # "world" once failed deep inside with AttributeError: 'str' object has no attribute 'size'
+    from grpo_kernels.ops.vocab_parallel import sharded_head_logprobs, vocab_parallel_logprobs
+
+    hidden, weight, targets = _ok(device)
+    for call in (lambda: gk.token_logprobs(hidden, weight, targets, process_group=group),
+                 lambda: vocab_parallel_logprobs(hidden, weight, targets, group),
+                 lambda: sharded_head_logprobs(hidden, weight, targets, group),
+                 lambda: gk.fused_linear_grpo_loss(hidden[None], weight, targets[None], torch.ones(1, 4, device=device),
+                                                   torch.ones(1, device=device), process_group=group),
+                 lambda: gk.FusedLinearGRPOLoss(process_group=group)):
+        with pytest.raises(TypeError, match="process_group must be a torch.distributed ProcessGroup .* got "):
+            call()
+
+
+@pytest.mark.parametrize("flag", ["compiled", "use_ref_model", "use_bias_correction_kl"])
+def test_module_flags_must_be_bools(flag):
+    with pytest.raises(TypeError, match=f"{flag} must be a bool"):
+        gk.FusedLinearGRPOLoss(**{flag: "no"})
 
 
 @pytest.mark.parametrize("kwargs", [{"backward": "atomic"}, {"workspace_bytes": 2**20}])

@@ -310,6 +310,23 @@ def _(world, rank):
         vocab_parallel_logprobs(hidden, shard, torch.tensor([0, 1, 2]), None)
 
 
+@check("bad input: flags that are not bools, numbers that are not numbers", worlds=(2,))
+def _(world, rank):
+    from grpo_kernels.ops.vocab_parallel import sharded_head_logprobs, vocab_parallel_logprobs
+
+    weight, _ = _head(world, torch.float32, False)
+    hidden, targets = torch.randn(3, DIM, generator=_generator(7)), torch.tensor([0, 1, 2])
+    shard = _shard(weight, world, rank)
+    for fn in (vocab_parallel_logprobs, sharded_head_logprobs):
+        for flag in ("return_entropy", "return_lse", "exact") + (
+                ("sum_grad_hidden", "check_replicated") if fn is vocab_parallel_logprobs else ()):
+            with pytest.raises(TypeError, match=f"{flag} must be a bool"):
+                fn(hidden, shard, targets, dist.group.WORLD, **{flag: "no"})
+        for name, value in (("temperature", "0.5"), ("temperature", True), ("filter_eps", "1e-3")):
+            with pytest.raises(TypeError, match=f"{name} must be a number"):
+                fn(hidden, shard, targets, dist.group.WORLD, **{name: value})
+
+
 def _sharded_head_case(world, rank, group, *, layout, backend, dtype, expect_layout=None):
     import grpo_kernels as gk
     from grpo_kernels.ops.vocab_parallel import sharded_head_logprobs

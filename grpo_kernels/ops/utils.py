@@ -121,6 +121,6 @@ def check_bool(name: str, value) -> bool:
     """
     if isinstance(value, bool):
         return value
-    if type(value).__name__ == "bool_" and type(value).__module__ == "numpy":
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool"):  # numpy 2 names it bool
         return bool(value)
     raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} {value!r}")

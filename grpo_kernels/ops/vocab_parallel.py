@@ -38,19 +38,20 @@ import torch
 import torch.distributed as dist
 
 from grpo_kernels.ops.logprobs.drivers import BACKENDS
-from grpo_kernels.ops.logprobs.op import check_outputs, single_device_logprobs
+from grpo_kernels.ops.logprobs.op import check_flags, check_outputs, single_device_logprobs
 from grpo_kernels.ops.logprobs.outputs import DRIVER_STATS, TokenStats, top1_rule
 from grpo_kernels.ops.logprobs.temperature import check_temperature, check_temperature_values
 from grpo_kernels.ops.logprobs.topk import EMPTY_KEY, merge_topk, pack_keys, unpack_keys
 from grpo_kernels.ops.utils import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    check_bool,
     check_positive_finite,
     check_tensor,
     resolve_backend,
 )
 
-__all__ = ["vocab_parallel_logprobs", "sharded_head_logprobs", "choose_layout", "LAYOUTS"]
+__all__ = ["vocab_parallel_logprobs", "sharded_head_logprobs", "choose_layout", "check_process_group", "LAYOUTS"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,16 @@ def _comm_device(group) -> torch.device:
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def check_process_group(process_group) -> None:
+    """A ``torch.distributed.ProcessGroup``, else a TypeError naming ``process_group`` (a string
+    or a rank number once failed deep inside with "'str' object has no attribute 'size'")."""
+    group_type = getattr(dist, "ProcessGroup", None)
+    if group_type is None or not isinstance(process_group, group_type):
+        raise TypeError(f"process_group must be a torch.distributed ProcessGroup (e.g. dist.group.WORLD, or a "
+                        f"group from dist.new_group) or None for one device, got {type(process_group).__name__} "
+                        f"{process_group!r}")
 
 
 def _checksum(hidden, targets):
@@ -481,6 +492,11 @@ def _run(hidden, weight, targets, process_group, *, bias, temperature, ignore_in
          topk=None, return_lse=False):
     if process_group is None:
         raise ValueError("process_group must be a torch.distributed process group (dist.group.WORLD for all ranks)")
+    check_process_group(process_group)
+    # the flags, like the other arguments, are the same on every rank: refused everywhere
+    check_flags(return_entropy=return_entropy, return_lse=return_lse, exact=exact, sum_grad_hidden=sum_grad_hidden)
+    if check_replicated is not None:
+        check_bool("check_replicated", check_replicated)
     if check_replicated is None:
         check_replicated = os.environ.get(DEBUG_ENV, "0") not in ("", "0")
     # the same arguments on every rank: a bad one raises everywhere before any collective

@@ -3,8 +3,8 @@ head when a process group is given. The top layer of the package: nothing below 
 
 import torch
 
-from grpo_kernels.ops.logprobs.op import check_backward_options, single_device_logprobs
-from grpo_kernels.ops.vocab_parallel import vocab_parallel_logprobs
+from grpo_kernels.ops.logprobs.op import check_backward_options, check_flags, single_device_logprobs
+from grpo_kernels.ops.vocab_parallel import check_process_group, vocab_parallel_logprobs
 
 
 def token_logprobs(
@@ -66,7 +66,9 @@ def token_logprobs(
             ``[2**-64, 2**64]`` (``z`` is float32; see ``logprobs.temperature``). Not
             differentiated.
         ignore_index: an int32.
-        return_entropy: also return the entropy of ``softmax(z)`` per row.
+        return_entropy: also return the entropy of ``softmax(z)`` per row. Every flag
+            (``return_entropy``, ``return_lse``, ``exact``, ``batch_invariant``, ``deterministic``)
+            must be a ``bool``: anything else (``"no"``, 0, a tensor) is a ``TypeError``.
         return_lse: also return ``logsumexp(z)`` per row (differentiable: a z-loss, or a caller's
             own normalization).
         softcap: logit soft-capping (Gemma 2/3's ``final_logit_softcapping``), finite > 0, or None.
@@ -110,6 +112,8 @@ def token_logprobs(
         process_group: vocabulary-parallel head (tensor parallelism): ``weight``/``bias`` are this
             rank's ``[V_r, D]``/``[V_r]`` shard (rank order), ``targets`` hold global ids, ``hidden``
             is the same on every rank; see :func:`grpo_kernels.ops.vocab_parallel.vocab_parallel_logprobs`.
+            A ``torch.distributed.ProcessGroup`` (e.g. ``dist.group.WORLD``) or None (one device);
+            anything else is a ``TypeError``.
 
     Returns:
         With ``outputs``: a :class:`~grpo_kernels.TokenStats`. Otherwise float32 log-probs of the
@@ -120,6 +124,7 @@ def token_logprobs(
         forward runs. ``torch.compile(fullgraph=True)`` traces through it (a custom op,
         ``torch.ops.grpo_kernels.token_logprobs``), and meta tensors give the output shapes.
     """
+    check_flags(return_entropy=return_entropy, return_lse=return_lse, exact=exact, batch_invariant=batch_invariant)
     check_backward_options(backward, workspace_bytes, deterministic)
     if process_group is not None:
         multi_target = isinstance(targets, torch.Tensor) and targets.dim() == hidden.dim()
@@ -129,6 +134,7 @@ def token_logprobs(
                        if on]
         if unsupported:
             raise ValueError(f"process_group (vocabulary-parallel head) does not support {', '.join(unsupported)} yet")
+        check_process_group(process_group)
         return vocab_parallel_logprobs(
             hidden, weight, targets, process_group, bias=bias, temperature=temperature, ignore_index=ignore_index,
             return_entropy=return_entropy, return_lse=return_lse, filter_eps=filter_eps, exact=exact, backend=backend,

@@ -15,6 +15,7 @@ from grpo_kernels.ops.logprobs.temperature import check_temperature, check_tempe
 from grpo_kernels.ops.utils import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    check_bool,
     check_index_range,
     check_positive_finite,
     check_same_device,
@@ -295,15 +296,24 @@ def check_outputs(outputs, topk, targets, hidden, vocab, return_entropy=False, r
     return names, k
 
 
+def check_flags(**flags) -> None:
+    """Every flag a ``bool`` (``utils.check_bool``): a TypeError naming the first that is not
+    (``return_lse="no"`` would otherwise mean True)."""
+    for name, value in flags.items():
+        check_bool(name, value)
+
+
 def check_backward_options(backward, workspace_bytes, deterministic) -> None:
-    """``backward`` in BACKWARDS, ``workspace_bytes`` an int > 0 or None, and not deterministic
-    with the atomic backward; raises ValueError naming the argument."""
+    """``backward`` in BACKWARDS, ``workspace_bytes`` an int > 0 or None, ``deterministic`` a bool
+    and not True with the atomic backward; raises TypeError/ValueError naming the argument."""
     if not isinstance(backward, str) or backward not in BACKWARDS:
         raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
-    if workspace_bytes is not None and (not isinstance(workspace_bytes, int) or isinstance(workspace_bytes, bool)
-                                        or workspace_bytes <= 0):
-        raise ValueError(f"workspace_bytes must be an int > 0 (bytes) or None (the default, "
-                         f"{DEFAULT_WORKSPACE_BYTES} = 256 MiB), got {workspace_bytes!r}")
+    check_bool("deterministic", deterministic)
+    expected = f"an int > 0 (bytes) or None (the default, {DEFAULT_WORKSPACE_BYTES} = 256 MiB)"
+    if workspace_bytes is not None and (not isinstance(workspace_bytes, int) or isinstance(workspace_bytes, bool)):
+        raise TypeError(f"workspace_bytes must be {expected}, got {type(workspace_bytes).__name__} {workspace_bytes!r}")
+    if workspace_bytes is not None and workspace_bytes <= 0:
+        raise ValueError(f"workspace_bytes must be {expected}, got {workspace_bytes!r}")
     if deterministic and backward == "atomic":
         raise ValueError("deterministic=True needs backward='workspace' (the default): backward='atomic' adds "
                          "with floating-point atomics, whose order varies between runs")
@@ -314,6 +324,7 @@ def single_device_logprobs(hidden, weight, targets, *, bias=None, temperature=1.
                            batch_invariant=True, deterministic=False, backward="workspace", workspace_bytes=None,
                            backend="auto", outputs=None, topk=None):
     """:func:`grpo_kernels.token_logprobs` without ``process_group``: same arguments, checks and result."""
+    check_flags(return_entropy=return_entropy, return_lse=return_lse, exact=exact, batch_invariant=batch_invariant)
     temperature, filter_eps, softcap = _validate(hidden, weight, targets, bias, temperature, ignore_index,
                                                  filter_eps, softcap)
     names, k = check_outputs(outputs, topk, targets, hidden, weight.shape[0], return_entropy, return_lse)
