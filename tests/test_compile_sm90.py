@@ -5,7 +5,7 @@ Runs the real Triton compiler on this CPU-only machine, in a subprocess without 
 
 The suite compiles, per kernel and dtype, the heaviest configuration (most switches on); CI
 (`.ci/run`) and the GPU kit compile every shipped configuration with the same module, before the
-suite (some 550 compiles: minutes with a cold Triton cache on 2 cores)."""
+suite (some 750 compiles: minutes with a cold Triton cache on 2 cores)."""
 
 import json
 import os
@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import triton
 import triton.language as tl
 
@@ -54,6 +55,19 @@ def test_heaviest_kernel_configs_compile_for_sm90(module, tmp_path):
         # none in the default backward's d-logits kernel or the forward.
         assert aligned["logprobs_bwd_atomic/bf16"]["float_atomics"] > 0
         assert aligned["logprobs_dlogits/bf16"]["float_atomics"] == fwd["float_atomics"] == 0
+    if module == "grpo_kernels.ops.divergence.specs":
+        # Two heads' tile GEMMs per vocabulary tile: two wgmma loops, each the shipped tile's
+        # multiply-adds per CTA; the backward's d-logits kernel (the default and only backward) has
+        # no float atomics.
+        from grpo_kernels.ops.divergence.launch import GPU_CONFIG
+
+        # (a bf16 student with an fp16 teacher: the suite's selection compiles its d-logits kernel
+        # with a teacher tile; bf16 with bf16 shares its key with the teacher-less one)
+        block_n, block_v, block_d, *_ = GPU_CONFIG["fwd"][(torch.bfloat16, torch.float16)]
+        for prefix in ("divergence_fwd[bf16,teacher=fp16]", "divergence_dlogits[bf16,teacher=fp16,"):
+            (usage,) = [r["usage"] for r in records if r["aligned"] and r["spec"].startswith(prefix)]
+            assert [loop["macs_per_cta"] for loop in usage["wgmma_loops"]] == [block_n * block_v * block_d] * 2
+            assert usage["float_atomics"] == usage["mma_sync"] == 0
 
 
 # ---------------------------------------------------------------------------------------------

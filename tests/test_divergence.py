@@ -137,6 +137,63 @@ def test_extremes_match_float64(device, backend, name):
         assert want[0].min() > (1e-5 if 0 < options["beta"] < 1 else 0.05)
 
 
+# Per-row temperature spread over a range in one batch: each row's own. At T_n = 0.05 a row's |z|
+# is ~200 (20x a generic row's), and its float32 rounding (~1e-7 |z| per logit, ~2e-5) bounds the
+# log-probs' absolute accuracy, so the values' (~3e-5 seen, e.g. the JSD of near one-hot rows) and,
+# through near one-hot rows' small gradients, the gradients' (~4e-4 seen for a float32 student), as
+# in the tiny-temperature extremes above. A row at a wrong temperature is off by O(1). The top-k
+# forms' tail bucket log(1 - sum of k probabilities) (TRL's definition) turns that rounding into
+# ~rounding / tail where the student is near one-hot (tail down to TRL's floor of 1e-7): 1/5 to 5.
+SPREAD_CASES = {
+    # name: (mode, beta, student dtype, teacher dtype, temperature range)
+    "full-fkl": ("full", 0.0, F32, F32, (0.05, 20.0)),
+    "full-rkl-bf16": ("full", 1.0, BF16, BF16, (0.05, 20.0)),
+    "full-jsd": ("full", 0.4, F32, BF16, (0.05, 20.0)),
+    "teacher-topk-jsd": ("teacher_topk", 0.5, F32, F32, (0.2, 5.0)),
+    "student-topk-rkl": ("student_topk", 1.0, BF16, F32, (0.2, 5.0)),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(SPREAD_CASES))
+def test_per_row_temperature_spread_matches_float64(device, backend, name):
+    mode, beta, s_dtype, t_dtype, (low, high) = SPREAD_CASES[name]
+    kwargs = make_case((2, 9), 47, d_s=11, d_t=7, s_dtype=s_dtype, t_dtype=t_dtype, device=device, mode=mode, k=4,
+                       masked_rows=3, student_bias=True)
+    kwargs["temperature"] = torch.logspace(math.log10(low), math.log10(high), 18, device=device)[
+        torch.randperm(18, device=device)].view(2, 9)
+    out, want, _, _ = check_against_reference({**kwargs, "beta": beta}, value_tol=1e-4,
+                                              grad_tol=1e-3 if s_dtype == F32 else None, backend=backend)
+    live = kwargs["mask"] != 0
+    assert want[0][live].abs().min() > 0 and want[0].abs().max() > 1e-2  # the comparison can fail
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["full", "teacher_topk", "student_topk"])
+def test_per_row_temperature_is_each_rows_own(device, backend, mode):
+    # Row n of a per-row call equals a call with the scalar T_n (powers of two: 1 / T exact either
+    # way); on the Triton path a row's values do not depend on the other rows: the same bits (the
+    # torch path's matmuls may block differently by the number of rows: float32 rounding of z).
+    kwargs = make_case((8,), 37, d_s=9, d_t=6, s_dtype=F32, t_dtype=F32, device=device, mode=mode, k=3)
+    temperatures = [0.25, 4.0, 1.0, 0.5, 2.0, 0.125, 8.0, 1.0]
+    out = gk.fused_divergence(**kwargs, beta=0.5, temperature=torch.tensor(temperatures, device=device),
+                              backend=backend)
+    for n, temperature in enumerate(temperatures):
+        row = {key: (value[n:n + 1] if key in ("student_hidden", "teacher_hidden", "teacher_topk_ids",
+                                                "teacher_topk_logprobs") else value) for key, value in kwargs.items()}
+        one = gk.fused_divergence(**row, beta=0.5, temperature=temperature, backend=backend)
+        for got, want in ((one.divergence, out.divergence[n:n + 1]), (one.student_entropy,
+                                                                       out.student_entropy[n:n + 1])):
+            if backend == "triton":
+                assert torch.equal(got, want), (n, temperature)
+            else:
+                # |z| up to ~80 at T = 1/8; a tail bucket's log(1 - top-k mass) amplifies its rounding
+                assert value_err(got, want) < 1e-4, (n, temperature)
+    # and it matters: the rows at T = 1 differ from the same rows at T = 0.25
+    hot = gk.fused_divergence(**kwargs, beta=0.5, temperature=0.25, backend=backend)
+    assert (hot.divergence[[2, 7]] - out.divergence[[2, 7]]).abs().min() > 1e-4
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_forward_kl_of_identical_heads_is_zero(device, backend):
     kwargs = make_case((6,), 37, d_s=8, d_t=8, s_dtype=F32, t_dtype=F32, device=device)

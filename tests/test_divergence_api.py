@@ -42,6 +42,11 @@ BAD_FULL = [
     ({"beta": -0.1}, ValueError, "beta"),
     ({"beta": True}, TypeError, "beta"),
     ({"beta": math.nan}, ValueError, "beta"),
+    ({"beta": "0.5"}, TypeError, "beta"),
+    ({"beta": torch.tensor(0.5)}, TypeError, "beta"),
+    ({"temperature": True}, TypeError, "temperature"),
+    ({"student_softcap": "30"}, TypeError, "student_softcap"),
+    ({"teacher_logit_scale": torch.tensor(1.0)}, TypeError, "teacher_logit_scale"),
     ({"temperature": 0.0}, ValueError, "temperature"),
     ({"temperature": "hot"}, TypeError, "temperature"),
     ({"temperature": torch.ones(10)}, ValueError, "temperature"),
@@ -100,6 +105,14 @@ def test_bad_values_inside_the_op(full_case, topk_case):
     mask = torch.ones(2, 5)
     mask[1, 2] = 0
     gk.fused_divergence(**{**topk_case, "teacher_topk_ids": ids, "mask": mask})
+
+
+def test_numpy_scalars_are_numbers(full_case):
+    np = pytest.importorskip("numpy")
+    want = gk.fused_divergence(**full_case, beta=0.5, temperature=0.75, student_softcap=4.0)
+    got = gk.fused_divergence(**full_case, beta=np.float32(0.5), temperature=np.float64(0.75),
+                              student_softcap=np.int64(4))
+    assert torch.equal(got.divergence, want.divergence)
 
 
 def test_empty_batch_refused(device):

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from divergence_cases import make_case, rel_err
+from divergence_cases import make_case, rel_err, value_err
 
 import grpo_kernels as gk
 
@@ -96,6 +96,49 @@ def test_full_vocabulary_matches_trl_bf16(device, beta):
     for got, expected in zip(grads, want_grads):
         assert got.dtype == BF16
         assert rel_err(got, expected) < 2e-2
+
+
+# Extremes and odd shapes against TRL on the same inputs, with masked rows (TRL has no mask: it
+# computes every row, and its incoming gradient is 0 on the rows we skip). Both sides are float32:
+# their distance is the float32 rounding of each, which grows where a formula cancels, so the
+# tolerances follow it (about 5x the largest distance seen over seeds):
+# - a tiny temperature (|z| ~ 100 at T = 0.1): values and entropies ~1e-7 |z| absolute; the
+#   reverse KL's d logits at a near one-hot row's argmax, p_a (log p_a - log t_a - KL), is a
+#   difference of ~|z| numbers (1e-3 seen in the gradient's norm);
+# - a JSD at beta = 1e-3: its d logits hold log p_s - log m with m within beta of p_s (7e-5 seen).
+TRL_EXTREMES = {
+    # name: (lead shape, V, beta, temperature, (student, teacher) soft-cap, teacher dtype,
+    #        (value, entropy, gradient) tolerance)
+    "N1-V-prime": ((1,), 97, 0.5, 1.0, (None, None), F32, (2e-6, 5e-6, 1e-4)),
+    "small-temperature-rkl": ((13,), 61, 1.0, 0.1, (None, None), F32, (1e-5, 5e-5, 5e-3)),
+    "small-temperature-fkl-softcap": ((13,), 61, 0.0, 0.1, (30.0, None), F32, (5e-6, 5e-5, 5e-5)),
+    "huge-temperature-jsd": ((13,), 61, 0.5, 100.0, (None, None), F32, (2e-6, 5e-6, 1e-4)),
+    "tight-softcaps-fkl": ((13,), 61, 0.0, 1.0, (1.0, 0.5), F32, (2e-6, 5e-6, 1e-5)),
+    "jsd-beta-1e-3": ((13,), 61, 1e-3, 1.0, (None, None), F32, (2e-6, 5e-6, 5e-4)),
+    "jsd-beta-1-minus-1e-3": ((13,), 61, 1 - 1e-3, 1.0, (None, None), F32, (2e-6, 5e-6, 5e-5)),
+    "jsd-bf16-teacher": ((13,), 61, 0.5, 0.8, (None, None), BF16, (2e-6, 5e-6, 1e-4)),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(TRL_EXTREMES))
+def test_full_vocabulary_extremes_match_trl(device, backend, name):
+    lead_shape, vocab, beta, temperature, softcaps, teacher_dtype, (value_tol, entropy_tol, grad_tol) = \
+        TRL_EXTREMES[name]
+    kwargs = make_case(lead_shape, vocab, d_s=19, d_t=9, s_dtype=F32, t_dtype=teacher_dtype, device=device,
+                       student_bias=True, teacher_bias=True, masked_rows=3 if lead_shape[0] > 1 else 0, spread=3.0)
+    mask = kwargs.pop("mask", torch.ones(lead_shape, device=device))
+    live = mask != 0
+    grad_out = torch.randn(lead_shape, device=device)
+    want_div, want_ent, want_grads = run_trl_full(kwargs, grad_out * mask, beta, temperature, (1.0, 1.0), softcaps)
+    out, grads = run_ours({**kwargs, "mask": mask}, grad_out, beta=beta, temperature=temperature,
+                          student_softcap=softcaps[0], teacher_softcap=softcaps[1], backend=backend)
+    assert want_div[live].abs().max() > 1e-4  # (the huge temperature's JSD is ~3e-4)
+    assert value_err(out.divergence[live], want_div[live]) < value_tol
+    assert value_err(out.student_entropy[live], want_ent[live]) < entropy_tol
+    assert (out.divergence[~live] == 0).all() and (out.student_entropy[~live] == 0).all()
+    for got, expected in zip(grads, want_grads):
+        assert rel_err(got, expected) < grad_tol
 
 
 # ---------------------------------------------------------------------------------------------

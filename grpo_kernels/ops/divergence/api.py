@@ -4,6 +4,7 @@ package (nothing below imports it)."""
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple, Optional
 
 import torch
@@ -57,7 +58,9 @@ def _check_head(prefix: str, hidden, weight, bias, lead_shape=None):
 
 
 def _check_number(name: str, value, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """``value`` as a float in ``[low, high]``: a real number (as ``check_positive_finite`` takes:
+    never a bool, a string or a tensor)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
     if not (math.isfinite(value) and low <= value <= high):
