@@ -286,3 +286,38 @@ def test_head_marks_itself_for_the_grpo_loss():
     assert not fused_head.has_grpo_kernels_head(model)
     install_fused_lm_head(model)
     assert fused_head.has_grpo_kernels_head(model)
+
+
+def test_patched_add_fused_lm_head_installs_trl_head_for_what_ours_refuses():
+    """TRL's add_fused_lm_head takes any temperature and ignores unknown output names; ours refuses
+    them, so under the patch such a call installs TRL's own head (one warning), as unpatched TRL."""
+    patch_trl(backend="torch")
+    ids = torch.randint(2, 44, (2, 6))
+    for kwargs, reason in ((dict(temperature=-0.5), "temperature must be finite and > 0"),
+                           (dict(outputs=("log_probs", "logits")), "unknown name")):
+        ours, theirs = tiny.make_model(num_layers=1), tiny.make_model(num_layers=1)
+        _, messages = collect_fallbacks(lambda: trl.trainer.utils.add_fused_lm_head(ours, **kwargs))
+        assert len(messages) == 1 and reason in messages[0]
+        assert not fused_head.has_grpo_kernels_head(ours)
+        TRL_HEAD(theirs, **kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.testing.assert_close(ours(input_ids=ids, labels=ids, fused_lm_head=True).log_probs,
+                                       theirs(input_ids=ids, labels=ids, fused_lm_head=True).log_probs, rtol=0, atol=0)
+
+
+def test_no_rows_run_trl_functions():
+    """An all-masked micro-batch that TRL compacts to no rows (on CUDA), or sequences of one token:
+    TRL's function, a differentiable empty result."""
+    hidden, weight = torch.randn(0, 8, requires_grad=True), torch.randn(13, 8, requires_grad=True)
+    out, messages = collect_fallbacks(lambda: functions.ChunkedLogProbFunction.apply(
+        hidden, weight, None, torch.zeros(0, dtype=torch.long), 1.0, 32))
+    assert len(messages) == 1 and "no rows" in messages[0]
+    assert out[0].shape == (0,)
+    (out[0].sum() + out[1].sum()).backward()
+    assert torch.count_nonzero(weight.grad) == 0
+    model = tiny.make_model(num_layers=1)
+    install_fused_lm_head(model, outputs=("log_probs", "entropy"))
+    ids = torch.randint(2, 44, (3, 1))  # one token: nothing to predict
+    out = model(input_ids=ids, labels=ids, fused_lm_head=True)
+    assert out.log_probs.shape == (3, 0) and out.loss.item() == 0

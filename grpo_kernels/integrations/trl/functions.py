@@ -17,8 +17,8 @@ its own dtype; the logit scale multiplies before the soft-cap, and the temperatu
 What our kernels do not implement runs TRL's own function for that call, with a
 :class:`~grpo_kernels.integrations.trl.TRLFallbackWarning` (once per reason): a logit scale,
 soft-cap or temperature that is not a positive finite number (TRL keeps a 0 scale as it is),
-``beta`` outside ``[0, 1]``, an empty batch of rows for the divergence, and DeepSpeed ZeRO-3 (our
-backward reads the LM-head weight after ZeRO-3 has partitioned it again).
+``beta`` outside ``[0, 1]``, an empty batch of rows, and DeepSpeed ZeRO-3 (our backward reads the
+LM-head weight after ZeRO-3 has partitioned it again).
 """
 
 from __future__ import annotations
@@ -52,10 +52,12 @@ def compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
 
 
-def logprob_fallback_reason(temperature, final_logit_softcapping, logit_scale) -> str | None:
+def logprob_fallback_reason(hidden, temperature, final_logit_softcapping, logit_scale) -> str | None:
     """Why a ChunkedLogProbFunction call must run TRL's code (None: ours runs it)."""
     if zero3_enabled():
         return "DeepSpeed ZeRO-3 partitions the LM head between the forward and the backward"
+    if hidden.numel() == 0:
+        return "no rows (an all-masked micro-batch, or sequences of one token)"
     if not _positive_finite(logit_scale):
         return f"a logit scale of {logit_scale!r} (grpo-kernels folds the scale into a positive temperature)"
     if final_logit_softcapping is not None and not _positive_finite(final_logit_softcapping):
@@ -102,7 +104,7 @@ class ChunkedLogProbFunction:
     @classmethod
     def apply(cls, hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
               logit_scale=1.0, outputs=OPTIONAL_OUTPUTS):
-        reason = logprob_fallback_reason(temperature, final_logit_softcapping, logit_scale)
+        reason = logprob_fallback_reason(hidden, temperature, final_logit_softcapping, logit_scale)
         if reason is not None:
             warn_fallback(f"ChunkedLogProbFunction with {reason}")
             return TRL_CHUNKED_LOGPROB.apply(hidden, weight, bias, targets, temperature, chunk_size,

@@ -60,6 +60,18 @@ class GRPOLossRequest:
     options: dict  # the scalar options of grpo_kernels.grpo_loss
 
 
+def install_fallback_reason(temperature, cast_lm_head_to_fp32, outputs) -> str | None:
+    """Why ``install_fused_lm_head`` would refuse arguments that TRL's ``add_fused_lm_head``
+    accepts (None: it takes them); the patched ``add_fused_lm_head`` then installs TRL's head."""
+    for check in (lambda: check_positive_finite("temperature", temperature),
+                  lambda: check_bool("cast_lm_head_to_fp32", cast_lm_head_to_fp32), lambda: _check_outputs(outputs)):
+        try:
+            check()
+        except (TypeError, ValueError) as exc:
+            return str(exc)
+    return None
+
+
 def _check_outputs(outputs) -> tuple[str, ...]:
     if isinstance(outputs, str) or not isinstance(outputs, (tuple, list)):
         raise TypeError(f"outputs must be a tuple of names among {FUSED_OUTPUTS}, got {type(outputs).__name__}")
@@ -102,7 +114,7 @@ def install_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32:
         backbone_attr = "model"
 
     def per_token(hidden, weight, bias, labels, names):
-        reason = logprob_fallback_reason(temperature, softcap, scale)
+        reason = logprob_fallback_reason(hidden, temperature, softcap, scale)
         if reason is None:
             return token_outputs(hidden, weight, bias, labels, temperature, softcap, scale, names, backend=backend)
         warn_fallback(f"the fused LM head with {reason}")

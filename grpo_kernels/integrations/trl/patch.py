@@ -27,7 +27,7 @@ import functools
 import importlib
 import sys
 
-from grpo_kernels.integrations.trl._compat import check_trl_version
+from grpo_kernels.integrations.trl._compat import check_trl_version, warn_fallback
 from grpo_kernels.ops.utils import check_bool
 
 __all__ = ["patch_trl", "unpatch_trl", "patched_trl", "is_trl_patched"]
@@ -55,6 +55,10 @@ def _replacements(backend: str) -> dict:
 
     @functools.wraps(trl_head)
     def add_fused_lm_head(model, temperature=1.0, cast_lm_head_to_fp32=False, outputs=("log_probs",)):
+        reason = head.install_fallback_reason(temperature, cast_lm_head_to_fp32, outputs)
+        if reason is not None:  # what TRL accepts and install_fused_lm_head refuses: TRL's head
+            warn_fallback(f"add_fused_lm_head with {reason}")
+            return trl_head(model, temperature, cast_lm_head_to_fp32, outputs)
         head.install_fused_lm_head(model, temperature=temperature, cast_lm_head_to_fp32=cast_lm_head_to_fp32,
                                    outputs=outputs, backend=backend)
 
