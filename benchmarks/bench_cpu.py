@@ -189,21 +189,33 @@ def write_report(records: list[dict], environment: dict, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "cpu.json").write_text(json.dumps({"environment": environment, "records": records}, indent=1))
     impls = list(environment["impls"])
+    with_loss = "loss" in environment.get("ops", ["loss"])
     lines = [
-        "# CPU: fused linear + GRPO loss, forward + backward (fp32)",
+        "# CPU: fused linear + GRPO loss, forward + backward (fp32)" if with_loss else
+        "# CPU: the head operations of issue 19 (fp32)",
         "",
         f"Machine: {environment['cpu']}, {environment['cores']} cores, torch {environment['torch']} "
         f"({environment['threads']} threads); load average before the run {environment['loadavg_before']}, "
         f"after {environment['loadavg_after']}.",
         f"Date: {environment['date']}. Command: `{environment['command']}`.",
         "",
-        "Method: loss dapo, beta 0.04, epsilon 0.2/0.2, temperature 1 (Liger's defaults), every token a "
-        "completion token; `torch.autograd.grad(loss, [hidden, weight])`. Each (impl, shape) in a fresh "
+        ("Method: loss dapo, beta 0.04, epsilon 0.2/0.2, temperature 1 (Liger's defaults), every token a "
+         "completion token; `torch.autograd.grad(loss, [hidden, weight])`. " if with_loss else
+         "Method: `benchmarks.heads` (every token a completion token; the forward + backward ops take "
+         "`torch.autograd.grad` of their loss w.r.t. hidden and the LM head). ")
+        + "Each (impl, shape) in a fresh "
         "process; peak = VmHWM - VmRSS before the first step, the high-water mark reset just before it "
         "(/proc/self/clear_refs 5): RSS above the inputs, including the two gradients returned. Time: "
         f"median of the steps after the first, or the first when only one ran ({environment['runs']} "
         "steps per process). "
         f"{environment['repeats']} repetition(s), each in new processes; a range is min-max over them.",
+    ]
+    if not with_loss:
+        lines += _head_tables(records, environment)
+        path = out_dir / "cpu.md"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+    lines += [
         "",
         "| N, D, V | " + " | ".join(impls) + " | ours: peak over grads |",
         "|---|" + "---|" * (len(impls) + 1),
