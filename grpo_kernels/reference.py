@@ -23,7 +23,7 @@ def token_logprobs_reference(
     targets: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
     return_lse: bool = False,
@@ -45,6 +45,8 @@ def token_logprobs_reference(
         logits = logits + bias.double()
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
+    if isinstance(temperature, torch.Tensor):  # one per row: hidden's leading shape (or broadcasting to it)
+        temperature = temperature.double().expand(lead_shape).reshape(-1, 1)
     logits = logits / temperature
     flat_targets = targets.reshape(logits.shape[0], -1)
     valid = flat_targets != ignore_index

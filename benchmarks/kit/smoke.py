@@ -189,6 +189,8 @@ LOGPROB_KNOBS = {
     "MEAN_LOGITS": lambda call, v: call.update(stats=bool(v)),
     "TOP1": lambda call, v: call.update(stats=bool(v)),
     "TOPK": lambda call, v: call.update(topk=int(v) // 2 + 1 if v else 0),
+    # one temperature per row: a tensor temperature (every kernel reads 1 / T per row then)
+    "ROW_TEMP": lambda call, v: call.update(row_temp=bool(v)),
 }
 
 
@@ -202,7 +204,7 @@ def _logprob_call(signature, constexprs) -> dict | str:
         return f"unmapped: no public call known for {unknown}; add the knob to LOGPROB_KNOBS"
     call = {"dtype": DTYPE_OF[signature["Hidden"].lstrip("*")], "bias": False, "softcap": None, "entropy": False,
             "backward": False, "hidden_grad": True, "weight_grad": False, "bias_grad": None, "deterministic": False,
-            "backward_path": None, "stats": False, "topk": 0}
+            "backward_path": None, "stats": False, "topk": 0, "row_temp": False}
     for name, value in constexprs.items():
         if name in LOGPROB_KNOBS:
             LOGPROB_KNOBS[name](call, value)
@@ -219,7 +221,8 @@ def _reference(hidden, weight, targets, *, bias, temperature, entropy, softcap):
     kwargs = {"softcap": softcap} if softcap is not None else {}
     if softcap is not None and not accepts(token_logprobs_reference, "softcap"):
         z = (hidden.double() @ weight.double().t() + (bias.double() if bias is not None else 0.0))
-        z = softcap * torch.tanh(z / softcap) / temperature
+        z = softcap * torch.tanh(z / softcap) / (temperature.double()[:, None] if torch.is_tensor(temperature)
+                                                 else temperature)
         log_p = z.log_softmax(-1)
         valid = targets != -100
         logp = torch.where(valid, log_p.gather(1, torch.where(valid, targets, 0)[:, None].long())[:, 0], 0.0)
@@ -245,6 +248,9 @@ def check_logprobs_config(ctx, label, kernel, signature, constexprs):
     if call["softcap"] is not None:
         hidden = hidden * 4  # logits near and beyond the cap
     temperature = 0.7
+    if call["row_temp"]:  # one per row, 0.5 to 1.2
+        temperature = torch.linspace(0.5, 1.2, n, device=ctx.device)[torch.randperm(n, generator=_generator(ctx, 3),
+                                                                                  device=ctx.device)]
     kwargs = {"bias": bias, "temperature": temperature, "return_entropy": call["entropy"]}
     for name, keyword in (("softcap", "softcap"), ("deterministic", "deterministic"), ("backward_path", "backward")):
         if call[name]:

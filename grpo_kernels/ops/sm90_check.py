@@ -83,9 +83,9 @@ WAIVERS = {
     ("grpo_kernels.ops.logprobs.specs", "logprobs_dlogits[", "spill", "unaligned"): Waiver(
         "the default backward's d-logits kernel, no 16-divisible argument (odd D or strides): up to 288 B "
         "spilled (the usual shapes compile aligned and do not spill); for the log-prob kernels' owners"),
-    ("grpo_kernels.ops.logprobs.specs", "logprobs_fwd[", "spill", "unaligned"): Waiver(
-        "forward, no 16-divisible argument (odd D or strides): 28-368 B spilled (the usual shapes compile "
-        "aligned and do not spill); for the log-prob kernels' owners"),
+    ("grpo_kernels.ops.logprobs.specs", "logprobs_fwd", "spill", "unaligned"): Waiver(
+        "forward (every kind: fwd, fwd_stats, fwd_topk), no 16-divisible argument (odd D or strides): 16-468 B "
+        "spilled (the usual shapes compile aligned and do not spill); for the log-prob kernels' owners"),
     ("grpo_kernels.ops.logprobs.specs", "logprobs_", "spill", "aligned"): Waiver(
         "Triton 3.9 (CI's newest-Triton run) spills 8-24 B in 12 of the 118 aligned log-prob configurations "
         "(forward, float32 with entropy; d-logits and atomic backward with bias and soft-cap); Triton 3.6 spills "

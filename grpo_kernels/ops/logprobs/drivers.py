@@ -11,7 +11,7 @@ from grpo_kernels.ops.logprobs.kernels import (
     _logprobs_merge_kernel,
 )
 from grpo_kernels.ops.logprobs.outputs import RowStats
-from grpo_kernels.ops.logprobs.temperature import inverse_temperature
+from grpo_kernels.ops.logprobs.temperature import kernel_temperature
 from grpo_kernels.ops.logprobs.topk import merge_topk, unpack_keys
 from grpo_kernels.ops.logprobs.torch_path import torch_backward, torch_forward
 from grpo_kernels.ops.logprobs.workspace import workspace_backward
@@ -37,7 +37,7 @@ def triton_forward(hidden, weight, bias, targets, rows, temperature, compute_ent
     device, device_type = hidden.device, hidden.device.type
     switches = launch.forward_switches(compute_entropy, bool(stats), topk)
     on, slots = switches.stats, switches.topk_slots
-    kind = "fwd_topk" if topk else "fwd"
+    kind = launch.forward_kind(switches)
     block_n, block_v, block_d, num_warps, num_stages = launch.launch_config(kind, hidden.dtype, device_type)
     merge_n, _, _, merge_warps, merge_stages = launch.launch_config("merge", hidden.dtype, device_type)
     vocab_per_split, splits = launch.forward_splits(num_rows, vocab, hidden.dtype, device_type, batch_invariant,
@@ -46,7 +46,7 @@ def triton_forward(hidden, weight, bias, targets, rows, temperature, compute_ent
     def row_vector(needed=True):
         return torch.empty(num_rows, device=device, dtype=torch.float32) if needed else None
 
-    inv_temp = inverse_temperature(temperature, hidden.shape[0], device)
+    inv_temp = kernel_temperature(temperature, hidden.shape[0], device)
     target_logit = torch.zeros((num_rows, num_targets), device=device, dtype=torch.float32)
     lse, entropy = row_vector(), row_vector(switches.entropy)
     log_sum_sq, mean_logits, row_max, max_before = (row_vector(on) for _ in range(4))
@@ -67,13 +67,14 @@ def triton_forward(hidden, weight, bias, targets, rows, temperature, compute_ent
         part_sq, part_z, part_before = extra if on else (unused, unused, unused)
         part_top = torch.empty((count, splits, slots), device=device, dtype=torch.int64) if topk else unused
         _logprobs_fwd_kernel[(triton.cdiv(count, block_n) * splits,)](
-            hidden, weight, bias if bias is not None else hidden, kernel_targets, chunk_rows, inv_temp,
+            hidden, weight, bias if bias is not None else hidden, kernel_targets, chunk_rows,
+            inv_temp.rows if inv_temp.rows is not None else unused,
             part_max, part_sum, part_ent, part_sq, part_z, part_before, part_top, target_logit[sl],
             count, vocab, dim, num_targets, hidden.stride(0), weight.stride(0), kernel_targets.stride(0),
-            float(softcap or 1.0), vocab_per_split, splits, topk,
+            inv_temp.scalar, float(softcap or 1.0), vocab_per_split, splits, topk,
             BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, GROUP_N=launch.FORWARD_GROUP_ROWS,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, COMPUTE_ENTROPY=switches.entropy,
-            LOG_SUM_SQ=on, MEAN_LOGITS=on, TOP1=on, TOPK=slots,
+            LOG_SUM_SQ=on, MEAN_LOGITS=on, TOP1=on, TOPK=slots, ROW_TEMP=inv_temp.rows is not None,
             DOT_PRECISION=launch.dot_precision(hidden.dtype), INTERPRETER=_interpreted(hidden),
             num_warps=num_warps, num_stages=num_stages,
         )
@@ -98,7 +99,8 @@ def triton_forward(hidden, weight, bias, targets, rows, temperature, compute_ent
 def _backward_args(hidden, weight, bias, targets, rows, inv_temp, lse, mean_logit, grad_logp, grad_logp_sum,
                    grad_ent):
     unused_fp32 = lse  # stands for pointer arguments that a constexpr switch leaves unread
-    return (hidden, weight, bias if bias is not None else hidden, targets, rows, inv_temp, lse,
+    return (hidden, weight, bias if bias is not None else hidden, targets, rows,
+            inv_temp.rows if inv_temp.rows is not None else unused_fp32, lse,
             mean_logit if mean_logit is not None else unused_fp32, grad_logp, grad_logp_sum,
             grad_ent if grad_ent is not None else unused_fp32)
 
@@ -120,10 +122,11 @@ def _launch_atomic(hidden, weight, bias, targets, rows, lse, mean_logit, grad_lo
         targets.stride(0),
         grad_hidden_acc.stride(0) if grad_hidden_acc is not None else 0,
         grad_weight_acc.stride(0) if grad_weight_acc is not None else 0,
-        float(softcap or 1.0), float(filter_eps or 0.0),
+        inv_temp.scalar, float(softcap or 1.0), float(filter_eps or 0.0),
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, GROUP_N=launch.BACKWARD_GROUP_ROWS,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, ENTROPY_GRAD=grad_ent is not None,
         HIDDEN_GRAD=grad_hidden_acc is not None, WEIGHT_GRAD=grad_weight_acc is not None,
+        ROW_TEMP=inv_temp.rows is not None,
         DOT_PRECISION=launch.dot_precision(hidden.dtype), INTERPRETER=_interpreted(hidden),
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -180,7 +183,7 @@ def triton_backward(hidden, weight, bias, targets, rows, lse, mean_logit, grad_l
     kernel scatters its products with float32 (or, exact=False, 16-bit) atomic adds.
     """
     grad_logp_sum = grad_logp.sum(dim=1)  # the softmax term weighs p by every target's gradient
-    inv_temp = inverse_temperature(temperature, hidden.shape[0], hidden.device)
+    inv_temp = kernel_temperature(temperature, hidden.shape[0], hidden.device)
     if backward == "atomic":
         _atomic_backward(hidden, weight, bias, targets, rows, lse, mean_logit, grad_logp, grad_logp_sum, grad_ent,
                          inv_temp, softcap, filter_eps, exact, grad_hidden, grad_weight, grad_bias)

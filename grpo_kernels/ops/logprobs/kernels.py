@@ -25,6 +25,18 @@ def _tanh(x):
 
 
 @triton.jit
+def _row_scale(InvTemp, rows, row_ok, inv_temp, ROW_TEMP: tl.constexpr):
+    """1 / temperature for the tile's rows: the scalar ``inv_temp``, or with ROW_TEMP a [BLOCK_N, 1]
+    column read from InvTemp [N] (one per original row). A switch, not always the column: held
+    across the vocabulary loop it costs registers (ptxas spilled the float32 forward with it), so
+    a call with one temperature compiles without it."""
+    if ROW_TEMP:
+        return tl.load(InvTemp + rows, mask=row_ok, other=1.0)[:, None]
+    else:
+        return inv_temp
+
+
+@triton.jit
 def _grouped_tile(pid, num_row_blocks, num_cols, GROUP_N: tl.constexpr):
     """(row block, column) of program ``pid`` in a grid of num_row_blocks x num_cols, rastered in
     groups of GROUP_N row blocks: inside a group the row block varies fastest, then the column
@@ -100,18 +112,18 @@ def _merge_topk(run_top, keys, TOPK: tl.constexpr):
 def _logprobs_fwd_kernel(
     Hidden, Weight, Bias, Targets, RowIdx, InvTemp,
     PartMax, PartSum, PartEnt, PartSq, PartZsum, PartBefore, PartTopk, TargetLogit,
-    M, V, D, K, stride_h, stride_w, stride_t, softcap, vocab_per_split, num_splits, topk,
+    M, V, D, K, stride_h, stride_w, stride_t, inv_temp, softcap, vocab_per_split, num_splits, topk,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr,
     LOG_SUM_SQ: tl.constexpr, MEAN_LOGITS: tl.constexpr, TOP1: tl.constexpr, TOPK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
+    ROW_TEMP: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
 ):
     """One program: BLOCK_N rows x one vocabulary split (a 1-D grid of row blocks x splits, rastered
     in groups of GROUP_N row blocks: see _grouped_tile). Writes per-split partial states
     (running max, sum of exp(z - max), sum of exp(z - max) * (z - max)) into Part* [M, splits],
     and the logit of every target id in the split into TargetLogit [M, K] (each (row, k) lies in
-    at most one tile of one split, so the stores never collide). InvTemp [N]: 1 / temperature
-    per original row.
+    at most one tile of one split, so the stores never collide). 1 / temperature: the scalar
+    inv_temp, or with ROW_TEMP InvTemp [N], one per original row (see _row_scale).
 
     Optional partial states, each behind its constexpr switch (no cost when off): LOG_SUM_SQ
     sum exp(2 (z - max)) (PartSq); MEAN_LOGITS sum z (PartZsum); TOP1 the largest z of the ids
@@ -123,7 +135,7 @@ def _logprobs_fwd_kernel(
     row_ok = offs_m < M
     rows = tl.load(RowIdx + offs_m, mask=row_ok, other=0)
     t_ptrs = Targets + rows.to(tl.int64) * stride_t
-    inv_temp = tl.load(InvTemp + rows, mask=row_ok, other=1.0)[:, None]
+    scale = _row_scale(InvTemp, rows, row_ok, inv_temp, ROW_TEMP)
 
     run_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -133,9 +145,6 @@ def _logprobs_fwd_kernel(
     run_sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
     run_z = tl.zeros((BLOCK_N,), dtype=tl.float32)
     run_before = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    if TOP1:
-        # (K = 0, statistics only: no target, nothing below it)
-        first_target = tl.load(t_ptrs, mask=row_ok & (K > 0), other=-1)
     if TOPK > 0:
         # distinct placeholders: empty slots EMPTY + j (below every real key), slots beyond k
         # UNUSED - j (above every key: never the minimum, never evicted)
@@ -151,13 +160,16 @@ def _logprobs_fwd_kernel(
         y = _logit_tile(Hidden, Weight, Bias, rows, offs_v, row_ok, v_ok, D, stride_h, stride_w,
                         BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_PRECISION, INTERPRETER)
         if HAS_SOFTCAP:
-            z = softcap * _tanh(y / softcap) * inv_temp
+            z = softcap * _tanh(y / softcap) * scale
         else:
-            z = y * inv_temp
+            z = y * scale
         if MEAN_LOGITS:
             run_z += tl.sum(tl.where(v_ok[None, :], z, 0.0), axis=1)
         z = tl.where(v_ok[None, :], z, float("-inf"))
         if TOP1:
+            # the row's first target, read again for every tile rather than held across the loop
+            # (t_ptrs is live anyway; an L1 hit); K = 0 (statistics only): nothing below it
+            first_target = tl.load(t_ptrs, mask=row_ok & (K > 0), other=-1)
             below = offs_v[None, :] < first_target[:, None]
             run_before = tl.maximum(run_before, tl.max(tl.where(below, z, float("-inf")), axis=1))
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
@@ -258,24 +270,24 @@ def _logprobs_merge_kernel(
 def _grad_logit_tile(
     Hidden, Weight, Bias, Targets, rows, offs_m, offs_v, row_ok, v_ok, tile_begin, tile_end,
     InvTemp, Lse, MeanLogit, GradLogp, GradLogpSum, GradEnt,
-    D, K, stride_h, stride_w, stride_t, softcap,
+    D, K, stride_h, stride_w, stride_t, inv_temp, softcap,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, ENTROPY_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, ENTROPY_GRAD: tl.constexpr, ROW_TEMP: tl.constexpr, DOT_PRECISION: tl.constexpr,
     INTERPRETER: tl.constexpr,
 ):
     """d loss / d y for one [BLOCK_N, BLOCK_V] tile (y = h W^T + b), float32, 0 outside the valid
     rows x ids. Rows are indexed by the compacted position ``offs_m`` (Lse, GradLogp, ...) and by
-    the original row ``rows`` (Hidden, Targets, InvTemp: 1 / temperature per row)."""
-    inv_temp = tl.load(InvTemp + rows, mask=row_ok, other=1.0)[:, None]
+    the original row ``rows`` (Hidden, Targets and, with ROW_TEMP, InvTemp: see _row_scale)."""
+    scale = _row_scale(InvTemp, rows, row_ok, inv_temp, ROW_TEMP)
     y = _logit_tile(Hidden, Weight, Bias, rows, offs_v, row_ok, v_ok, D, stride_h, stride_w,
                     BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_PRECISION, INTERPRETER)
     if HAS_SOFTCAP:
-        z = softcap * _tanh(y / softcap) * inv_temp
+        z = softcap * _tanh(y / softcap) * scale
         # 1 - tanh^2(x) = 4 sigmoid(2x) sigmoid(-2x): accurate where tanh saturates (1 - t^2
         # would cancel to a few ulps of 1 once |x| > 4)
         dcap = 4.0 * tl.sigmoid(2.0 * y / softcap) * tl.sigmoid(-2.0 * y / softcap)
     else:
-        z = y * inv_temp
+        z = y * scale
     lse = tl.load(Lse + offs_m, mask=row_ok, other=0.0)
     p = tl.exp(z - lse[:, None])
     # d logp_k / d z = onehot(t_k) - p ; d entropy / d z = -p (z - E_p[z])
@@ -293,9 +305,9 @@ def _grad_logit_tile(
             grad_logp = tl.load(GradLogp + offs_m.to(tl.int64) * K + k, mask=hit, other=0.0)
             grad += tl.where(offs_v[None, :] == target[:, None], grad_logp[:, None], 0.0)
     if HAS_SOFTCAP:
-        grad = grad * (dcap * inv_temp)
+        grad = grad * (dcap * scale)
     else:
-        grad = grad * inv_temp
+        grad = grad * scale
     return tl.where(row_ok[:, None] & v_ok[None, :], grad, 0.0)
 
 
@@ -303,11 +315,11 @@ def _grad_logit_tile(
 def _logprobs_bwd_atomic_kernel(
     Hidden, Weight, Bias, Targets, RowIdx, InvTemp, Lse, MeanLogit, GradLogp, GradLogpSum, GradEnt,
     GradHidden, GradWeight, GradBias,
-    M, v_begin, v_end, D, K, stride_h, stride_w, stride_t, stride_gh, stride_gw, softcap,
+    M, v_begin, v_end, D, K, stride_h, stride_w, stride_t, stride_gh, stride_gw, inv_temp, softcap,
     filter_eps,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ENTROPY_GRAD: tl.constexpr,
-    HIDDEN_GRAD: tl.constexpr, WEIGHT_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HIDDEN_GRAD: tl.constexpr, WEIGHT_GRAD: tl.constexpr, ROW_TEMP: tl.constexpr, DOT_PRECISION: tl.constexpr,
     INTERPRETER: tl.constexpr,
 ):
     """The atomic backward's kernel (``backward="atomic"``): one program forms a [BLOCK_N, BLOCK_V]
@@ -330,8 +342,8 @@ def _logprobs_bwd_atomic_kernel(
     grad_y = _grad_logit_tile(
         Hidden, Weight, Bias, Targets, rows, offs_m, offs_v, row_ok, v_ok, tile_begin,
         tl.minimum(tile_begin + BLOCK_V, v_end), InvTemp, Lse, MeanLogit, GradLogp, GradLogpSum, GradEnt,
-        D, K, stride_h, stride_w, stride_t, softcap, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS,
-        HAS_SOFTCAP, ENTROPY_GRAD, DOT_PRECISION, INTERPRETER)
+        D, K, stride_h, stride_w, stride_t, inv_temp, softcap, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS,
+        HAS_SOFTCAP, ENTROPY_GRAD, ROW_TEMP, DOT_PRECISION, INTERPRETER)
 
     # Optional Cut-Cross-Entropy-style filtering: a tile whose every |d y| is below filter_eps
     # contributes less than rounding to both products; skip its matmuls.
@@ -376,10 +388,10 @@ def _logprobs_bwd_atomic_kernel(
 def _logprobs_dlogits_kernel(
     Hidden, Weight, Bias, Targets, RowIdx, InvTemp, Lse, MeanLogit, GradLogp, GradLogpSum, GradEnt,
     GradLogits, BiasPartial,
-    M, v_begin, v_end, D, K, stride_h, stride_w, stride_t, stride_g, softcap, filter_eps,
+    M, v_begin, v_end, D, K, stride_h, stride_w, stride_t, stride_g, inv_temp, softcap, filter_eps,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ENTROPY_GRAD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
+    ROW_TEMP: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
 ):
     """The workspace backward's kernel: one program recomputes one [BLOCK_N, BLOCK_V] logit tile
     and stores its d logits (d loss / d y) into the chunk buffer; no atomics, every element of the
@@ -404,8 +416,8 @@ def _logprobs_dlogits_kernel(
     grad_y = _grad_logit_tile(
         Hidden, Weight, Bias, Targets, rows, offs_m, offs_v, row_ok, v_ok, tile_begin,
         tl.minimum(tile_begin + BLOCK_V, v_end), InvTemp, Lse, MeanLogit, GradLogp, GradLogpSum, GradEnt,
-        D, K, stride_h, stride_w, stride_t, softcap, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS,
-        HAS_SOFTCAP, ENTROPY_GRAD, DOT_PRECISION, INTERPRETER)
+        D, K, stride_h, stride_w, stride_t, inv_temp, softcap, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS,
+        HAS_SOFTCAP, ENTROPY_GRAD, ROW_TEMP, DOT_PRECISION, INTERPRETER)
     # filter_eps = 0 (no filtering) keeps every tile: no |d y| is below 0.
     keep = tl.max(tl.max(tl.abs(grad_y), axis=1), axis=0) >= filter_eps
     grad_y = tl.where(keep, grad_y, 0.0)

@@ -5,7 +5,8 @@ model, so that what is modelled, compiled and launched cannot drift apart.
 Everything here is plain Python on shapes and dtypes (no tensors, no kernels):
 
 - ``GPU_CONFIG[kind][dtype]``: the :class:`LaunchConfig` of each kernel on a GPU. Kinds:
-  ``"fwd"`` (forward), ``"fwd_topk"`` (the forward with a top-k), ``"merge"`` (the merge of the
+  ``"fwd"`` (forward), ``"fwd_stats"`` (the forward with statistics), ``"fwd_topk"`` (the forward
+  with a top-k), ``"merge"`` (the merge of the
   forward's vocabulary splits), ``"dlogits"`` (the default backward's d-logits kernel) and
   ``"bwd_atomic"`` (the atomic backward). The GPU
   kit's sweep overrides entries at run time (a plain 5-tuple is accepted too).
@@ -35,19 +36,30 @@ class LaunchConfig(NamedTuple):
 
 GPU_CONFIG: dict[str, dict[torch.dtype, LaunchConfig]] = {
     # One program: BLOCK_N rows x one vocabulary split, looping over the split's BLOCK_V tiles.
+    # float32: 2 stages (3 spilled 20 B with a per-row temperature and the entropy; the stages
+    # change no arithmetic).
     "fwd": {
         torch.bfloat16: LaunchConfig(128, 128, 64, 8, 3),
         torch.float16: LaunchConfig(128, 128, 64, 8, 3),
-        torch.float32: LaunchConfig(64, 64, 32, 4, 3),
+        torch.float32: LaunchConfig(64, 64, 32, 4, 2),
+    },
+    # The forward with the statistics (log_sum_sq_probs, mean_logits, is_top1) and no top-k: three
+    # more row accumulators. 16-bit: "fwd"'s tiles; float32: 32 rows (at 64, ptxas spilled 20-36 B
+    # whatever the stages).
+    "fwd_stats": {
+        torch.bfloat16: LaunchConfig(128, 128, 64, 8, 3),
+        torch.float16: LaunchConfig(128, 128, 64, 8, 3),
+        torch.float32: LaunchConfig(32, 64, 32, 4, 3),
     },
     # The forward with a top-k (``topk=k``): besides the tile, an int64 [BLOCK_N, TOPK] list and
     # the tile's int64 keys while they are inserted. Smaller tiles than "fwd": at fwd's, ptxas
-    # spilled (bf16 128 x 128: 200-300 bytes; 64 x 128: 8) where these spill nothing, aligned or
-    # not (sm90_check; see docs/semantics.md). BLOCK_D as "fwd" (the dot's reduction order).
+    # spilled (bf16 128 x 128: 200-300 bytes; 64 x 128: 8) where these spill nothing (sm90_check;
+    # see docs/semantics.md). BLOCK_D as "fwd" (the dot's reduction order). float32: 32 x 128 (at
+    # 32 x 64 ptxas held the kernel to 128 or 168 registers and spilled 4-40 B).
     "fwd_topk": {
         torch.bfloat16: LaunchConfig(64, 64, 64, 8, 3),
         torch.float16: LaunchConfig(64, 64, 64, 8, 3),
-        torch.float32: LaunchConfig(32, 64, 32, 8, 3),
+        torch.float32: LaunchConfig(32, 128, 32, 8, 3),
     },
     # The merge of the forward's split partials: BLOCK_N rows per program (BLOCK_V, BLOCK_D unused).
     "merge": {
@@ -110,6 +122,13 @@ def forward_switches(entropy: bool, stats: bool, topk: int) -> ForwardSwitches:
     return ForwardSwitches(bool(entropy or stats or topk), bool(stats), slots)
 
 
+def forward_kind(switches: ForwardSwitches) -> str:
+    """The ``GPU_CONFIG`` kind of the forward with these switches."""
+    if switches.topk_slots:
+        return "fwd_topk"
+    return "fwd_stats" if switches.stats else "fwd"
+
+
 # Batch-invariant forward: vocabulary ids per split, a multiple of every BLOCK_V above. On the
 # GPU, 2048 ids (16 tiles of 128) give V=152k 75 splits: at N >= 4096 (>= 32 row blocks) that is
 # >= 2400 programs, so the split count never starves the GPU (see token_logprobs' docstring).
@@ -161,7 +180,7 @@ def forward_splits(num_rows: int, vocab: int, dtype: torch.dtype, device_type: s
     Batch-invariant: a constant (``INVARIANT_SPLIT_VOCAB``), whatever ``num_rows``. Otherwise the
     vocabulary is split further when there are too few row blocks to give ``4 * num_sms``
     programs (the split count, and so a row's reduction order, then depends on ``num_rows``).
-    ``kind``: the forward's ``GPU_CONFIG`` kind (``"fwd"``, or ``"fwd_topk"`` with a top-k).
+    ``kind``: the forward's ``GPU_CONFIG`` kind (``forward_kind``: ``"fwd"``, ``"fwd_stats"`` or ``"fwd_topk"``).
     """
     block_n, block_v = launch_config(kind, dtype, device_type)[:2]
     if batch_invariant:

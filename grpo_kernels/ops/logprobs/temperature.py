@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -67,6 +68,21 @@ def check_temperature_values(temperatures: torch.Tensor) -> None:
     if bool(bad.any()):
         first = values[bad].flatten()[0].item()
         raise ValueError(f"temperature holds {int(bad.sum())} value(s) outside {_RANGE_TEXT}, e.g. {first:.3g}")
+
+
+class KernelTemperature(NamedTuple):
+    """1 / T as the Triton kernels take it: ``rows`` the ``[N]`` float32 per-row column (then
+    ``scalar`` is 1.0 and unread), or None with ``scalar`` the one 1 / T, rounded to float32 as
+    :func:`inverse_temperature` rounds it (the kernels' ``ROW_TEMP`` switch is ``rows is not None``)."""
+
+    rows: Optional[torch.Tensor]
+    scalar: float
+
+
+def kernel_temperature(temperature: float | torch.Tensor, num_rows: int, device) -> KernelTemperature:
+    if isinstance(temperature, torch.Tensor):
+        return KernelTemperature(inverse_temperature(temperature, num_rows, device), 1.0)
+    return KernelTemperature(None, float(torch.tensor(1.0 / temperature, dtype=torch.float32)))
 
 
 def inverse_temperature(temperature: float | torch.Tensor, num_rows: int, device) -> torch.Tensor:

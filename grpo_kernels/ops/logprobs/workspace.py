@@ -112,7 +112,7 @@ def _contiguous_offset(rows: torch.Tensor) -> int | None:
 def workspace_backward(hidden, weight, bias, targets, rows, lse, mean_logit, grad_logp, grad_logp_sum, grad_ent,
                        inv_temp, softcap, filter_eps, grad_hidden, grad_weight, grad_bias, workspace_bytes=None):
     """Writes the gradients of the compacted ``rows`` (see ``drivers.triton_backward`` for the
-    arguments; ``inv_temp`` is the ``[N]`` float32 1 / temperature per row); ``workspace_bytes`` as
+    arguments; ``inv_temp`` is ``temperature.kernel_temperature``'s 1 / temperature); ``workspace_bytes`` as
     in :func:`launch.backward_plan`."""
     dtype, device_type = hidden.dtype, hidden.device.type
     block_n, block_v, block_d, num_warps, num_stages = launch.launch_config("dlogits", dtype, device_type)
@@ -122,16 +122,17 @@ def workspace_backward(hidden, weight, bias, targets, rows, lse, mean_logit, gra
         chunk_rows, num_ids = r1 - r0, v1 - v0
         grid = (triton.cdiv(chunk_rows, block_n) * triton.cdiv(num_ids, block_v),)
         _logprobs_dlogits_kernel[grid](
-            hidden, weight, bias if bias is not None else hidden, targets, rows[r0:r1], inv_temp, lse[r0:r1],
+            hidden, weight, bias if bias is not None else hidden, targets, rows[r0:r1],
+            inv_temp.rows if inv_temp.rows is not None else unused, lse[r0:r1],
             mean_logit[r0:r1] if mean_logit is not None else unused, grad_logp[r0:r1], grad_logp_sum[r0:r1],
             grad_ent[r0:r1] if grad_ent is not None else unused,
             dlogits, bias_partial if bias_partial is not None else unused,
             chunk_rows, v0, v1, weight.shape[1], targets.shape[1], hidden.stride(0), weight.stride(0),
-            targets.stride(0), dlogits.stride(0), float(softcap or 1.0), float(filter_eps or 0.0),
+            targets.stride(0), dlogits.stride(0), inv_temp.scalar, float(softcap or 1.0), float(filter_eps or 0.0),
             BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, GROUP_N=launch.BACKWARD_GROUP_ROWS,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, ENTROPY_GRAD=grad_ent is not None,
-            DOT_PRECISION=launch.dot_precision(dtype), INTERPRETER=device_type != "cuda",
-            num_warps=num_warps, num_stages=num_stages,
+            ROW_TEMP=inv_temp.rows is not None, DOT_PRECISION=launch.dot_precision(dtype),
+            INTERPRETER=device_type != "cuda", num_warps=num_warps, num_stages=num_stages,
         )
 
     dlogits_gemm_backward(hidden, weight, rows, grad_hidden, grad_weight, grad_bias, write_dlogits,
