@@ -9,6 +9,11 @@ the loss w.r.t. hidden and the LM head) of the dapo loss (beta 0.04, Liger's def
 - ``trl_fused``: TRL 1.16's streamed LM head (``ChunkedLogProbFunction``, what its GRPOTrainer runs);
 - ``ours``: ``grpo_kernels.fused_linear_grpo_loss`` on its PyTorch backend.
 
+With ``--ops``, also issue 19's head operations (``benchmarks.heads``: ``stats_fwd_bwd``,
+``stats_fwd``, ``divergence_fwd_bwd``, ``divergence_fwd``) for ``ours``, ``trl_fused`` (TRL 1.16's
+``ChunkedLogProbFunction`` / ``ChunkedDivergenceFunction``: its torch folds on CPU) and ``torch``
+(materialized logits), on the same inputs (the teacher: ``heads.teacher_of``).
+
 A peer that is not installed is skipped with a message. Every (impl, shape) runs in its own
 process: inputs are built, RSS is read, the high-water mark is reset (``/proc/self/clear_refs``
 "5"), one step runs, and ``VmHWM`` minus the RSS before it is the peak above the inputs (it
@@ -38,6 +43,7 @@ import torch
 # issue 15's table: (N, D, V), fp32
 CPU_SHAPES = [(1024, 512, 32000), (4096, 512, 32000), (4096, 512, 128000)]
 CPU_IMPLS = ("torch", "liger", "trl_fused", "ours")
+CPU_OPS = ("loss", "stats_fwd_bwd", "stats_fwd", "divergence_fwd_bwd", "divergence_fwd")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -84,20 +90,30 @@ def _inputs(num_rows: int, dim: int, vocab: int):
     return Inputs(hidden, weight, ids, mask, advantages, old, ref, current)
 
 
-def worker(impl_name: str, num_rows: int, dim: int, vocab: int, runs: int) -> dict:
-    """One (impl, shape) in this (fresh) process: peak RSS of the first step, then timed steps."""
+def worker(impl_name: str, num_rows: int, dim: int, vocab: int, runs: int, op: str = "loss") -> dict:
+    """One (impl, shape, op) in this (fresh) process: peak RSS of the first step, then timed steps."""
+    from benchmarks import heads
     from benchmarks.impls import build_impls
 
-    (impl,) = build_impls(torch.device("cpu"), names=(impl_name,))
-    record = {"impl": impl_name, "N": num_rows, "D": dim, "V": vocab, "threads": torch.get_num_threads(),
+    if op == "loss":
+        (impl,) = build_impls(torch.device("cpu"), names=(impl_name,))
+    else:
+        (impl,) = heads.build_head_impls(torch.device("cpu"), names=(impl_name,))
+    record = {"impl": impl_name, "op": op, "N": num_rows, "D": dim, "V": vocab, "threads": torch.get_num_threads(),
               "version": impl.version}
     if impl.skip_reason:
         return {**record, "status": f"skipped: {impl.skip_reason}"}
     inputs = _inputs(num_rows, dim, vocab)
     params = [inputs.hidden, inputs.lm_head_weight]
-    grad_bytes = sum(p.numel() * p.element_size() for p in params)
+    needs_grad = op == "loss" or heads.HEAD_OPS[op][1]
+    grad_bytes = sum(p.numel() * p.element_size() for p in params) if needs_grad else 0
+    if op != "loss":
+        heads.teacher_of(inputs)  # built before the measurement, as an input
+        head_step = heads.head_step(impl, op, [inputs])
 
     def step():
+        if op != "loss":
+            return head_step(0)
         grads = torch.autograd.grad(impl.loss(inputs), params)
         return grads
 
@@ -119,19 +135,19 @@ def worker(impl_name: str, num_rows: int, dim: int, vocab: int, runs: int) -> di
             "peak_over_grads_mib": peak_kib / 1024 - grad_bytes / 2**20}
 
 
-def _run_in_fresh_process(impl: str, shape, runs: int, timeout: float) -> dict:
+def _run_in_fresh_process(impl: str, shape, runs: int, timeout: float, op: str = "loss") -> dict:
     command = [sys.executable, "-m", "benchmarks.bench_cpu", "--worker", impl, ",".join(map(str, shape)),
-               "--runs", str(runs)]
+               "--runs", str(runs), "--worker-op", op]
     n, d, v = shape
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
                               cwd=Path(__file__).resolve().parent.parent)
     except subprocess.TimeoutExpired:
-        return {"impl": impl, "N": n, "D": d, "V": v, "status": f"error: over {timeout:.0f} s"}
+        return {"impl": impl, "op": op, "N": n, "D": d, "V": v, "status": f"error: over {timeout:.0f} s"}
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         tail = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1][:200]
-        return {"impl": impl, "N": n, "D": d, "V": v, "status": f"error: {tail}"}
+        return {"impl": impl, "op": op, "N": n, "D": d, "V": v, "status": f"error: {tail}"}
     return json.loads(lines[-1])
 
 
@@ -149,30 +165,57 @@ def _range(values, fmt: str) -> str:
     return low if low == high else f"{low}-{high}"
 
 
-def _matching(records, impl, shape, ok_only=False):
+def _matching(records, impl, shape, ok_only=False, op="loss"):
     return [r for r in records if r["impl"] == impl and (r["N"], r["D"], r["V"]) == tuple(shape)
-            and (r["status"] == "ok" or not ok_only)]
+            and r.get("op", "loss") == op and (r["status"] == "ok" or not ok_only)]
+
+
+def _head_tables(records, environment) -> list[str]:
+    """One table per head operation that was run: impls x shapes."""
+    from benchmarks import heads
+
+    lines = []
+    for op in [op for op in CPU_OPS[1:] if any(r.get("op") == op for r in records)]:
+        impls = [i for i in heads.HEAD_IMPLS if any(r.get("op") == op and r["impl"] == i for r in records)]
+        lines += ["", f"## {op} (`benchmarks.heads`)", "", "| N, D, V | " + " | ".join(impls) + " |",
+                  "|---|" + "---|" * len(impls)]
+        for n, d, v in environment["shapes"]:
+            lines.append(f"| {n}, {d}, {v} | " + " | ".join(_cell(_matching(records, impl, (n, d, v), op=op))
+                                                            for impl in impls) + " |")
+    return lines
 
 
 def write_report(records: list[dict], environment: dict, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "cpu.json").write_text(json.dumps({"environment": environment, "records": records}, indent=1))
     impls = list(environment["impls"])
+    with_loss = "loss" in environment.get("ops", ["loss"])
     lines = [
-        "# CPU: fused linear + GRPO loss, forward + backward (fp32)",
+        "# CPU: fused linear + GRPO loss, forward + backward (fp32)" if with_loss else
+        "# CPU: the head operations of issue 19 (fp32)",
         "",
         f"Machine: {environment['cpu']}, {environment['cores']} cores, torch {environment['torch']} "
         f"({environment['threads']} threads); load average before the run {environment['loadavg_before']}, "
         f"after {environment['loadavg_after']}.",
         f"Date: {environment['date']}. Command: `{environment['command']}`.",
         "",
-        "Method: loss dapo, beta 0.04, epsilon 0.2/0.2, temperature 1 (Liger's defaults), every token a "
-        "completion token; `torch.autograd.grad(loss, [hidden, weight])`. Each (impl, shape) in a fresh "
+        ("Method: loss dapo, beta 0.04, epsilon 0.2/0.2, temperature 1 (Liger's defaults), every token a "
+         "completion token; `torch.autograd.grad(loss, [hidden, weight])`. " if with_loss else
+         "Method: `benchmarks.heads` (every token a completion token; the forward + backward ops take "
+         "`torch.autograd.grad` of their loss w.r.t. hidden and the LM head). ")
+        + "Each (impl, shape) in a fresh "
         "process; peak = VmHWM - VmRSS before the first step, the high-water mark reset just before it "
         "(/proc/self/clear_refs 5): RSS above the inputs, including the two gradients returned. Time: "
         f"median of the steps after the first, or the first when only one ran ({environment['runs']} "
         "steps per process). "
         f"{environment['repeats']} repetition(s), each in new processes; a range is min-max over them.",
+    ]
+    if not with_loss:
+        lines += _head_tables(records, environment)
+        path = out_dir / "cpu.md"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+    lines += [
         "",
         "| N, D, V | " + " | ".join(impls) + " | ours: peak over grads |",
         "|---|" + "---|" * (len(impls) + 1),
@@ -194,6 +237,7 @@ def write_report(records: list[dict], environment: dict, out_dir: Path) -> Path:
     lines += ["", *ratio_lines, ""]
     skipped = sorted({f"{r['impl']}: {r['status']}" for r in records if r["status"].startswith("skipped")})
     lines += [f"- {s}" for s in skipped]
+    lines += _head_tables(records, environment)
     path = out_dir / "cpu.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -203,6 +247,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu", action="store_true", help="run the CPU table and write it into benchmarks/results/")
     parser.add_argument("--impls", nargs="+", default=list(CPU_IMPLS), choices=CPU_IMPLS)
+    parser.add_argument("--ops", nargs="+", default=["loss"], choices=CPU_OPS,
+                        help="the fused loss (default) and/or issue 19's head operations (for ours, trl_fused and "
+                             "torch: the --impls among them)")
     parser.add_argument("--shapes", nargs="+", default=None, help="N,D,V triples (default: issue 15's three)")
     parser.add_argument("--runs", type=int, default=2, help="steps per process (the first gives the peak)")
     parser.add_argument("--peer-runs", type=int, default=None,
@@ -213,11 +260,13 @@ def main(argv=None) -> None:
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per process")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default results/cpu-<model>)")
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "N,D,V"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker-op", default="loss", choices=CPU_OPS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
         impl, shape = args.worker
-        print(json.dumps(worker(impl, *map(int, shape.split(",")), runs=max(1, args.runs))), flush=True)
+        print(json.dumps(worker(impl, *map(int, shape.split(",")), runs=max(1, args.runs), op=args.worker_op)),
+              flush=True)
         return
     if not args.cpu:
         parser.error("pass --cpu to run the CPU benchmark (it takes minutes)")
@@ -230,19 +279,25 @@ def main(argv=None) -> None:
         "shapes": shapes, "repeats": args.repeats,
         "runs": f"{args.runs}" + (f" (liger, trl_fused: {args.peer_runs})" if args.peer_runs else ""),
     }
+    from benchmarks.heads import HEAD_IMPLS
+
+    environment["ops"] = args.ops
     records = []
     for repeat in range(args.repeats):
         for shape in shapes:
-            for impl in args.impls:
-                runs = args.runs if impl in ("torch", "ours") or args.peer_runs is None else args.peer_runs
-                record = _run_in_fresh_process(impl, shape, runs, args.timeout)
-                record["repeat"] = repeat
-                records.append(record)
-                result = record["status"]
-                if result == "ok":
-                    result = (f"{record['s_median']:.2f} s, peak {record['peak_mib']:.0f} MiB "
-                              f"(grads {record['grads_mib']:.0f})")
-                print(f"[bench_cpu] {impl:9s} N={shape[0]} D={shape[1]} V={shape[2]}: {result}", flush=True)
+            for op in args.ops:
+                for impl in args.impls:
+                    if op != "loss" and impl not in HEAD_IMPLS:
+                        continue
+                    runs = args.runs if impl in ("torch", "ours") or args.peer_runs is None else args.peer_runs
+                    record = _run_in_fresh_process(impl, shape, runs, args.timeout, op=op)
+                    record["repeat"] = repeat
+                    records.append(record)
+                    result = record["status"]
+                    if result == "ok":
+                        result = (f"{record['s_median']:.2f} s, peak {record['peak_mib']:.0f} MiB "
+                                  f"(grads {record['grads_mib']:.0f})")
+                    print(f"[bench_cpu] {op} {impl:9s} N={shape[0]} D={shape[1]} V={shape[2]}: {result}", flush=True)
     environment["loadavg_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     out_dir = args.out or RESULTS / cpu_slug()
     if args.append and (out_dir / "cpu.json").exists():

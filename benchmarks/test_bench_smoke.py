@@ -11,8 +11,8 @@ import json
 import pytest
 import torch
 
+from benchmarks import heads, report, shapes, suite
 from benchmarks import impls as impls_module
-from benchmarks import report, shapes, suite
 
 DEVICE = torch.device("cpu")
 SMOKE_SHAPE = shapes.Shape("smoke", 2, 8, 32, 97, torch.float32, "N")
@@ -61,6 +61,28 @@ def test_logprobs_nograd(benchmark, impl_table, smoke_inputs, name):
     assert not logprobs.requires_grad
     mask = inp.completion_mask.bool()
     torch.testing.assert_close(logprobs.float()[mask], inp.reference_logprobs[mask], rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def head_table():
+    return {impl.name: impl for impl in heads.build_head_impls(DEVICE)}
+
+
+@pytest.mark.parametrize("op", list(heads.HEAD_OPS))
+@pytest.mark.parametrize("name", heads.HEAD_IMPLS)
+def test_head_ops(benchmark, head_table, smoke_inputs, name, op):
+    """Issue 19's head operations (per-token statistics, the distillation divergence): ours, TRL
+    1.16's own head and divergence, and materialized logits, on the same inputs, each checked
+    against the float32 reference."""
+    impl = head_table[name]
+    if impl.skip_reason:
+        pytest.skip(f"{name}: {impl.skip_reason}")
+    step = heads.head_step(impl, op, smoke_inputs)
+    counter = iter(range(10**6))
+    result = benchmark.pedantic(lambda: step(next(counter) % len(smoke_inputs)), rounds=3, warmup_rounds=1)
+    if heads.HEAD_OPS[op][1]:  # the gradients w.r.t. hidden and the LM head
+        assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in result)
+    assert heads.value_check(impl, op, smoke_inputs[0]) < 1e-4
 
 
 @pytest.mark.parametrize("name", ["trl", "ours"])

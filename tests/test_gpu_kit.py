@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from benchmarks import logits as logit_modes
+from benchmarks.heads import HEAD_IMPLS, HEAD_OPS
 from benchmarks.kit import smoke, sweep
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,8 +53,14 @@ def test_dry_run_stage_files(dry_run):
 
     peers = json.loads((results / "peers.json").read_text())
     ours = [r for r in peers["records"] if r["impl"] == "ours"]
-    assert {r["op"] for r in ours} == {"logprobs_fwd_bwd", "loss_fwd_bwd", "logprobs_fwd", "loss_fwd"}
+    assert {r["op"] for r in ours} == {"logprobs_fwd_bwd", "loss_fwd_bwd", "logprobs_fwd", "loss_fwd"} | set(HEAD_OPS)
     assert all(r["status"] == "ok" and r["check_abs_err"] < 1e-4 for r in ours), ours
+    # issue 19's head operations: TRL's own head and divergence as peers, on the same inputs
+    head_records = [r for r in peers["records"] if r["op"] in HEAD_OPS]
+    assert {(r["impl"], r["op"], r["mode"]) for r in head_records} == {
+        (impl, op, mode) for impl in HEAD_IMPLS for op in HEAD_OPS for mode in ("random", "realistic")}
+    assert all(r["status"] == "ok" and r["check_abs_err"] < 1e-4 for r in head_records), head_records
+    assert "trl_fused" in peers["meta"]["head_impls"] and "| stats_fwd_bwd |" in (results / "peers.md").read_text()
     assert {r["mode"] for r in ours} == {"random", "realistic"}
     assert peers["logit_stats"]["16/realistic"]["entropy_mean"] < peers["logit_stats"]["16/random"]["entropy_mean"]
     assert (results / "peers_time.png").stat().st_size > 0

@@ -19,10 +19,12 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2MoeConfig
 from trl import GRPOConfig, GRPOTrainer
 
-from grpo_kernels.integrations.trl import FusedGRPOTrainer, check_grpo_config
+from grpo_kernels.integrations.trl import FusedGRPOTrainer, TRLFallbackWarning, _compat, fused_loss_fallback_reason
+from trl_tiny import one_thread  # noqa: F401
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:You are using 'rollout_func'", "ignore::FutureWarning", "ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings(
+    "ignore:You are using 'rollout_func'", "ignore::FutureWarning", "ignore::UserWarning"),
+    pytest.mark.usefixtures("one_thread")]
 
 WORDS = [f"w{i}" for i in range(40)]
 PAD, EOS = 0, 1
@@ -377,8 +379,9 @@ def test_fused_lm_head_matches_trl(precision, shifted, model_config=(("logit_sca
         trl_model = trl_model.to(torch.bfloat16)
         trl_model.lm_head = trl_model.lm_head.float()
     our_model = copy.deepcopy(trl_model)
-    add_fused_lm_head(trl_model, temperature=0.7, cast_lm_head_to_fp32=cast_head, outputs=("log_probs", "entropy"))
-    install_fused_lm_head(our_model, temperature=0.7, cast_lm_head_to_fp32=cast_head)
+    outputs_wanted = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+    add_fused_lm_head(trl_model, temperature=0.7, cast_lm_head_to_fp32=cast_head, outputs=outputs_wanted)
+    install_fused_lm_head(our_model, temperature=0.7, cast_lm_head_to_fp32=cast_head, outputs=outputs_wanted)
 
     input_ids = torch.randint(2, 42, (3, 9))
     attention_mask = torch.ones_like(input_ids)
@@ -395,9 +398,18 @@ def test_fused_lm_head_matches_trl(precision, shifted, model_config=(("logit_sca
             out = model(input_ids=input_ids, attention_mask=attention_mask, fused_lm_head=True, **kwargs)
         out.loss.backward()
         grads = {name: p.grad.float() for name, p in model.named_parameters() if p.grad is not None}
-        outputs.append((out.log_probs.float(), out.entropy.float(), out.loss.float(), grads))
+        outputs.append((out.log_probs.float(), out.entropy.float(), out.loss.float(), grads,
+                        (out.log_sum_sq_probs, out.mean_logits, out.is_top1, out.label_mask)))
     tol = dict(rtol=1e-4, atol=1e-5) if precision == "fp32" else dict(rtol=3e-2, atol=3e-2)
-    (want_logp, want_ent, want_loss, want_grads), (got_logp, got_ent, got_loss, got_grads) = outputs
+    (want_logp, want_ent, want_loss, want_grads, want_stats), (got_logp, got_ent, got_loss, got_grads, got_stats) = \
+        outputs
+    for name, want, got in zip(("log_sum_sq_probs", "mean_logits"), want_stats, got_stats):
+        torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{name}: {m}")
+    mask = want_stats[3]
+    assert torch.equal(got_stats[3], mask)
+    if precision == "fp32":  # the top-1 flag is exact where no two logits are within rounding
+        assert torch.equal(got_stats[2], want_stats[2])
+    assert not got_stats[2][~mask].any()
     assert got_logp.shape == want_logp.shape
     assert (got_logp[:, :3] == 0).all() and (want_logp[:, :3] == 0).all()  # the prompt is not scored
     torch.testing.assert_close(got_logp, want_logp, **tol)
@@ -411,38 +423,39 @@ def test_fused_lm_head_matches_trl(precision, shifted, model_config=(("logit_sca
 
 
 # ---------------------------------------------------------------------------------------------
-# What is not supported fails at construction, with a message that names it
+# What the fused loss does not implement runs TRL's loss on our head (nothing is refused)
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(loss_type="vespo", importance_sampling_level="sequence"), "importance_sampling_level='sequence' with"),
-    (dict(loss_type="grpo", epsilon=-0.1), "epsilon_low must be >= 0"),
-    (dict(loss_type="cispo", importance_sampling_level="sequence"), "importance_sampling_level='sequence' with"),
-    (dict(loss_type="sapo", importance_sampling_level="sequence"), "importance_sampling_level='sequence' with"),
+@pytest.mark.parametrize("case, message", [
+    (dict(loss_type="vespo", importance_sampling_level="sequence", old=True), "importance_sampling_level='sequence'"),
+    (dict(loss_type="cispo", importance_sampling_level="sequence", old=True, epsilon_high=1.5),
+     "importance_sampling_level='sequence'"),
+    (dict(loss_type="sapo", importance_sampling_level="sequence", old=True, beta=0.04), "importance_sampling_level"),
+    (dict(loss_type="grpo", epsilon_low=-0.1, old=True), "epsilon_low must be >= 0"),
 ])
-def test_unsupported_config_raises(overrides, message, model_dir, tmp_path, monkeypatch):
-    def no_model_loading(*args, **kwargs):
-        raise AssertionError("the config must be rejected before TRL loads a model")
+def test_unsupported_options_fall_back_to_trl_loss(case, message, trainer_pair, monkeypatch):
+    """Options the fused loss does not implement (FusedGRPOTrainer refused them before): the call
+    computes TRL's own loss on grpo-kernels' head, with one warning naming the reason, and gives
+    TRL's numbers."""
+    from grpo_kernels.integrations.trl import grpo as fused_grpo
 
-    monkeypatch.setattr(GRPOTrainer, "__init__", no_model_loading)
-    with pytest.raises(ValueError, match=message):
-        build(FusedGRPOTrainer, model_dir(), make_config(tmp_path, **overrides))
+    trl_trainer, ours = trainer_pair
+    if "epsilon_low" in case:  # a trainer attribute TRL's loss reads (TRAINER_DEFAULTS does not set it)
+        trl_trainer.epsilon_low = ours.epsilon_low = case["epsilon_low"]
+    monkeypatch.setattr(fused_grpo, "_fused_compute_loss", lambda *a: pytest.fail("the fused loss ran"))
+    monkeypatch.setattr(_compat, "_WARNED", set())
+    with pytest.warns(TRLFallbackWarning, match=message):
+        check_compute_loss(trl_trainer, ours, case)
 
 
-def test_entropy_mask_on_several_processes_raises(tmp_path):
-    import dataclasses
-    from types import SimpleNamespace
-
-    from trl import GRPOConfig
-
-    # a real GRPOConfig's fields, with world_size (a read-only property there) set by hand
-    base = GRPOConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True, loss_type="dapo",
-                      top_entropy_quantile=0.2, report_to="none")
-    config = SimpleNamespace(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)}, world_size=2)
-    with pytest.raises(ValueError, match="several processes"):
-        check_grpo_config(config)
-    check_grpo_config(SimpleNamespace(**{**vars(config), "world_size": 1}))
+def test_entropy_mask_on_several_processes_falls_back(tmp_path):
+    """TRL takes the entropy quantile over all ranks; the fused loss over its micro-batch: on several
+    processes the call runs TRL's loss (TRL's all-gathered quantile) on our head."""
+    base = GRPOConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True, loss_type="dapo", top_entropy_quantile=0.2,
+                      report_to="none")
+    assert "several processes" in fused_loss_fallback_reason(base, num_processes=2)
+    assert fused_loss_fallback_reason(base, num_processes=1) is None
 
 
 def test_softcapped_model_fused_lm_head_matches_trl():
@@ -457,14 +470,6 @@ def test_bad_backend_and_trl_version_raise(model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(trl, "__version__", "1.17.0")
     with pytest.raises(ImportError, match=r"trl>=1.16,<1.17"):
         build(FusedGRPOTrainer, model_dir(), make_config(tmp_path))
-
-
-def test_multimodal_inputs_raise(trainer_pair):
-    _, ours = trainer_pair
-    inputs = make_inputs(ours, {})
-    inputs["pixel_values"] = torch.zeros(1, 3, 4, 4)
-    with pytest.raises(ValueError, match="multimodal"):
-        ours._compute_loss(ours.model, inputs)
 
 
 def test_fused_lm_head_keeps_the_forward_signature():

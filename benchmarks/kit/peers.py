@@ -1,4 +1,5 @@
-"""Stage 1: the log-prob op and the fused GRPO loss against every peer, with the matmul floor.
+"""Stage 1: the log-prob op, the fused GRPO loss and the head operations of issue 19 against every peer, with
+the matmul floor.
 
     python -m benchmarks.kit.peers --results-dir DIR [--deadline-s 140] [--dry-run]
 
@@ -9,6 +10,12 @@ work), in two input modes (``benchmarks.logits``: random and realistic logits), 
 - ``logprobs_fwd``: the no-grad log-prob pass (old / reference log-probs);
 - ``loss_fwd_bwd``: hidden states -> GRPO loss (dapo, beta 0.04, Liger's defaults), forward + backward;
 - ``loss_fwd``: the same loss under ``torch.no_grad()``;
+
+and, for issue 19's head operations (``benchmarks.heads``: every per-token statistic of TRL's head
+forward, log-probs + entropy forward + backward, the distillation JSD forward + backward and
+forward), ours against TRL 1.16's own head and divergence (``ChunkedLogProbFunction``,
+``ChunkedDivergenceFunction``: on CUDA their Triton folds) and materialized logits, on the same
+inputs (the teacher: ``heads.teacher_of``);
 
 and every implementation (ours: the defaults, i.e. the workspace backward of issue #18,
 ``backward="atomic"`` with ``exact=True`` and ``False``, with and without ``filter_eps``; Cut
@@ -21,8 +28,8 @@ for forward + backward, 1 for forward only. An OOM is a result. For our variants
 passed only where the function accepts it (an older token_logprobs has one backward, the atomic
 one: ``ours_atomic`` is then recorded as the same as ``ours``).
 
-The work is a priority list (N = 16k first, both modes, the log-prob op and the loss before the
-forward-only passes, then N = 8k); every finished item rewrites ``peers.json`` / ``peers.md`` /
+The work is a priority list (N = 16k first, both modes, the log-prob op and the loss, then the head
+operations, then the forward-only passes, then N = 8k); every finished item rewrites ``peers.json`` / ``peers.md`` /
 ``peers_time.png``, and items the deadline leaves out are listed as ``not reached``.
 """
 
@@ -34,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import heads
 from benchmarks import impls as impls_module
 from benchmarks import logits as logit_modes
 from benchmarks.kit import modelled
@@ -47,6 +55,7 @@ OPS = {  # op -> (matmuls in the floor, needs grad)
     "logprobs_fwd": (1, False),
     "loss_fwd": (1, False),
 }
+ALL_OPS = {**OPS, **{op: spec for op, spec in heads.HEAD_OPS.items()}}
 OURS = tuple(impls_module.OURS_VARIANTS)
 PEERS = ("cce", "liger", "trl_fused", "torch")
 GPU_SHAPES = [(16, 1024), (8, 1024)]  # (B, T): N = 16384, 8192
@@ -64,6 +73,7 @@ def work_list(shapes) -> list[dict]:
                                                                          "trl_fused", "liger", "torch",
                                                                          "ours_fast_filtered",
                                                                          "ours_filtered")),
+                                (tuple(heads.HEAD_OPS), heads.HEAD_IMPLS),
                                 (("logprobs_fwd", "loss_fwd"), ("ours", "cce", "trl_fused", "liger", "torch"))):
             for mode in logit_modes.MODES:
                 for op in tier_ops:
@@ -76,10 +86,17 @@ def thin_for_dry_run(items):
     without the interpreter's minutes (Liger's kernels run interpreted on CPU)."""
     kept, seen = [], set()
     for item in items:
-        if item["impl"] in ("ours", "torch") or (item["impl"] not in seen and item["op"] == "loss_fwd_bwd"):
+        if item["op"] in heads.HEAD_OPS:  # TRL's head folds in torch on CPU: cheap, every impl kept
+            kept.append(item)
+        elif item["impl"] in ("ours", "torch") or (item["impl"] not in seen and item["op"] == "loss_fwd_bwd"):
             kept.append(item)
             seen.add(item["impl"])
     return kept
+
+
+HEAD_OP_TEXT = {"stats_fwd": "every TRL head statistic, no grad", "stats_fwd_bwd": "log-probs + entropy, fwd + bwd",
+                "divergence_fwd_bwd": f"JSD beta {heads.DIVERGENCE_BETA} vs a teacher head, fwd + bwd",
+                "divergence_fwd": f"JSD beta {heads.DIVERGENCE_BETA}, no grad"}
 
 
 def _step(impl, op, inputs):
@@ -128,7 +145,7 @@ def _fmt(record, ours):
 
 def write_results(out_dir: Path, meta, records, floors, stats, plots=True):
     write_json(out_dir / "peers.json", {"meta": meta, "floors": floors, "logit_stats": stats, "records": records})
-    lines = [f"# Stage 1: log-prob op and fused GRPO loss vs peers, {meta['device']}", "",
+    lines = [f"# Stage 1: log-prob op, fused GRPO loss and head operations vs peers, {meta['device']}", "",
              f"{meta['date']}; torch {meta['torch']}, triton {meta['triton']}; D={meta['D']}, V={meta['V']}, "
              f"{meta['dtype']}, every completion full length. Command: `{meta['command']}`.", "",
              "Each cell: median time (CUDA events, `triton.testing.do_bench`, 2 input sets rotated), `xR floor`: "
@@ -140,6 +157,11 @@ def write_results(out_dir: Path, meta, records, floors, stats, plots=True):
              modelled.recommendation(records), "",
              "| impl | version | what runs |", "|---|---|---|"]
     for name, info in meta["impls"].items():
+        lines.append(f"| {name} | {info['version']} | {info['skipped'] or info['description']} |")
+    lines += ["", "Head operations (issue 19, `benchmarks.heads`): " + "; ".join(
+        f"`{op}` ({HEAD_OP_TEXT[op]})" for op in heads.HEAD_OPS) + ".", "", "| impl (heads) | version | what runs |",
+        "|---|---|---|"]
+    for name, info in meta.get("head_impls", {}).items():
         lines.append(f"| {name} | {info['version']} | {info['skipped'] or info['description']} |")
     lines.append("")
     shapes = sorted({(r["B"], r["T"]) for r in records}, key=lambda s: -s[0] * s[1])
@@ -164,7 +186,7 @@ def write_results(out_dir: Path, meta, records, floors, stats, plots=True):
                              f"probabilities under 2^-12: {100 * s['frac_probs_below_2^-12']:.1f}%.")
                 lines.append("")
             impls = list(dict.fromkeys(r["impl"] for r in group))
-            ops = [op for op in OPS if any(r["op"] == op for r in group)]
+            ops = [op for op in ALL_OPS if any(r["op"] == op for r in group)]
             by = {(r["impl"], r["op"]): r for r in group}
             rows = [[impl] + [_fmt(by.get((impl, op)), by.get(("ours", op))) for op in ops] for impl in impls]
             lines += [md_table(["impl"] + ops, rows), ""]
@@ -183,7 +205,7 @@ def _plot(out_dir: Path, records):
     import matplotlib.pyplot as plt
 
     n_max = max(r["B"] * r["T"] for r in ok)
-    panels = [(mode, op) for mode in logit_modes.MODES for op in OPS
+    panels = [(mode, op) for mode in logit_modes.MODES for op in ALL_OPS
               if any(r["mode"] == mode and r["op"] == op and r["B"] * r["T"] == n_max for r in ok)]
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(3.2 * max(1, len(panels)), 4), squeeze=False)
     for ax, (mode, op) in zip(axes[0], panels):
@@ -224,11 +246,14 @@ def main(argv=None) -> int:
     for name in PEERS:
         impls.setdefault(name, impls_module.Impl(name, "", skip_reason="dry run: peers are exercised on CPU by "
                                                  "benchmarks/test_bench_smoke.py"))
+    head_impls = {impl.name: impl for impl in heads.build_head_impls(device)}
     meta = {**device_info(device), "D": dim, "V": vocab, "dtype": str(dtype)[6:],
             "loss_options": impls_module.LOSS_OPTIONS,
             "command": "python -m benchmarks.kit.peers " + " ".join(argv if argv is not None else sys.argv[1:]),
             "impls": {n: {"version": i.version, "description": i.description, "skipped": i.skip_reason}
-                      for n, i in impls.items()}}
+                      for n, i in impls.items()},
+            "head_impls": {n: {"version": i.version, "description": i.description, "skipped": i.skip_reason}
+                           for n, i in head_impls.items()}}
     items = work_list(DRY_SHAPES if args.dry_run else GPU_SHAPES)
     if args.dry_run:
         items = thin_for_dry_run(items)
@@ -257,21 +282,23 @@ def main(argv=None) -> int:
                                  "tflops": 2.0 * item["B"] * item["T"] * dim * vocab / (m.ms_median * 1e9)
                                  if m.ms_median else None}
                 print(f"[peers] {label}: matmul {m.ms_median} ms", flush=True)
-        impl = impls[item["impl"]]
+        head_op = item["op"] in heads.HEAD_OPS
+        impl = head_impls[item["impl"]] if head_op else impls[item["impl"]]
         record = dict(item, N=item["B"] * item["T"], D=dim, V=vocab)
-        if item["impl"] in OURS:
+        if item["impl"] in OURS and not head_op:
             record["backward"], record["exact"] = impls_module.variant_backward(item["impl"])
-        op_skip = impl.skip_ops.get("loss") if item["op"].startswith("loss") else None
+        op_skip = impl.skip_ops.get("loss") if not head_op and item["op"].startswith("loss") else None
         if impl.skip_reason or op_skip:
             record["status"] = f"skipped: {impl.skip_reason or op_skip}"
         else:
-            m = measure(_step(impl, item["op"], inputs), ROTATIONS, device, min_runs=args.min_runs, cpu_runs=cpu_runs)
+            step = heads.head_step(impl, item["op"], inputs) if head_op else _step(impl, item["op"], inputs)
+            m = measure(step, ROTATIONS, device, min_runs=args.min_runs, cpu_runs=cpu_runs)
             record.update(status=m.status, ms_median=m.ms_median, ms_p20=m.ms_p20, ms_p80=m.ms_p80, runs=m.runs,
                           peak_mb=m.peak_mb)
             floor = floors.get(label, {}).get("ms_median")
             if m.status == "ok" and floor:
-                record["x_floor"] = m.ms_median / (OPS[item["op"]][0] * floor)
-            if m.status == "ok" and item["impl"] in OURS:
+                record["x_floor"] = m.ms_median / (ALL_OPS[item["op"]][0] * floor)
+            if m.status == "ok" and item["impl"] in OURS and item["op"] in modelled.OP_BACKWARD:
                 model_ms, record["model_path"] = modelled.modelled_ms(item["impl"], item["op"], record["N"], dim, vocab,
                                                                       dtype, meta["device"])
                 if model_ms:
@@ -279,7 +306,8 @@ def main(argv=None) -> int:
                     record["x_model"] = m.ms_median / model_ms
             if m.status == "ok":
                 try:
-                    record["check_abs_err"] = _value_check(impl, item["op"], inputs[0])
+                    check = heads.value_check if head_op else _value_check
+                    record["check_abs_err"] = check(impl, item["op"], inputs[0])
                 except Exception as exc:  # noqa: BLE001 - e.g. an OOM of the check itself
                     record["check_abs_err"] = f"failed: {type(exc).__name__}"
                 release_memory(device, collect=True)

@@ -19,7 +19,8 @@ from benchmarks.kit.common import md_table, utc_now, write_json, write_text
 STAGES = {  # name -> (what it is, the files it writes)
     "setup": ("peer wheels into a private target dir, device query", []),
     "stage0_smoke": ("compiled correctness smoke", ["smoke.md", "smoke.json", "device.json"]),
-    "stage1_peers": ("log-prob op and fused loss vs peers, matmul floor, random + realistic logits",
+    "stage1_peers": ("log-prob op, fused loss, head statistics and divergence vs peers, matmul floor, "
+                     "random + realistic logits",
                      ["peers.md", "peers.json", "peers_time.png"]),
     "stage2_sweep": ("block-size sweep of the log-prob kernels", ["sweep.md", "sweep.json"]),
     "stage3_suite": ("quick peer suite", ["suite/kernels.md", "suite/kernels.json"]),
