@@ -53,6 +53,8 @@ BAD_FULL = [
     ({"temperature": torch.ones(2, 5, dtype=torch.int64)}, TypeError, "temperature"),
     ({"student_softcap": -1.0}, ValueError, "student_softcap"),
     ({"teacher_softcap": math.inf}, ValueError, "teacher_softcap"),
+    ({"student_softcap": 1e300}, ValueError, "student_softcap"),  # inf in float32: was a NaN divergence (torch)
+    ({"teacher_softcap": 1e-40}, ValueError, "teacher_softcap"),  # subnormal in float32
     ({"student_logit_scale": 0.0}, ValueError, "student_logit_scale"),
     ({"teacher_logit_scale": math.nan}, ValueError, "teacher_logit_scale"),
     ({"mask": torch.ones(10)}, ValueError, "mask"),

@@ -11,7 +11,7 @@ import torch
 
 from grpo_kernels.ops.divergence import op as _op  # noqa: F401  (registers the custom ops)
 from grpo_kernels.ops.divergence.topk import TAILS, topk_divergence
-from grpo_kernels.ops.logprobs.op import check_backward_options
+from grpo_kernels.ops.logprobs.op import SOFTCAP_RANGE, check_backward_options
 from grpo_kernels.ops.utils import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -149,6 +149,18 @@ def _contiguous(tensor):
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
 
 
+
+def _check_softcap(name, softcap):
+    """None, or a normal float32 (the logits are float32: 1e300 would become inf, a NaN divergence)."""
+    if softcap is None:
+        return None
+    softcap = check_positive_finite(name, softcap)
+    if not SOFTCAP_RANGE[0] <= softcap <= SOFTCAP_RANGE[1]:
+        raise ValueError(f"{name} must be a normal float32, in [2**-126, {SOFTCAP_RANGE[1]:.7g}] (the logits are "
+                         f"float32), got {softcap:.7g}; a cap beyond the logits' size (e.g. 1e30) is no cap")
+    return softcap
+
+
 def fused_divergence(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -242,10 +254,8 @@ def fused_divergence(
     beta = _check_number("beta", beta, 0.0, 1.0)
     student_logit_scale = check_positive_finite("student_logit_scale", student_logit_scale)
     teacher_logit_scale = check_positive_finite("teacher_logit_scale", teacher_logit_scale)
-    student_softcap = check_positive_finite("student_softcap", student_softcap) if student_softcap is not None \
-        else None
-    teacher_softcap = check_positive_finite("teacher_softcap", teacher_softcap) if teacher_softcap is not None \
-        else None
+    student_softcap = _check_softcap("student_softcap", student_softcap)
+    teacher_softcap = _check_softcap("teacher_softcap", teacher_softcap)
     check_backward_options("workspace", workspace_bytes, False)
     check_same_device(student_hidden=student_hidden, student_weight=student_weight, student_bias=student_bias,
                       teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_bias=teacher_bias,
