@@ -222,7 +222,8 @@ def fused_divergence(
         topk: ``mode="student_topk"``: k in ``[1, min(64, V)]``.
         beta: in ``[0, 1]``.
         temperature: a float > 0, or a tensor of hidden's leading shape (per-token temperature).
-        student_softcap, teacher_softcap: Gemma's ``final_logit_softcapping`` (a normal float32 > 0: 2**-126 to 3.4e38) or None.
+        student_softcap, teacher_softcap: Gemma's ``final_logit_softcapping`` (a normal float32 > 0:
+            2**-126 to 3.4e38) or None.
         student_logit_scale, teacher_logit_scale: finite > 0 multipliers before the soft-cap
             (Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``).
         mask: optional ``[...]`` (bool or numbers): rows where it is 0 give divergence 0, entropy 0
