@@ -177,7 +177,11 @@ def test_without_bias_and_bf16():
     theirs = run(LigerFusedLinearGRPOLoss, inputs, {**module_kwargs, "compiled": False}, forward_kwargs,
                  with_bias=False)
     assert [g.dtype for g in theirs[2][:2]] == [g.dtype for g in ours[2][:2]]
-    assert torch.allclose(ours[0], theirs[0], rtol=0.2), f"loss {ours[0]} vs liger(bf16) {theirs[0]}"
+    # rough: Liger's bf16 error follows the per-token terms (|A| ~ 1, bf16 logits ~ 2**-8 relative),
+    # not their mean, which the random advantages can bring near 0 (seed 1644924957: -0.0045 vs -0.0027)
+    scale = float(inputs["advantages"].abs().mean())
+    assert torch.allclose(ours[0], theirs[0], rtol=0.2, atol=0.01 * scale), \
+        f"loss {ours[0]} vs liger(bf16) {theirs[0]}"
 
 
 def test_flat_input_and_errors():
