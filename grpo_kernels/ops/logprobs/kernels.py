@@ -214,7 +214,9 @@ def _logprobs_fwd_kernel(
         if TOP1:
             # the row's first target, read again for every tile rather than held across the loop
             # (t_ptrs is live anyway; an L1 hit); K = 0 (statistics only): nothing below it
-            first_target = tl.load(t_ptrs, mask=row_ok & (K > 0), other=-1)
+            # (the mask compared as a tensor: Triton 3.9's interpreter makes `row_ok & (K > 0)` int32
+            # and refuses it as a mask)
+            first_target = tl.load(t_ptrs, mask=row_ok & ((tl.zeros_like(rows) + K) > 0), other=-1)
             below = offs_v[None, :] < first_target[:, None]
             run_before = tl.maximum(run_before, tl.max(tl.where(below, z, float("-inf")), axis=1))
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
