@@ -140,6 +140,10 @@ def test_sequence_token_level(backend, loss_type, per_token):
     # which it has without the clamp
     batch["old"][0] = batch["logp"][0] - 12.0
     batch["adv"][0] = -batch["adv"][0].abs() - 0.1
+    # row 3 at ratio 1, inside every clip, so that some row keeps its gradient (with random ratios
+    # rows 3 and 4 can both sit outside the clip: seed 1088238058)
+    batch["old"][3] = batch["logp"][3]
+    batch["adv"][3] = batch["adv"][3].sign() * (batch["adv"][3].abs() + 0.1)
     for level in ("sequence", "sequence_token"):
         got, _ = check(batch, backend, importance_sampling_level=level, sequence_log_ratio_max=10.0, **options)
         assert not got[2][0].any() and got[2].any()
